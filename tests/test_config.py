@@ -1,0 +1,121 @@
+"""Config parsing on the published checkpoints' real field sets, and its error cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vl3cli.attention import choose_vision_backend
+from vl3cli.config import ModelConfig
+from vl3cli.engine import resolve_device, resolve_dtype
+from vl3cli.errors import ConfigError, UsageError
+
+DATA = Path(__file__).parent / "data"
+
+
+def read(name: str) -> dict:
+    return json.loads((DATA / name).read_text())
+
+
+def test_original_2b_config():
+    c = ModelConfig.from_dict(read("VideoLLaMA3-2B.config.json"))
+    assert c.format == "original"
+    assert (c.text.hidden_size, c.text.num_hidden_layers, c.text.num_attention_heads) == (1536, 28, 12)
+    assert (c.text.num_key_value_heads, c.text.head_dim, c.text.intermediate_size) == (2, 128, 8960)
+    assert c.text.rope_theta == 1e6 and c.text.vocab_size == 151936
+    assert c.tie_word_embeddings is True
+    assert (c.vision.hidden_size, c.vision.num_hidden_layers, c.vision.num_attention_heads) == (1152, 27, 16)
+    assert (c.vision.intermediate_size, c.vision.patch_size, c.vision.head_dim) == (4304, 14, 72)
+    # defaults the original format leaves out
+    assert c.vision.hidden_act == "gelu_pytorch_tanh" and c.vision.layer_norm_eps == 1e-6
+    assert c.image_token_id == c.video_token_id == 151665
+    assert c.eos_token_ids == (151645,)
+
+
+def test_original_7b_config():
+    c = ModelConfig.from_dict(read("VideoLLaMA3-7B.config.json"))
+    assert (c.text.hidden_size, c.text.num_key_value_heads, c.text.vocab_size) == (3584, 4, 152064)
+    assert c.tie_word_embeddings is False
+
+
+def test_hf_config():
+    c = ModelConfig.from_dict(read("VideoLLaMA3-2B-Image-HF.config.json"))
+    assert c.format == "hf"
+    assert (c.image_token_id, c.video_token_id) == (151655, 151656)
+    assert c.text.hidden_size == 1536 and c.vision.hidden_size == 1152
+    assert c.tie_word_embeddings is True
+
+
+def test_hf_config_defaults_and_unknown_keys():
+    data = {
+        "model_type": "video_llama_3",
+        "text_config": {"hidden_size": 64, "num_attention_heads": 4, "rope_parameters": {"rope_theta": 5.0},
+                        "whatever": 1},
+        "vision_config": {"brand_new_field": True},
+        "image_token_id": 7,
+    }
+    c = ModelConfig.from_dict(data)
+    assert c.text.num_key_value_heads == 4  # transformers: defaults to the attention heads
+    assert c.text.rope_theta == 5.0
+    assert c.vision.hidden_size == 768 and c.vision.patch_size == 16  # VideoLlama3VisionConfig defaults
+    assert c.video_token_id == 151656 and c.image_token_id == 7
+
+
+def test_generation_config_overrides_stop_ids():
+    c = ModelConfig.from_dict(read("VideoLLaMA3-2B.config.json"), {"eos_token_id": [151645, 151643]})
+    assert c.eos_token_ids == (151645, 151643)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"model_type": "qwen2"}, "model_type 'qwen2' is not a VideoLLaMA3 checkpoint"),
+        ({}, "model_type None is not a VideoLLaMA3 checkpoint"),
+        ({"model_type": "videollama3_qwen2", "image_token_index": 5}, "no 'vision_encoder_config'"),
+        ({"model_type": "videollama3_qwen2", "vision_encoder_config": {}}, "no 'image_token_index'"),
+        ({"model_type": "video_llama_3", "text_config": {"hidden_size": 10, "num_attention_heads": 3}},
+         "not divisible"),
+        ({"model_type": "video_llama_3", "text_config": {"rope_scaling": {"rope_type": "yarn", "factor": 4}}},
+         "RoPE scaling"),
+    ],
+)
+def test_bad_configs(data, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(data)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="has no config.json"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot read .*config.json"):
+        ModelConfig.from_dir(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="does not hold a JSON object"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_device_and_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", cpu) == torch.float16
+    with pytest.raises(UsageError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", cpu)
+    assert resolve_device("cpu") == cpu
+    with pytest.raises(UsageError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="sees no CUDA GPU"):
+            resolve_device("cuda:0")
+
+
+def test_vision_backend_choice():
+    cpu = torch.device("cpu")
+    assert choose_vision_backend(cpu, torch.float32) == "sdpa"
+    assert choose_vision_backend(torch.device("cuda"), torch.float32) == "sdpa"  # varlen kernels need fp16/bf16
+    with pytest.raises(ValueError, match="needs CUDA"):
+        choose_vision_backend(cpu, torch.float32, "varlen")

@@ -1,0 +1,77 @@
+"""The checkpoint's tokenizer, read with the `tokenizers` library (no transformers).
+
+`tokenizer.json` is the tokenizer; tokens listed in `added_tokens.json` or in
+`tokenizer_config.json`'s `added_tokens_decoder` that it lacks are added (as special tokens) at
+the ids the checkpoint gives them. Special-token ids always come from these files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import TokenizerError
+
+
+class Tokenizer:
+    def __init__(self, backend):
+        self._tok = backend
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(f"{path} has no tokenizer.json (vl3 reads fast-tokenizer files only)")
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise TokenizerError(f"cannot read {file}: {exc}") from None
+        extra: dict[str, int] = {}
+        added = path / "added_tokens.json"
+        if added.is_file():
+            extra.update(_json(added))
+        config = path / "tokenizer_config.json"
+        if config.is_file():
+            for token_id, entry in (_json(config).get("added_tokens_decoder") or {}).items():
+                if isinstance(entry, dict) and "content" in entry:
+                    extra.setdefault(entry["content"], int(token_id))
+        missing = sorted((i, t) for t, i in extra.items() if backend.token_to_id(t) is None)
+        for token_id, token in missing:
+            if token_id != backend.get_vocab_size(with_added_tokens=True):
+                raise TokenizerError(
+                    f"{path}: added token {token!r} wants id {token_id}, but the tokenizer's next id is "
+                    f"{backend.get_vocab_size(with_added_tokens=True)}"
+                )
+            backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        return cls(backend)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; nothing is added, special tokens written in the text are recognised."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} does not hold a JSON object")
+    return data
