@@ -1,0 +1,218 @@
+"""The engine against transformers' VideoLlama3ForConditionalGeneration (CPU, float32).
+
+Both get the same tensors (input ids, pixel values, grids, keep masks); logits must agree within
+1e-4 and greedy generation token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny
+
+from vl3cli.decoding import DecodingParams
+from vl3cli.engine import Engine
+from vl3cli.generate import Request, generate
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(hf_checkpoint) -> Engine:
+    return Engine.load(hf_checkpoint, device="cpu", dtype="float32")
+
+
+def ids_of(text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tiny.tokenizer_json()).encode(text, add_special_tokens=False).ids
+
+
+def chat(visual: list[int], question: str) -> list[int]:
+    im_start, im_end = tiny.token_id("<|im_start|>"), tiny.token_id("<|im_end|>")
+    return (
+        [im_start]
+        + ids_of("user\n")
+        + visual
+        + ids_of("\n" + question)
+        + [im_end]
+        + ids_of("\n")
+        + [im_start]
+        + ids_of("assistant\n")
+    )
+
+
+def image_case(seed=0, grid=(1, 6, 8)):
+    gen = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    pixels = torch.randn(t * h * w, 588, generator=gen)
+    ids = chat([tiny.token_id("<|image_pad|>")] * (t * h * w), "Describe this image in detail.")
+    return ids, pixels, grid
+
+
+def video_case(seed=1, grid=(4, 4, 6)):
+    """A video whose keep mask drops tokens of frames 1..3 (frame 0 whole, each frame keeps >= 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    t, h, w = grid
+    pixels = torch.randn(t * h * w, 588, generator=gen)
+    per_frame = (h // 2) * (w // 2)
+    keep = torch.rand(t * per_frame, generator=gen) > 0.4
+    keep[:per_frame] = True
+    keep[per_frame::per_frame] = True
+    assert not keep.all()
+    video = tiny.token_id("<|video_pad|>")
+    visual = []
+    for f in range(t):
+        visual += ids_of(f"Time {f:.1f}s:") + [video] * int(keep[f * per_frame : (f + 1) * per_frame].sum())
+        visual += ids_of(",") if f < t - 1 else []
+    return chat(visual, "What happens?"), pixels, grid, keep
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_text_only_logits(engine, reference):
+    ids = chat([], "The quick brown fox jumps over the lazy dog.")
+    with torch.inference_mode():
+        ours = engine.forward_logits(ids)
+        ref = reference(input_ids=torch.tensor([ids])).logits[0]
+    assert ours.shape == ref.shape
+    assert ref.std() > 1.0  # the reference is not flat: a diff below TOL means something
+    assert max_diff(ours, ref) <= TOL
+
+
+def test_image_logits(engine, reference):
+    ids, pixels, grid = image_case()
+    with torch.inference_mode():
+        ours = engine.forward_logits(ids, engine.encode_pixels(pixels, grid, 1))
+        ref = reference(
+            input_ids=torch.tensor([ids]),
+            pixel_values=pixels,
+            image_grid_thw=torch.tensor([grid]),
+            image_merge_sizes=torch.tensor([1]),
+        ).logits[0]
+    assert max_diff(ours, ref) <= TOL
+
+
+def test_video_logits_with_pruning(engine, reference):
+    ids, pixels, grid, keep = video_case()
+    with torch.inference_mode():
+        features = engine.encode_pixels(pixels, grid, 2, keep)
+        assert features.shape[0] == int(keep.sum()) < keep.numel()
+        ours = engine.forward_logits(ids, features)
+        ref = reference(
+            input_ids=torch.tensor([ids]),
+            pixel_values_videos=pixels,
+            video_grid_thw=torch.tensor([grid]),
+            video_merge_sizes=torch.tensor([2]),
+            video_compression_mask=keep,
+        ).logits[0]
+    assert max_diff(ours, ref) <= TOL
+
+
+def test_batch_of_two_prompts_of_different_lengths(engine, reference):
+    """Batched prefill + decode steps == transformers on each prompt alone."""
+    long_ids, pixels, grid = image_case(seed=3, grid=(1, 4, 6))
+    short_ids = chat([], "Hi")
+    assert len(long_ids) != len(short_ids)
+    steps = [5, 17, 42]  # tokens fed in three decode steps, to both rows
+    with torch.inference_mode():
+        feats = engine.encode_pixels(pixels, grid, 1)
+        cache = engine.new_cache(2, len(long_ids) + len(steps))
+        ours = [engine.prefill(cache, [(long_ids, feats), (short_ids, None)])]
+        for token in steps:
+            ours.append(engine.decode(cache, torch.tensor([token, token])))
+        ref_long = reference(
+            input_ids=torch.tensor([long_ids + steps]),
+            pixel_values=pixels,
+            image_grid_thw=torch.tensor([grid]),
+            image_merge_sizes=torch.tensor([1]),
+        ).logits[0]
+        ref_short = reference(input_ids=torch.tensor([short_ids + steps])).logits[0]
+    for i, logits in enumerate(ours):
+        assert max_diff(logits[0], ref_long[len(long_ids) - 1 + i]) <= TOL
+        assert max_diff(logits[1], ref_short[len(short_ids) - 1 + i]) <= TOL
+
+
+def test_cached_decode_equals_full_forward(engine):
+    ids = chat([], "What happens after the cat jumps?")
+    with torch.inference_mode():
+        full = engine.forward_logits(ids)
+        cache = engine.new_cache(1, len(ids))
+        stepped = [engine.prefill(cache, [(ids[:4], None)])[0]]
+        for token in ids[4:]:
+            stepped.append(engine.decode(cache, torch.tensor([token]))[0])
+    assert max_diff(torch.stack(stepped), full[3:]) <= TOL
+
+
+def test_32_greedy_tokens_equal_transformers_generate(engine, reference):
+    ids, pixels, grid = image_case(seed=5)
+    params = DecodingParams(max_new_tokens=32, ignore_eos=True)
+    with torch.inference_mode():
+        feats = engine.encode_pixels(pixels, grid, 1)
+        ours = [step[0] for step in generate(engine, [Request(ids, feats)], params)]
+        ref = reference.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pixel_values=pixels,
+            image_grid_thw=torch.tensor([grid]),
+            image_merge_sizes=torch.tensor([1]),
+            do_sample=False,
+            max_new_tokens=32,
+            eos_token_id=[],
+            pad_token_id=0,
+        )[0, len(ids) :].tolist()
+    assert len(ours) == 32
+    assert ours == ref
+
+
+def test_greedy_stops_at_eos_like_transformers(engine, reference):
+    """With the checkpoint's stop ids in force both stop at the same place (or both run to the limit)."""
+    ids, pixels, grid, keep = video_case(seed=7)
+    params = DecodingParams(max_new_tokens=24)
+    with torch.inference_mode():
+        feats = engine.encode_pixels(pixels, grid, 2, keep)
+        ours = [step[0] for step in generate(engine, [Request(ids, feats)], params)]
+        ref = reference.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            pixel_values_videos=pixels,
+            video_grid_thw=torch.tensor([grid]),
+            video_merge_sizes=torch.tensor([2]),
+            video_compression_mask=keep,
+            do_sample=False,
+            max_new_tokens=24,
+            eos_token_id=list(engine.eos_token_ids),
+            pad_token_id=0,
+        )[0, len(ids) :].tolist()
+    ref = [t for t in ref if t not in engine.eos_token_ids]  # we never yield the stop token
+    assert ours == ref
+
+
+def test_batched_generation_equals_one_at_a_time(engine):
+    cases = [image_case(seed=s, grid=g) for s, g in ((11, (1, 4, 6)), (12, (1, 6, 4)), (13, (1, 2, 8)))]
+    params = DecodingParams(max_new_tokens=12)
+    with torch.inference_mode():
+        requests = [Request(ids, engine.encode_pixels(px, grid, 1)) for ids, px, grid in cases]
+        requests.append(Request(chat([], "Hi"), None))
+        batched = list(generate(engine, requests, params))
+        for row, request in enumerate(requests):
+            alone = [step[0] for step in generate(engine, [request], params)]
+            column = [step[row] for step in batched]
+            assert [t for t in column if t is not None] == alone
+
+
+def test_sampling_is_reproducible_and_greedy_ignores_seed(engine):
+    ids = chat([], "Describe this image in detail.")
+    with torch.inference_mode():
+        def run(params, seed):
+            gen = torch.Generator().manual_seed(seed)
+            return [s[0] for s in generate(engine, [Request(ids)], params, gen)]
+
+        # A high temperature: the tiny model is very peaked, and two seeds must be able to differ.
+        sampled = DecodingParams(max_new_tokens=16, temperature=8.0, top_k=200, top_p=0.99, ignore_eos=True)
+        assert run(sampled, 1) == run(sampled, 1)
+        assert run(sampled, 1) != run(sampled, 2)
+        greedy = DecodingParams(max_new_tokens=16)
+        assert run(greedy, 1) == run(greedy, 2)

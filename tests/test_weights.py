@@ -1,0 +1,177 @@
+"""Loading both checkpoint formats: renaming, tying, shards, and every way loading can fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vl3cli.engine import Engine
+from vl3cli.errors import ConfigError, WeightsError
+from vl3cli.weights import checkpoint_key, rename_key
+
+
+def load(path) -> Engine:
+    return Engine.load(path, device="cpu", dtype="float32")
+
+
+def logits_of(engine: Engine) -> torch.Tensor:
+    """Logits of a prompt with an image, using the checkpoint's own placeholder id."""
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randn(24, 588, generator=gen)
+    ids = [1, 7, 9] + [engine.config.image_token_id] * 24 + [11, 2]
+    with torch.inference_mode():
+        return engine.forward_logits(ids, engine.encode_pixels(pixels, (1, 4, 6), 1))
+
+
+@pytest.mark.parametrize(
+    ("key", "fmt", "name"),
+    [
+        ("model.vision_encoder.encoder.layers.3.self_attn.q_proj.weight", "original",
+         "vision.encoder.layers.3.self_attn.q_proj.weight"),
+        ("model.vision_encoder.embeddings.patch_embedding.bias", "original", "vision.embeddings.patch_embedding.bias"),
+        ("model.mm_projector.readout.2.weight", "original", "projector.readout.2.weight"),
+        ("model.layers.0.mlp.gate_proj.weight", "original", "language.layers.0.mlp.gate_proj.weight"),
+        ("model.embed_tokens.weight", "original", "language.embed_tokens.weight"),
+        ("model.norm.weight", "original", "language.norm.weight"),
+        ("lm_head.weight", "original", "lm_head.weight"),
+        ("model.vision_model.post_layernorm.weight", "hf", "vision.post_layernorm.weight"),
+        ("model.projector.readout.0.bias", "hf", "projector.readout.0.bias"),
+        ("model.language_model.layers.1.self_attn.o_proj.weight", "hf", "language.layers.1.self_attn.o_proj.weight"),
+        ("lm_head.weight", "hf", "lm_head.weight"),
+        ("something.else", "hf", None),
+    ],
+)
+def test_rename_key(key, fmt, name):
+    assert rename_key(key, fmt) == name
+    if name is not None:
+        assert checkpoint_key(name, fmt) == key
+
+
+def test_both_formats_tied_and_untied_give_identical_logits(checkpoints):
+    tied = {fmt: logits_of(load(checkpoints[f"{fmt}-tied"])) for fmt in ("hf", "original")}
+    untied = {fmt: logits_of(load(checkpoints[f"{fmt}-untied"])) for fmt in ("hf", "original")}
+    assert torch.equal(tied["hf"], tied["original"])
+    assert torch.equal(untied["hf"], untied["original"])
+    # Untied weights have their own lm_head: a different model, so different logits.
+    assert not torch.allclose(tied["hf"], untied["hf"])
+
+
+def test_tied_checkpoint_shares_the_embedding(checkpoints):
+    engine = load(checkpoints["original-tied"])
+    assert engine.model.lm_head.weight.data_ptr() == engine.model.language.embed_tokens.weight.data_ptr()
+    stored = load_file(str(checkpoints["original-tied"] / "model.safetensors"))
+    assert "lm_head.weight" not in stored
+
+
+@pytest.mark.parametrize("fmt", ["hf", "original"])
+def test_sharded_and_single_file_load_alike(checkpoints, fmt):
+    assert (checkpoints[f"{fmt}-sharded"] / "model.safetensors.index.json").is_file()
+    assert len(list(checkpoints[f"{fmt}-sharded"].glob("*.safetensors"))) == 3
+    assert torch.equal(logits_of(load(checkpoints[f"{fmt}-sharded"])), logits_of(load(checkpoints[f"{fmt}-untied"])))
+
+
+def test_loads_in_bfloat16_without_a_float32_copy(checkpoints):
+    engine = Engine.load(checkpoints["hf-untied"], device="cpu", dtype="bfloat16")
+    dtypes = {p.dtype for p in engine.model.parameters()}
+    assert dtypes == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in engine.model.parameters())
+    reference = logits_of(load(checkpoints["hf-untied"]))
+    with torch.inference_mode():
+        low = logits_of(engine)
+    # bf16 keeps ~3 significant digits: close to fp32, not equal.
+    assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_weights(folder: Path, change) -> None:
+    state = load_file(str(folder / "model.safetensors"))
+    change(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def test_missing_key_is_named(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["original-untied"], tmp_path / "c")
+    rewrite_weights(folder, lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(WeightsError, match=r"missing 1 key\(s\): model\.layers\.1\.mlp\.up_proj\.weight"):
+        load(folder)
+
+
+def test_unexpected_key_is_named(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    rewrite_weights(folder, lambda s: s.__setitem__("model.language_model.extra.weight", torch.zeros(2)))
+    with pytest.raises(WeightsError, match=r"unexpected 1 key\(s\): model\.language_model\.extra\.weight"):
+        load(folder)
+
+
+def test_shape_mismatch_is_named(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    key = "model.projector.readout.0.weight"
+    rewrite_weights(folder, lambda s: s.__setitem__(key, torch.zeros(3, 5)))
+    with pytest.raises(WeightsError, match=r"wrong shape: model\.projector\.readout\.0\.weight \(3, 5\)"):
+        load(folder)
+
+
+def test_config_that_does_not_match_weights(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"missing \d+ key\(s\): model\.language_model\.layers\.2\."):
+        load(folder)
+
+
+def test_unknown_model_type(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava", "hidden_size": 8}))
+    with pytest.raises(ConfigError, match="model_type 'llava' is not a VideoLLaMA3 checkpoint"):
+        load(folder)
+
+
+def test_pickle_only_checkpoint_is_refused_without_unpickling(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    (folder / "model.safetensors").unlink()
+    # A pickle that would create a file if it were ever unpickled.
+    marker = tmp_path / "unpickled"
+    payload = (
+        b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    )
+    (folder / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(WeightsError, match="only pickle weights.*pytorch_model.bin.*safetensors only"):
+        load(folder)
+    assert not marker.exists()
+
+
+def test_no_weights_at_all(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="no \\*.safetensors weights"):
+        load(folder)
+
+
+def test_missing_shard_is_named(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-sharded"], tmp_path / "c")
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(WeightsError, match="model-00002-of-00003.safetensors"):
+        load(folder)
+
+
+def test_corrupt_safetensors(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    (folder / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError, match="cannot read .*model.safetensors"):
+        load(folder)
+
+
+def test_remote_code_in_checkpoint_is_never_run(checkpoints):
+    # The original-format fixture ships a modeling_*.py that exits the interpreter if imported.
+    assert list(checkpoints["original-tied"].glob("*.py"))
+    assert load(checkpoints["original-tied"]).config.format == "original"

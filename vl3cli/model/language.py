@@ -1,0 +1,157 @@
+"""Qwen2 decoder with a preallocated KV cache.
+
+Stock Qwen2: RMSNorm, grouped-query attention with biases on q/k/v only, SwiGLU MLP, 1-D RoPE
+(rotate-half). The model takes embeddings (visual features already in place) and positions.
+
+The KV cache (`KVCache`) holds fixed-shape buffers (layers x batch x kv_heads x max_len x d):
+row b's keys live at positions 0..lengths[b]-1 and a new token of row b is written at
+position lengths[b]. Decode steps therefore never reallocate, and rows of different lengths
+share one batch (a key is visible to row b iff its position <= that row's current position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]  # per layer (B, kv_heads, max_len, d)
+    v: list[torch.Tensor]
+    lengths: torch.Tensor  # (B,) long: valid positions per row
+    host_lengths: list[int] = field(default_factory=list)  # the same on the host: no device sync to read it
+
+    @classmethod
+    def allocate(cls, config: TextConfig, batch: int, max_len: int, device, dtype) -> KVCache:
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        n = config.num_hidden_layers
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            torch.zeros(batch, dtype=torch.long, device=device),
+            [0] * batch,
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.q_proj = nn.Linear(d, h * hd, bias=True)
+        self.k_proj = nn.Linear(d, kv * hd, bias=True)
+        self.v_proj = nn.Linear(d, kv * hd, bias=True)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, write_pos, mask, attend_len) -> torch.Tensor:
+        """x (B, L, D); cos/sin (B, 1, L, d); write_pos (B, L) cache slots for the new keys;
+        mask (B, 1, L, attend_len) bool or None (None = plain causal over a fresh cache)."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if mask is None:
+            # Fresh single-row prefill: the keys are exactly this chunk, laid down from slot 0.
+            k_cache[:, :, :n] = k
+            v_cache[:, :, :n] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=True)
+        else:
+            rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
+            # (B, kv, L, d) -> (B, L, kv, d) to scatter each row's new keys at its own slots.
+            k_cache.transpose(1, 2)[rows, write_pos] = k.transpose(1, 2)
+            v_cache.transpose(1, 2)[rows, write_pos] = v.transpose(1, 2)
+            keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        d, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, L, d) in `dtype` for integer positions (B, L); computed in fp32."""
+        d = self.config.head_dim
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=positions.device) / d)
+        )
+        freqs = positions[..., None].float() * inv_freq  # (B, L, d/2)
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        attend_len: int,
+    ) -> torch.Tensor:
+        """Run embeds (B, L, D) at `positions` (B, L), which are also their cache slots.
+
+        `mask` (B, 1, L, attend_len) says which cache slots each query sees; None means a fresh
+        single-row prefill (causal, slots 0..L-1). Returns the final hidden states (B, L, D).
+        """
+        cos, sin = self.rope(positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            h = layer.self_attn(
+                layer.input_layernorm(x), cos, sin, cache.k[i], cache.v[i], positions, mask, attend_len
+            )
+            x = x + h
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
