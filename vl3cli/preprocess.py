@@ -1,0 +1,352 @@
+"""Pre-processing: a file path -> model-ready ``VisualInput`` (pixel values, grid, keep-mask).
+
+Contract:
+
+- ``ProcessorConfig`` holds the checkpoint's processor settings (``from_dir`` reads both the
+  HF and the original file layouts); ``MediaOptions`` the user's choices.
+- Resize rule (``smart_resize``, as transformers): round each side to a multiple of
+  ``factor = patch_size * merge_size``; above the max pixel budget scale down by
+  ``sqrt(H*W / max)`` and floor, below the min scale up and ceil; an aspect ratio above 200
+  is refused. Images use their own budget (merge 1); a video's budget is shared by its
+  frames (per-frame max = ``video_max_pixels // frames``, merge 2). ``max_visual_tokens``
+  lowers the max budget so the merged tokens stay within it.
+- Pixels: PIL bicubic resize of the uint8 RGB frame, then ``x * (1/255)`` in float64 cast to
+  float32 and ``(x - mean) / std`` in float32 -- the exact arithmetic of transformers'
+  ``VideoLlama3ImageProcessorPil``, done through a 256-entry table per channel so a video
+  never holds a float64 copy.
+- ``pixel_values`` is ``(t*h*w, 3*p*p)`` float32, rows in merge-window order (frame, window
+  row, window column, row in window, column in window), each row channel-first 3 x p x p.
+- Videos are pruned with ``pruning.prune_mask`` unless the config or the options turn it off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vl3cli import media
+from vl3cli.errors import ConfigError, MediaError, UsageError
+from vl3cli.pruning import prune_mask
+from vl3cli.sampling import check_bounds, sample_timestamps
+
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    fps: float = 1.0
+    min_frames: int = 4
+    max_frames: int = 180
+    start: float | None = None  # seconds
+    end: float | None = None
+    max_visual_tokens: int | None = None  # merged visual tokens, per image / per whole video
+    prune: bool = True
+    prune_threshold: float = 0.1
+
+    def validate(self) -> None:
+        """Raise UsageError for impossible values."""
+        check_bounds(self.fps, self.min_frames, self.max_frames)
+        if self.start is not None and not (math.isfinite(self.start) and self.start >= 0):
+            raise UsageError(f"start must be >= 0 seconds, got {self.start!r}")
+        if self.end is not None and not (math.isfinite(self.end) and self.end > 0):
+            raise UsageError(f"end must be > 0 seconds, got {self.end!r}")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise UsageError(f"end ({self.end:g}s) must be after start ({self.start:g}s)")
+        if self.max_visual_tokens is not None and self.max_visual_tokens < 1:
+            raise UsageError(f"max_visual_tokens must be at least 1, got {self.max_visual_tokens}")
+        if not (math.isfinite(self.prune_threshold) and self.prune_threshold >= 0):
+            raise UsageError(f"prune_threshold must be >= 0, got {self.prune_threshold!r}")
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    patch_size: int = 14
+    image_merge_size: int = 1
+    video_merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_min_pixels: int = 3136  # 16 merged tokens * 14*14 * merge^2 (merge 1)
+    image_max_pixels: int = 3211264  # 16384 merged tokens at merge 1
+    video_min_pixels: int = 12544  # per frame
+    video_max_pixels: int = 12845056  # for the whole video, shared by its frames
+    fps: float = 1.0
+    min_frames: int = 4
+    max_frames: int = 180  # vl3 default (see VIDEOLLAMA3.md)
+    use_token_compression: bool = True
+
+    @classmethod
+    def from_dir(cls, path) -> ProcessorConfig:
+        """Read whichever processor files a checkpoint folder has; defaults for the rest."""
+        d = Path(path)
+        pre = _read_json(d / "preprocessor_config.json")
+        video = _read_json(d / "video_preprocessor_config.json")
+        proc = _read_json(d / "processor_config.json")
+        v: dict = {}
+        names = {f.name for f in fields(cls)}
+        try:
+            # Original format: processor_config.json + budgets in merged tokens.
+            v["fps"] = proc.get("fps")
+            v["image_merge_size"] = proc.get("image_merge_size")
+            v["video_merge_size"] = proc.get("video_merge_size")
+            # processor_config.json's max_frames (128) is ignored: vl3 uses 180.
+            v["patch_size"] = pre.get("patch_size")
+            v["image_mean"] = pre.get("image_mean", pre.get("mean"))
+            v["image_std"] = pre.get("image_std", pre.get("std"))
+            if "merge_size" in pre and "min_tokens" not in pre:
+                v["image_merge_size"] = pre["merge_size"]
+            min_px, max_px = _pixel_budget(pre)
+            v["image_min_pixels"], v["image_max_pixels"] = min_px, max_px
+            # HF video file.
+            v["video_merge_size"] = video.get("merge_size", v["video_merge_size"])
+            for key in ("fps", "min_frames", "max_frames", "use_token_compression"):
+                if key in video:
+                    v[key] = video[key]
+            v["video_min_pixels"], v["video_max_pixels"] = _pixel_budget(video)
+            if v["patch_size"] is None:
+                v["patch_size"] = video.get("patch_size")
+            v = {k: x for k, x in v.items() if x is not None and k in names}
+            if "min_tokens" in pre or "max_tokens" in pre:  # original: budgets in merged tokens
+                p = v.get("patch_size", cls.patch_size)
+                im = (p * v.get("image_merge_size", cls.image_merge_size)) ** 2
+                vm = (p * v.get("video_merge_size", cls.video_merge_size)) ** 2
+                if "min_tokens" in pre:
+                    v["image_min_pixels"] = int(pre["min_tokens"]) * im
+                    v.setdefault("video_min_pixels", int(pre["min_tokens"]) * vm)
+                if "max_tokens" in pre:
+                    v["image_max_pixels"] = int(pre["max_tokens"]) * im
+                    v.setdefault("video_max_pixels", int(pre["max_tokens"]) * vm)
+            for key in ("image_mean", "image_std"):
+                if key in v:
+                    x = v[key]
+                    v[key] = tuple(float(a) for a in (x if isinstance(x, list) else [x] * 3))
+                    if len(v[key]) != 3:
+                        raise ValueError(f"{key} needs 3 values, got {x!r}")
+            for key in ("patch_size", "image_merge_size", "video_merge_size", "image_min_pixels",
+                        "image_max_pixels", "video_min_pixels", "video_max_pixels", "min_frames",
+                        "max_frames"):  # fmt: skip
+                if key in v:
+                    v[key] = int(v[key])
+            if "fps" in v:
+                v["fps"] = float(v["fps"])
+            if "use_token_compression" in v:
+                v["use_token_compression"] = bool(v["use_token_compression"])
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{d}: bad value in the processor config files ({e})") from None
+        return cls(**v)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: malformed JSON ({e}); re-download the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _pixel_budget(d: dict) -> tuple[int | None, int | None]:
+    """(min, max) pixels from an HF processor file: min_pixels/max_pixels or size{...}."""
+    size = d.get("size") if isinstance(d.get("size"), dict) else {}
+    lo = d.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+    hi = d.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+    return lo, hi
+
+
+@dataclass
+class VisualInput:
+    path: str
+    kind: str  # "image" | "video"
+    pixel_values: torch.Tensor  # (t*h*w, 3*p*p) float32, merge-window order
+    grid_thw: tuple[int, int, int]  # in patches
+    merge_size: int
+    keep: torch.Tensor | None  # (t*(h/m)*(w/m),) bool over merged tokens; None = keep all
+    timestamps: list[float]  # video: seconds of each used frame; image: []
+    source_width: int
+    source_height: int
+    duration: float | None
+    fps: float | None
+    resized_width: int
+    resized_height: int
+    decoder: str = ""  # "pillow" | "decord" | "pyav": accounting only
+
+    @property
+    def visual_tokens(self) -> int:
+        t, h, w = self.grid_thw
+        return t * (h // self.merge_size) * (w // self.merge_size)
+
+    @property
+    def visual_tokens_kept(self) -> int:
+        return self.visual_tokens if self.keep is None else int(self.keep.sum())
+
+    @property
+    def tokens_per_frame(self) -> list[int]:
+        t = self.grid_thw[0]
+        if self.keep is None:
+            return [self.visual_tokens // t] * t
+        return [int(n) for n in self.keep.view(t, -1).sum(dim=1)]
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) multiples of ``factor`` within the pixel budget, aspect ratio kept."""
+    if min(height, width) < 1:
+        raise MediaError(f"empty picture ({width}x{height})")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"aspect ratio {ratio:.1f} ({width}x{height}) is above {MAX_ASPECT_RATIO}; crop or pad it first"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resized_size(
+    height: int, width: int, *, patch_size: int, merge_size: int, min_pixels: int, max_pixels: int,
+    frames: int = 1, max_tokens: int | None = None,
+) -> tuple[int, int]:  # fmt: skip
+    """Target (height, width) of one picture or of each of a video's ``frames`` frames.
+
+    ``max_pixels`` is the whole input's budget (divided among frames); ``max_tokens`` the
+    user's cap in merged tokens for the whole input.
+    """
+    factor = patch_size * merge_size
+    hi = max_pixels // frames
+    if max_tokens is not None:
+        per_frame = max_tokens // frames
+        if per_frame < 1:
+            raise UsageError(
+                f"max_visual_tokens {max_tokens} is below one token per frame for {frames} frames; "
+                "raise it or sample fewer frames"
+            )
+        hi = min(hi, per_frame * factor * factor)
+    h, w = smart_resize(height, width, factor, min(min_pixels, hi), hi)
+    if max_tokens is not None and frames * (h // factor) * (w // factor) > max_tokens:
+        raise UsageError(
+            f"max_visual_tokens {max_tokens} is too small for a {width}x{height} input "
+            f"(needs {frames * (h // factor) * (w // factor)} at the smallest size)"
+        )
+    return h, w
+
+
+def patchify(frames: np.ndarray, patch_size: int, merge_size: int) -> np.ndarray:
+    """(t, H, W, 3) -> (t*gh*gw, 3*p*p) in merge-window order, channel-first rows; any dtype."""
+    t, height, width, c = frames.shape
+    p, m = patch_size, merge_size
+    gh, gw = height // p, width // p
+    x = frames.reshape(t, gh // m, m, p, gw // m, m, p, c)  # (t, bh, mh, ph, bw, mw, pw, c)
+    x = x.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # (t, bh, bw, mh, mw, c, ph, pw)
+    return x.reshape(t * gh * gw, c * p * p)
+
+
+def normalise_table(mean, std) -> np.ndarray:
+    """(3, 256) float32: the normalised value of each uint8 level per channel, computed as
+    transformers does (float64 rescale cast to float32, then float32 (x - mean) / std)."""
+    levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (256,)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return (levels[None, :] - mean32) / std32  # (3, 256)
+
+
+def to_pixel_values(frames: np.ndarray, config: ProcessorConfig, merge_size: int) -> torch.Tensor:
+    """uint8 (t, H, W, 3) resized frames -> normalised float32 (t*gh*gw, 3*p*p)."""
+    p = config.patch_size
+    patches = patchify(frames, p, merge_size)  # (t*gh*gw, 3*p*p) uint8
+    channel = np.repeat(np.arange(3), p * p)  # (3*p*p,) channel of each column
+    table = normalise_table(config.image_mean, config.image_std)
+    return torch.from_numpy(table[channel[None, :], patches])  # (t*gh*gw, 3*p*p) float32
+
+
+def _with_path(path, e: MediaError) -> MediaError:
+    msg = str(e)
+    return e if msg.startswith(f"{path}:") else MediaError(f"{path}: {msg}")
+
+
+def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Plan:
+    """The ``plan`` callback of ``media.read_video``: metadata -> (timestamps, (w, h))."""
+    m = config.video_merge_size
+
+    def plan(meta: media.VideoMeta) -> tuple[list[float], tuple[int, int]]:
+        try:
+            timestamps = sample_timestamps(
+                meta.duration, meta.frame_times, fps=options.fps, min_frames=options.min_frames,
+                max_frames=options.max_frames, start=options.start, end=options.end,
+            )  # fmt: skip
+        except UsageError as e:  # e.g. --start past the end: name the file
+            raise UsageError(f"{path}: {e}") from None
+        try:
+            h, w = resized_size(
+                meta.height, meta.width, patch_size=config.patch_size, merge_size=m,
+                min_pixels=config.video_min_pixels, max_pixels=config.video_max_pixels,
+                frames=len(timestamps), max_tokens=options.max_visual_tokens,
+            )  # fmt: skip
+        except MediaError as e:
+            raise _with_path(path, e) from None
+        return timestamps, (w, h)
+
+    return plan
+
+
+def prepare_visual(path, config: ProcessorConfig, options: MediaOptions, *, decoder: str = "auto") -> VisualInput:
+    """Decode, sample, resize, normalise, patchify and prune one image or video.
+
+    ``decoder`` forces a video backend ("decord" or "pyav"); "auto" picks decord when it
+    can read the codec and falls back to PyAV.
+    """
+    options.validate()
+    path = os.fspath(path)
+    if media.detect_kind(path) == "image":
+        image = media.load_image(path)
+        m = config.image_merge_size
+        try:
+            h, w = resized_size(
+                image.height, image.width, patch_size=config.patch_size, merge_size=m,
+                min_pixels=config.image_min_pixels, max_pixels=config.image_max_pixels,
+                max_tokens=options.max_visual_tokens,
+            )  # fmt: skip
+        except MediaError as e:
+            raise _with_path(path, e) from None
+        resized = image if image.size == (w, h) else image.resize((w, h), Image.Resampling.BICUBIC)
+        frame = np.asarray(resized, dtype=np.uint8)[None]  # (1, h, w, 3)
+        p = config.patch_size
+        return VisualInput(
+            path=path, kind="image", pixel_values=to_pixel_values(frame, config, m),
+            grid_thw=(1, h // p, w // p), merge_size=m, keep=None, timestamps=[],
+            source_width=image.width, source_height=image.height, duration=None, fps=None,
+            resized_width=w, resized_height=h, decoder="pillow",
+        )  # fmt: skip
+
+    m = config.video_merge_size
+    video = media.read_video(path, plan_video(path, config, options), backend=decoder)
+    frames, video.frames = video.frames, None  # the uint8 frames die with this function
+    t, h, w, _ = frames.shape
+    p = config.patch_size
+    pixel_values = to_pixel_values(frames, config, m)
+    grid = (t, h // p, w // p)
+    keep = None
+    if options.prune and config.use_token_compression:
+        keep = prune_mask(pixel_values, grid, m, threshold=options.prune_threshold)
+    return VisualInput(
+        path=path, kind="video", pixel_values=pixel_values, grid_thw=grid, merge_size=m,
+        keep=keep, timestamps=[float(x) for x in video.timestamps],
+        source_width=video.meta.width, source_height=video.meta.height,
+        duration=video.meta.duration, fps=video.meta.fps, resized_width=w, resized_height=h,
+        decoder=video.backend,
+    )  # fmt: skip
