@@ -216,3 +216,35 @@ def test_sampling_is_reproducible_and_greedy_ignores_seed(engine):
         assert run(sampled, 1) != run(sampled, 2)
         greedy = DecodingParams(max_new_tokens=16)
         assert run(greedy, 1) == run(greedy, 2)
+
+
+def test_continuous_batching_equals_one_at_a_time(engine):
+    """7 requests through 3 slots: rows leave as they finish and new requests take their place.
+
+    Prompts grow along the way (the cache must grow) and max_new_tokens differs in effect because
+    some requests stop at EOS early; every request's tokens equal its solo greedy run.
+    """
+    from vl3cli.generate import stream
+
+    requests = {}
+    for i in range(7):
+        if i % 2:
+            ids, px, grid = image_case(seed=20 + i, grid=(1, 2 + i, 4))
+            with torch.inference_mode():
+                requests[i] = Request(ids, engine.encode_pixels(px, grid, 1))
+        else:
+            requests[i] = Request(chat([], "Hi " * (1 + 3 * i)))
+    for params in (DecodingParams(max_new_tokens=10), DecodingParams(max_new_tokens=6, repetition_penalty=1.3)):
+        with torch.inference_mode():
+            got: dict[int, list[int]] = {k: [] for k in requests}
+            finished = []
+            for key, token in stream(engine, requests.items(), params, slots=3):
+                if token is None:
+                    finished.append(key)
+                else:
+                    assert key not in finished
+                    got[key].append(token)
+            assert sorted(finished) == list(requests)
+            for key, request in requests.items():
+                alone = [s[0] for s in generate(engine, [request], params)]
+                assert got[key] == alone, key

@@ -84,7 +84,8 @@ def test_loads_in_bfloat16_without_a_float32_copy(checkpoints):
     with torch.inference_mode():
         low = logits_of(engine)
     # bf16 keeps ~3 significant digits: close to fp32, not equal.
-    assert (low - reference).abs().max() < 0.05 * reference.abs().max()
+    assert not torch.equal(low, reference)
+    assert torch.nn.functional.cosine_similarity(low.flatten(), reference.flatten(), dim=0) > 0.995
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

@@ -123,12 +123,12 @@ def hf_state_dict(seed: int, tied: bool) -> dict[str, torch.Tensor]:
         if name.endswith("norm.weight") or "layer_norm" in name and name.endswith("weight"):
             value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
         elif name.endswith("bias"):
-            value = 0.1 * torch.randn(p.shape, generator=gen)
+            value = 0.02 * torch.randn(p.shape, generator=gen)
         elif name.endswith("embed_tokens.weight"):
-            value = torch.randn(p.shape, generator=gen)
+            value = 0.3 * torch.randn(p.shape, generator=gen)
         else:
             fan_in = math.prod(p.shape[1:]) if p.dim() > 1 else p.shape[0]
-            value = torch.randn(p.shape, generator=gen) * (1.0 / math.sqrt(fan_in))
+            value = torch.randn(p.shape, generator=gen) * (2.0 / math.sqrt(fan_in))
         state[name] = value.contiguous()
     return state
 

@@ -138,16 +138,22 @@ class Engine:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         return self.model.embed(ids, features)
 
-    def prefill(self, cache: KVCache, prompts: list[tuple[list[int], torch.Tensor | None]]) -> torch.Tensor:
-        """Run whole prompts into rows 0..B-1 of a fresh `cache`; logits (B, V) of their last tokens."""
+    def prefill(
+        self, cache: KVCache, prompts: list[tuple[list[int], torch.Tensor | None]], start: int = 0
+    ) -> torch.Tensor:
+        """Run whole prompts into rows start..start+B-1 of `cache` (replacing what they held).
+
+        Returns the logits (B, V) of each prompt's last token.
+        """
         lengths = [len(ids) for ids, _ in prompts]
         if max(lengths) > cache.max_len:
             raise Vl3Error(f"a prompt of {max(lengths)} tokens does not fit the cache of {cache.max_len}")
+        rows = cache.rows(start, start + len(prompts))
         embeds = [self.embed(ids, feats) for ids, feats in prompts]
         if len(prompts) == 1:
             n = lengths[0]
             positions = torch.arange(n, device=self.device)[None]
-            hidden = self.model.language(embeds[0][None], cache, positions, None, n)
+            hidden = self.model.language(embeds[0][None], rows, positions, None, n)
             last = hidden[:, -1]
         else:
             longest = max(lengths)
@@ -159,24 +165,26 @@ class Engine:
             keys = torch.arange(longest, device=self.device)
             # query i of row b sees key j iff j <= i and j < length of row b: (B, 1, L, L)
             mask = (keys[None, :] <= keys[:, None])[None] & (keys < valid[:, None])[:, None, :]
-            hidden = self.model.language(batch, cache, positions, mask[:, None], longest)
+            hidden = self.model.language(batch, rows, positions, mask[:, None], longest)
             last = hidden[torch.arange(len(prompts), device=self.device), valid - 1]
-        cache.lengths[: len(prompts)] = torch.tensor(lengths, device=self.device)
-        cache.host_lengths = list(lengths)
+        rows.lengths.copy_(torch.tensor(lengths, device=self.device))
+        cache.host_lengths[start : start + len(prompts)] = lengths
         return self.model.logits(last)
 
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-        """One step: tokens (B,) enter at each row's next position; logits (B, V)."""
+        """One step for rows 0..B-1: tokens (B,) enter at each row's next position; logits (B, V)."""
+        count = tokens.shape[0]
+        rows = cache.rows(0, count) if count < cache.batch else cache
         embeds = self.model.language.embed_tokens(tokens)[:, None]  # (B, 1, D)
-        positions = cache.lengths[:, None]  # (B, 1)
-        attend = max(cache.host_lengths) + 1
+        positions = rows.lengths[:, None]  # (B, 1)
+        attend = max(rows.host_lengths) + 1
         if attend > cache.max_len:
             raise Vl3Error(f"the KV cache of {cache.max_len} positions is full")
         keys = torch.arange(attend, device=self.device)
         mask = (keys[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, attend)
-        hidden = self.model.language(embeds, cache, positions, mask, attend)
-        cache.lengths += 1
-        cache.host_lengths = [n + 1 for n in cache.host_lengths]
+        hidden = self.model.language(embeds, rows, positions, mask, attend)
+        rows.lengths += 1
+        cache.host_lengths[:count] = [n + 1 for n in rows.host_lengths]
         return self.model.logits(hidden[:, -1])
 
     def forward_logits(self, input_ids: list[int], features: torch.Tensor | None = None) -> torch.Tensor:

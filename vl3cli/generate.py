@@ -1,16 +1,24 @@
-"""Generation: prefill a batch of requests, then decode step by step. Yields token ids only.
+"""Generation: prefill, then decode step by step over a shared KV cache. Yields token ids only.
 
-    for step in generate(engine, [Request(ids, features)], params, generator):
-        step[0]  # the new token of request 0, or None once it has finished
+Two ways in:
+
+- `generate(engine, requests, params, generator)`: a fixed list of requests decoded together;
+  one yield per step with one entry per request (the new token id, or None once finished).
+- `stream(engine, keyed_requests, params, generator, slots)`: continuous batching for long runs.
+  Up to `slots` requests decode together; a request leaves the batch the step it finishes and the
+  next one from the (lazy) iterable takes its row, so the batch stays full. Yields
+  (key, token id) events and (key, None) when that request is done.
 
 A request finishes on one of the checkpoint's EOS ids (never yielded) or after
 `params.max_new_tokens` tokens; its finish reason is "length" in the second case, else "stop".
+Each request is prefilled on its own, so its prompt sees exactly what it would see alone; the
+decode steps of all active rows share one forward pass.
 Text, streaming and JSON are the caller's business (output.py, cli.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -31,32 +39,95 @@ def generate(
     generator: torch.Generator | None = None,
 ) -> Iterator[list[int | None]]:
     """One yield per step, one entry per request: the new token id, or None once finished."""
-    if not requests:
-        return
-    device = engine.device
-    batch = len(requests)
-    longest = max(len(r.input_ids) for r in requests)
-    cache = engine.new_cache(batch, longest + params.max_new_tokens)
-    eos = torch.tensor([] if params.ignore_eos else engine.eos_token_ids, dtype=torch.long, device=device)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        vocab = engine.config.text.vocab_size
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-        for row, r in enumerate(requests):
-            seen[row, torch.tensor(r.input_ids, device=device).clamp(max=vocab - 1)] = True
+    done = [False] * len(requests)
+    step: list[int | None] = [None] * len(requests)
+    for events in _steps(engine, enumerate(requests), params, generator, max(1, len(requests))):
+        for key, token in events:
+            if token is None:
+                done[key] = True
+            else:
+                step[key] = token
+        if all(t is None for t in step):
+            return
+        yield list(step)
+        step = [None] * len(requests)
 
-    logits = engine.prefill(cache, [(r.input_ids, r.visual_features) for r in requests])
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for step in range(params.max_new_tokens):
-        tokens = next_token(logits, params, generator, seen)  # (B,)
-        stopped = torch.isin(tokens, eos) | done
-        out = [None if s else t for t, s in zip(tokens.tolist(), stopped.tolist())]
-        done = stopped
-        if all(t is None for t in out):
+
+def stream(
+    engine,
+    requests: Iterable[tuple[Hashable, Request]],
+    params: DecodingParams,
+    generator: torch.Generator | None = None,
+    slots: int = 8,
+) -> Iterator[tuple[Hashable, int | None]]:
+    """(key, token) events in generation order; (key, None) once a request has finished."""
+    for events in _steps(engine, requests, params, generator, slots):
+        yield from events
+
+
+def _steps(engine, requests, params: DecodingParams, generator, slots: int) -> Iterator[list[tuple]]:
+    """The scheduler: per step, the (key, token | None) events of every active row."""
+    device = engine.device
+    vocab = engine.config.text.vocab_size
+    eos = set() if params.ignore_eos else set(engine.eos_token_ids)
+    pending = iter(requests)
+    keys: list = []  # row i of the cache belongs to keys[i]
+    produced: list[int] = []
+    cache = None
+    logits = None  # (slots, V): next-token logits of each active row
+    seen = None  # (slots, V) bool: tokens each row has seen, for the repetition penalty
+    exhausted = False
+    while True:
+        while not exhausted and len(keys) < slots:
+            item = next(pending, None)
+            if item is None:
+                exhausted = True
+                break
+            key, request = item
+            need = len(request.input_ids) + params.max_new_tokens
+            if cache is None:
+                cache = engine.new_cache(slots, need)
+                logits = torch.empty(slots, vocab, device=device)
+            elif need > cache.max_len:
+                engine.new_cache(1, need)  # raises when beyond the model's context
+                cache = cache.grown(need)
+            row = len(keys)
+            logits[row] = engine.prefill(cache, [(request.input_ids, request.visual_features)], start=row)[0]
+            if params.repetition_penalty != 1.0:
+                if seen is None:
+                    seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+                seen[row] = False
+                seen[row, torch.tensor(request.input_ids, device=device).clamp(max=vocab - 1)] = True
+            keys.append(key)
+            produced.append(0)
+        if not keys:
             return
-        yield out
-        if step + 1 == params.max_new_tokens:
-            return
+        n = len(keys)
+        tokens = next_token(logits[:n], params, generator, None if seen is None else seen[:n])
+        events, finished = [], []
+        for row, token in enumerate(tokens.tolist()):
+            if token in eos:
+                events.append((keys[row], None))
+                finished.append(row)
+                continue
+            events.append((keys[row], token))
+            produced[row] += 1
+            if produced[row] >= params.max_new_tokens:
+                events.append((keys[row], None))
+                finished.append(row)
+        yield events
         if seen is not None:
-            seen[torch.arange(batch, device=device), tokens] = True
-        logits = engine.decode(cache, tokens)
+            seen[torch.arange(n, device=device), tokens] = True
+        # Finished rows leave: the last active row moves into each hole, keeping rows 0..n-1 dense.
+        for row in reversed(finished):
+            last = len(keys) - 1
+            if row != last:
+                cache.move_row(last, row)
+                tokens[row] = tokens[last]
+                if seen is not None:
+                    seen[row] = seen[last]
+                keys[row], produced[row] = keys[last], produced[last]
+            keys.pop()
+            produced.pop()
+        if keys:
+            logits[: len(keys)] = engine.decode(cache, tokens[: len(keys)])

@@ -42,6 +42,37 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of rows start..stop-1: writes through it land in this cache (host_lengths excepted)."""
+        return KVCache(
+            [t[start:stop] for t in self.k],
+            [t[start:stop] for t in self.v],
+            self.lengths[start:stop],
+            self.host_lengths[start:stop],
+        )
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row `src` (keys, values, length) over row `dst`."""
+        n = self.host_lengths[src]
+        for t in (*self.k, *self.v):
+            t[dst, :, :n] = t[src, :, :n]
+        self.lengths[dst] = self.lengths[src]
+        self.host_lengths[dst] = n
+
+    def grown(self, max_len: int) -> KVCache:
+        """A copy with room for `max_len` positions per row."""
+        if max_len <= self.max_len:
+            return self
+        def bigger(t):
+            out = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
+            out[:, :, : self.max_len] = t
+            return out
+        return KVCache([bigger(t) for t in self.k], [bigger(t) for t in self.v], self.lengths, self.host_lengths)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

@@ -29,9 +29,10 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         c, p = self.config.num_channels, self.config.patch_size
-        # A p x p convolution with stride p on one p x p patch is a matrix product: (N, 3*p*p) @ W.T
-        weight = self.patch_embedding.weight.view(self.config.hidden_size, c * p * p)  # (D, 3*p*p)
-        return F.linear(pixel_values.to(weight.dtype), weight, self.patch_embedding.bias)
+        weight = self.patch_embedding.weight
+        # (N, 3*p*p) -> (N, 3, p, p) -> conv -> (N, D, 1, 1) -> (N, D)
+        x = self.patch_embedding(pixel_values.to(weight.dtype).view(-1, c, p, p))
+        return x.view(-1, self.config.hidden_size)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
