@@ -1,0 +1,1 @@
+complete --command vl3 --no-files --arguments "(env _VL3_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) vl3)" --condition "env _VL3_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) vl3"

@@ -1,0 +1,144 @@
+"""cli.py: help, version, start-up imports, option defaults, one-line errors and exit codes.
+
+Commands that need a model run in test_e2e.py; these run `main()` in a subprocess (the real
+entry point) or Typer's CliRunner (help texts, with the width pinned by conftest.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from vl3cli import __version__
+from vl3cli.cli import app
+
+HEAVY = ("torch", "transformers", "av", "decord", "safetensors", "tokenizers", "huggingface_hub", "numpy", "PIL")
+
+runner = CliRunner()
+
+
+def vl3(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """The real entry point (`vl3 = vl3cli.cli:main`) in a fresh interpreter."""
+    code = "import sys; from vl3cli.cli import main; sys.argv = ['vl3'] + sys.argv[1:]; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False, timeout=120,
+        env=dict(os.environ, **(env or {})), cwd=cwd,
+    )  # fmt: skip
+
+
+def test_import_and_help_load_no_heavy_module():
+    code = (
+        "import sys; from vl3cli.cli import main; sys.argv = ['vl3', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
+    assert p.stdout.strip().endswith("[]"), p.stdout[-300:]
+    assert "describe" in p.stdout and "batch" in p.stdout
+
+
+def test_version():
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"vl3 {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["describe"], ["ask"], ["batch"]])
+def test_help_shows_examples(command):
+    r = runner.invoke(app, [*command, "--help"])
+    assert r.exit_code == 0
+    assert "Examples" in r.stdout
+    assert f"vl3 {command[0]} " in r.stdout if command else "vl3 describe" in r.stdout
+
+
+def test_every_command_has_the_shared_options():
+    import typer.main
+
+    group = typer.main.get_command(app)
+    shared = {
+        "--model", "--revision", "--device", "--dtype", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
+        "--repetition-penalty", "--seed", "--ignore-eos", "--system", "--fps", "--min-frames", "--max-frames",
+        "--start", "--end", "--max-visual-tokens", "--prune", "--no-prune", "--prune-threshold", "--format", "--out",
+        "--stream", "--no-stream", "--debug",
+    }  # fmt: skip
+    for name in ("describe", "ask", "batch"):
+        opts = {o for p in group.commands[name].params for o in (*p.opts, *p.secondary_opts)}
+        assert shared <= opts, (name, shared - opts)
+
+
+def test_cli_defaults_match_the_library_defaults():
+    """The defaults shown in --help are the ones DecodingParams / MediaOptions use."""
+    import typer.main
+
+    from vl3cli.decoding import DecodingParams
+    from vl3cli.preprocess import MediaOptions
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["describe"].params}
+    for f in dataclasses.fields(DecodingParams):
+        assert params[f.name] == f.default, f.name
+    for name in ("prune", "prune_threshold", "start", "end", "max_visual_tokens"):
+        assert params[name] == getattr(MediaOptions(), name), name
+    # fps / min / max frames default to the checkpoint's processor config
+    assert params["fps"] is None and params["min_frames"] is None and params["max_frames"] is None
+
+
+def one_line_error(p: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
+    assert p.returncode == code, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), p.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert p.stdout == ""
+
+
+def test_missing_model_folder(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    one_line_error(vl3("describe", "a.png", "-m", "./no-such-model", cwd=tmp_path), 1, "no such folder", "no-such-model")
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    one_line_error(vl3("ask", "a.png", "q", "-m", "empty", cwd=tmp_path), 1, "config.json")
+
+
+def test_missing_media_fails_before_loading_anything(tmp_path):
+    one_line_error(vl3("describe", "nope.mp4", "-m", "./no-such-model", cwd=tmp_path), 1, "nope.mp4", "no such file")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["describe"], "Missing argument"),
+        (["describe", "a.png", "--dtype", "float8"], "--dtype"),
+        (["describe", "a.png", "--max-new-tokens", "many"], "--max-new-tokens"),
+        (["ask", "a.png"], "Missing argument"),
+        (["describe", "a.png", "--bogus"], "--bogus"),
+        (["describe", "a.png", "--stream", "--format", "json"], "--stream"),
+        (["batch", "--out", "r.jsonl"], "--files-from"),
+        (["batch", ".", "--shard", "4/4"], "--shard"),
+        (["batch", ".", "--resume", "--overwrite"], "--overwrite"),
+        (["batch", "no-such-folder"], "no-such-folder"),
+        (["batch", ".", "--format", "text"], "JSONL"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, args, fragment):
+    (tmp_path / "a.png").write_bytes(b"x")
+    one_line_error(vl3(*args, cwd=tmp_path), 2, fragment)
+
+
+def test_decoding_option_errors_exit_2(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    one_line_error(vl3("describe", "a.png", "--temperature", "-1", cwd=tmp_path), 2, "--temperature")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    p = vl3("describe", "a.png", "-m", "./nope", "--debug", cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" in p.stderr and p.stderr.strip().endswith("Error: no such folder: ./nope")
+    p = vl3("describe", "a.png", "-m", "./nope", cwd=tmp_path, env={"VL3_DEBUG": "1"})
+    assert "Traceback" in p.stderr

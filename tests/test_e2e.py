@@ -1,0 +1,319 @@
+"""End to end through the `vl3` command on tiny checkpoints of both formats.
+
+- describe / ask text equals transformers' greedy generation on the same inputs (our own
+  pre-processing, the prompt spelled out here independently of prompt.py; the original-format
+  checkpoint is compared with transformers on the HF-format copy of the same weights);
+- JSON records follow the schema; --stream prints the same text; sampling repeats with --seed;
+- batch: error records, resume, retry, shards, --files-from, Ctrl-C then resume;
+- the offline Hub cache; bad inputs give one-line errors.
+
+The checkpoints are untied (seed 1): their random output varies, invalid UTF-8 included,
+where the tied ones repeat a single token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from media_factory import make_image, make_video
+from typer.testing import CliRunner
+
+from vl3cli.cli import app
+from vl3cli.output import TIMING_KEYS
+from vl3cli.pipeline import media_options
+from vl3cli.preprocess import ProcessorConfig, prepare_visual
+
+runner = CliRunner()
+N = 12  # max new tokens in the comparisons
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e-ckpt")
+    return {fmt: tiny.make_checkpoint(root / fmt, fmt, tied=False, seed=1) for fmt in ("hf", "original")}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("e2e-media")
+    return {
+        "image": make_image(root / "photo.png", size=(64, 48)),
+        "video": make_video(root / "clip.mp4", seconds=3.0, fps=10, size=(64, 48)),
+        "static": make_video(root / "still.mp4", seconds=5.0, fps=5, size=(56, 56), static=True),
+    }
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return tiny.hf_reference(ckpt["hf"])
+
+
+def cli(*args, input=None) -> list[dict]:
+    r = runner.invoke(app, [str(a) for a in args], input=input)
+    assert r.exit_code == 0, (r.output, r.exception)
+    return [json.loads(x) for x in r.stdout.splitlines()]
+
+
+def reference_answer(ref, folder: Path, path: Path, question: str, system: str | None = None) -> tuple[str, int]:
+    """transformers' greedy answer on vl3's pre-processing of `path` for checkpoint `folder`."""
+    from tokenizers import Tokenizer
+
+    processor = ProcessorConfig.from_dir(folder)
+    v = prepare_visual(path, processor, media_options(processor, {}))
+    if v.kind == "image":
+        visual = "<|image_pad|>" * v.visual_tokens_kept
+        inputs = {"pixel_values": v.pixel_values, "image_grid_thw": torch.tensor([v.grid_thw]), "image_merge_sizes": torch.tensor([v.merge_size])}
+    else:
+        visual = ",".join(f"Time {t:.1f}s:" + "<|video_pad|>" * n for t, n in zip(v.timestamps, v.tokens_per_frame))
+        keep = v.keep if v.keep is not None else torch.ones(v.visual_tokens, dtype=torch.bool)
+        inputs = {
+            "pixel_values_videos": v.pixel_values, "video_grid_thw": torch.tensor([v.grid_thw]),
+            "video_merge_sizes": torch.tensor([v.merge_size]), "video_compression_mask": keep,
+        }  # fmt: skip
+    tok = Tokenizer.from_str(tiny.tokenizer_json())
+    prompt = f"<|im_start|>user\n{visual}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    if system is not None:
+        prompt = f"<|im_start|>system\n{system}<|im_end|>\n" + prompt
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    eos = json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+    with torch.inference_mode():
+        out = ref.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, **inputs,
+        )[0, len(ids) :].tolist()  # fmt: skip
+    generated = [t for t in out if t not in eos]
+    return tok.decode(generated, skip_special_tokens=True), len(generated)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "original"])
+def test_describe_and_ask_equal_transformers(fmt, ckpt, media, ref):
+    (rec,) = cli("describe", media["image"], "-m", ckpt[fmt], "--max-new-tokens", N, "--format", "jsonl")
+    assert rec["prompt"] == "Describe this image in detail."
+    assert (rec["text"], rec["generated_tokens"]) == reference_answer(ref, ckpt[fmt], media["image"], rec["prompt"])
+    assert rec["text"].strip()  # a non-trivial answer
+    questions = ["What happens after the cat jumps?", "Ünïcödé: café?"]
+    recs = cli("ask", media["video"], *questions, "-m", ckpt[fmt], "--max-new-tokens", N, "--format", "jsonl")
+    for q, r in zip(questions, recs, strict=True):
+        assert r["prompt"] == q and r["kind"] == "video"
+        assert (r["text"], r["generated_tokens"]) == reference_answer(ref, ckpt[fmt], media["video"], q)
+    # the media is decoded and encoded once: its cost is on the first record only
+    assert recs[0]["timings"]["media_s"] > 0 and recs[1]["timings"]["media_s"] == recs[1]["timings"]["encode_s"] == 0
+
+
+def test_system_prompt_equals_transformers(ckpt, media, ref):
+    system = "You are a helpful assistant."
+    (rec,) = cli("ask", media["image"], "What?", "--system", system, "-m", ckpt["original"], "--max-new-tokens", N, "-f", "jsonl")
+    assert (rec["text"], rec["generated_tokens"]) == reference_answer(ref, ckpt["original"], media["image"], "What?", system)
+    (plain,) = cli("ask", media["image"], "What?", "-m", ckpt["original"], "--max-new-tokens", N, "-f", "jsonl")
+    assert plain["prompt_tokens"] < rec["prompt_tokens"]
+
+
+def test_pruned_video_equals_transformers(ckpt, media, ref):
+    (rec,) = cli("describe", media["static"], "-m", ckpt["hf"], "--max-new-tokens", N, "--format", "jsonl")
+    assert rec["visual_tokens_kept"] < rec["visual_tokens"]
+    assert (rec["text"], rec["generated_tokens"]) == reference_answer(ref, ckpt["hf"], media["static"], rec["prompt"])
+    (whole,) = cli("describe", media["static"], "-m", ckpt["hf"], "--max-new-tokens", 2, "--no-prune", "--format", "jsonl")
+    assert whole["visual_tokens_kept"] == whole["visual_tokens"] == rec["visual_tokens"]
+
+
+def test_json_record_schema(ckpt, media, tmp_path):
+    out = tmp_path / "r.json"
+    r = runner.invoke(app, ["describe", str(media["video"]), "-m", str(ckpt["original"]), "--max-new-tokens", "5",
+                            "--format", "json", "--out", str(out), "--fps", "2"])  # fmt: skip
+    assert r.exit_code == 0 and r.stdout == ""
+    rec = json.loads(out.read_text())
+    assert list(rec) == [
+        "path", "kind", "prompt", "text", "model", "width", "height", "duration", "frames", "timestamps", "resized",
+        "visual_tokens", "visual_tokens_kept", "prompt_tokens", "generated_tokens", "finish_reason", "timings", "error",
+    ]  # fmt: skip
+    assert rec["path"] == str(media["video"]) and rec["kind"] == "video" and rec["model"] == str(ckpt["original"])
+    assert (rec["width"], rec["height"], rec["duration"]) == (64, 48, pytest.approx(3.0, abs=0.1))
+    assert rec["frames"] == len(rec["timestamps"]) == 6 and rec["timestamps"][:2] == [0.0, 0.5]  # --fps 2
+    assert len(rec["resized"]) == 2 and all(x % 28 == 0 for x in rec["resized"])
+    assert 0 < rec["visual_tokens_kept"] <= rec["visual_tokens"] < rec["prompt_tokens"]
+    assert rec["generated_tokens"] == 5 and rec["finish_reason"] == "length" and rec["error"] is None
+    assert list(rec["timings"]) == list(TIMING_KEYS) and all(v >= 0 for v in rec["timings"].values())
+    t = rec["timings"]
+    assert t["total_s"] == pytest.approx(sum(t[k] for k in TIMING_KEYS[:-1]), abs=1e-3) and t["load_s"] > 0
+    (img,) = cli("describe", media["image"], "-m", ckpt["hf"], "--max-new-tokens", 1, "--format", "jsonl")
+    assert img["kind"] == "image" and img["frames"] == 1 and img["timestamps"] is None and img["duration"] is None
+
+
+def test_stream_prints_the_same_text(ckpt, media):
+    args = ["ask", str(media["image"]), "What?", "-m", str(ckpt["hf"]), "--max-new-tokens", "20"]
+    streamed = runner.invoke(app, [*args, "--stream"])
+    plain = runner.invoke(app, [*args, "--no-stream"])
+    (rec,) = cli(*args, "--format", "jsonl")
+    assert streamed.exit_code == plain.exit_code == 0
+    assert streamed.stdout == plain.stdout == rec["text"] + "\n"
+    two = [*args[:3], "Who?", *args[3:]]
+    streamed, plain = runner.invoke(app, [*two, "--stream"]), runner.invoke(app, [*two, "--no-stream"])
+    assert streamed.stdout == plain.stdout and streamed.stdout.startswith("Q: What?\n") and "\n\nQ: Who?\n" in streamed.stdout
+
+
+def test_sampling_repeats_with_a_seed(ckpt, media):
+    base = ["describe", media["image"], "-m", ckpt["hf"], "--max-new-tokens", 16, "--format", "jsonl"]
+    sample = [*base, "--temperature", "1.5", "--top-k", "50", "--top-p", "0.95"]
+    a = [cli(*sample, "--seed", s)[0]["text"] for s in (1, 1, 2, 3)]
+    assert a[0] == a[1] and len(set(a[1:])) > 1
+    greedy = {cli(*base, "--seed", s)[0]["text"] for s in (1, 2)}
+    assert greedy == {cli(*base)[0]["text"]}
+
+
+def test_ignore_eos_runs_to_max_new_tokens(ckpt, media):
+    (rec,) = cli("describe", media["image"], "-m", ckpt["hf"], "--max-new-tokens", 40, "--ignore-eos", "--format", "jsonl")
+    assert rec["generated_tokens"] == 40 and rec["finish_reason"] == "length"
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+@pytest.fixture
+def dataset(tmp_path, media) -> Path:
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    shutil.copy(media["image"], d / "a.png")
+    shutil.copy(media["video"], d / "sub" / "b.mp4")
+    make_image(d / "sub" / "c.jpg", size=(40, 60), fmt="JPEG", seed=2)
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (d / "notes.txt").write_text("ignored: not an image or video extension")
+    return d
+
+
+def batch(*args, input=None):
+    return runner.invoke(app, ["batch", *[str(a) for a in args]], input=input)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def test_batch_errors_resume_and_retry(ckpt, dataset, tmp_path, monkeypatch):
+    from vl3cli import pipeline
+
+    decoded = []
+    real = pipeline.prepare_visual
+    monkeypatch.setattr(pipeline, "prepare_visual", lambda path, *a, **k: decoded.append(path) or real(path, *a, **k))
+    out = tmp_path / "r.jsonl"
+    common = ["-m", ckpt["hf"], "--max-new-tokens", 4, "--out", out]
+    r = batch(dataset, *common)
+    assert r.exit_code == 1  # one item failed
+    recs = read_jsonl(out)
+    by_path = {rec["path"]: rec for rec in recs}
+    assert sorted(by_path) == sorted(str(dataset / p) for p in ("a.png", "broken.mp4", "sub/b.mp4", "sub/c.jpg"))
+    assert len(recs) == 4
+    bad = by_path[str(dataset / "broken.mp4")]
+    assert "broken.mp4" in bad["error"] and bad["text"] is None and bad["model"] == str(ckpt["hf"])
+    assert all(rec["error"] is None and rec["text"] is not None for p, rec in by_path.items() if "broken" not in p)
+    assert "3 ok, 1 failed" in r.stderr
+
+    decoded.clear()
+    r = batch(dataset, *common)  # resume (the default): nothing left to decode
+    assert r.exit_code == 1 and decoded == [] and read_jsonl(out) == recs
+    assert "3 already done" in r.stderr and "1 failed earlier" in r.stderr
+
+    shutil.copy(dataset / "a.png", dataset / "new.png")
+    r = batch(dataset, *common, "--resume")
+    assert decoded == [str(dataset / "new.png")] and len(read_jsonl(out)) == 5
+
+    shutil.copy(dataset / "sub" / "b.mp4", dataset / "broken.mp4")  # repaired
+    decoded.clear()
+    r = batch(dataset, *common, "--retry-failed")
+    assert r.exit_code == 0 and decoded == [str(dataset / "broken.mp4")]
+    recs = read_jsonl(out)
+    assert len(recs) == len({rec["path"] for rec in recs}) == 5 and all(rec["error"] is None for rec in recs)
+
+    r = batch(dataset, *common, "--overwrite")
+    assert r.exit_code == 0 and len(read_jsonl(out)) == 5 and len(decoded) == 6
+
+
+def test_batch_shards_partition_and_files_from(ckpt, dataset, tmp_path):
+    common = ["-m", ckpt["hf"], "--max-new-tokens", 2, "--ext", "png,jpg,mp4"]
+    paths = []
+    for k in range(3):
+        out = tmp_path / f"part{k}.jsonl"
+        batch(dataset, *common, "--shard", f"{k}/3", "--out", out)
+        paths += [rec["path"] for rec in read_jsonl(out)]
+    assert sorted(paths) == sorted(str(p) for p in dataset.rglob("*") if p.suffix in (".png", ".jpg", ".mp4"))
+    r = batch("--files-from", "-", *common, input=f"{dataset / 'a.png'}\n\n{dataset / 'missing.png'}\n")
+    recs = [json.loads(x) for x in r.stdout.splitlines()]  # no --out: JSONL on stdout
+    assert [rec["path"] for rec in recs] == [str(dataset / "a.png"), str(dataset / "missing.png")]
+    assert recs[0]["error"] is None and "no such file" in recs[1]["error"] and r.exit_code == 1
+
+
+def vl3_process(*args, env=None, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vl3cli.cli", *[str(a) for a in args]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **(env or {})), **kw,
+    )  # fmt: skip
+
+
+def test_batch_sigint_then_resume_gives_one_record_per_item(ckpt, media, tmp_path):
+    d = tmp_path / "many"
+    d.mkdir()
+    for i in range(12):
+        make_image(d / f"{i:02d}.png", size=(32, 32), seed=i)
+    out = tmp_path / "r.jsonl"
+    p = vl3_process("batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 200, "--ignore-eos")
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.read_text().count("\n") >= 1):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, stderr = p.communicate(timeout=30)
+    assert time.monotonic() - sent < 5  # the item in progress is abandoned, not finished
+    assert p.returncode == 130, stderr
+    assert "Interrupted" in stderr
+    first = read_jsonl(out)
+    assert 1 <= len(first) < 12
+    p = vl3_process("batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 2)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    recs = read_jsonl(out)
+    assert recs[: len(first)] == first
+    assert sorted(rec["path"] for rec in recs) == sorted(str(x) for x in d.iterdir())
+
+
+# ----------------------------------------------------------------------------- Hub cache, errors
+
+
+def test_offline_hub_cache(ckpt, media, tmp_path):
+    snap = tmp_path / "hf" / "hub" / "models--acme--tiny-vl3" / "snapshots" / ("c" * 40)
+    shutil.copytree(ckpt["hf"], snap)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("c" * 40)
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    args = ["describe", media["image"], "--max-new-tokens", 6, "--format", "jsonl"]
+    p = vl3_process(*args, env=dict(env, VL3_MODEL="acme/tiny-vl3"))
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr
+    (local,) = cli(*args, "-m", ckpt["hf"])
+    assert json.loads(stdout)["text"] == local["text"] and json.loads(stdout)["model"] == "acme/tiny-vl3"
+    p = vl3_process(*args, "-m", "acme/tiny-vl3", "--revision", "v2", env=env)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 1 and stderr.count("\n") == 1 and stderr.startswith("Error: acme/tiny-vl3 (revision v2)")
+
+
+def test_bad_media_gives_one_line_errors(ckpt, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(os.urandom(2000))
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for path in (bad, empty):
+        p = vl3_process("describe", path, "-m", ckpt["original"])
+        stdout, stderr = p.communicate(timeout=120)
+        assert p.returncode == 1 and stdout == ""
+        assert stderr.count("\n") == 1 and stderr.startswith(f"Error: {path}"), stderr

@@ -1,0 +1,131 @@
+"""hub.py: local folders, the offline Hub cache, revisions, download filters and errors."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+
+import pytest
+
+from vl3cli.errors import ConfigError, ModelNotFoundError
+from vl3cli.hub import ALLOW_PATTERNS, resolve_model
+
+CONFIG = (Path(__file__).parent / "data" / "VideoLLaMA3-2B-Image-HF.config.json").read_text()
+MAIN = "a" * 40
+V1 = "b" * 40
+
+
+def cached_repo(cache: Path, repo: str, refs: dict[str, str], config: str = CONFIG) -> dict[str, Path]:
+    """A Hub cache entry laid out as huggingface_hub writes it (refs/, snapshots/<commit>/)."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    snaps = {}
+    for ref, commit in refs.items():
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / ref).write_text(commit)
+        snap = root / "snapshots" / commit
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / "config.json").write_text(config)
+        snaps[ref] = snap
+    return snaps
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> Path:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_offline_cache_resolves_branch_and_revision(offline):
+    snaps = cached_repo(offline, "acme/tiny-vl3", {"main": MAIN, "v1": V1})
+    assert resolve_model("acme/tiny-vl3") == snaps["main"]
+    assert resolve_model("acme/tiny-vl3", revision="v1") == snaps["v1"]
+    assert resolve_model("acme/tiny-vl3", revision=V1) == snaps["v1"]
+
+
+def test_offline_and_not_cached(offline):
+    with pytest.raises(ModelNotFoundError, match=r"acme/absent is not in the Hub cache .* HF_HUB_OFFLINE"):
+        resolve_model("acme/absent")
+    cached_repo(offline, "acme/tiny-vl3", {"main": MAIN})
+    with pytest.raises(ModelNotFoundError, match="revision v2"):
+        resolve_model("acme/tiny-vl3", revision="v2")
+
+
+def test_cached_repo_that_is_not_videollama3_is_a_config_error(offline):
+    cached_repo(offline, "acme/llama", {"main": MAIN}, config='{"model_type": "llama"}')
+    with pytest.raises(ConfigError, match="acme/llama: model_type 'llama' is not a VideoLLaMA3 checkpoint"):
+        resolve_model("acme/llama")
+
+
+def test_local_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(CONFIG)
+    assert resolve_model("ckpt") == Path("ckpt")
+    assert resolve_model(str(tmp_path / "ckpt")) == tmp_path / "ckpt"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="empty: .*no config.json"):
+        resolve_model("empty")
+    (tmp_path / "file.safetensors").write_text("")
+    with pytest.raises(ModelNotFoundError, match="is a file"):
+        resolve_model("file.safetensors")
+    for path in ("./missing", "/no/such/dir", "a/b/c", "~/nope-vl3"):
+        with pytest.raises(ModelNotFoundError, match="no such folder"):
+            resolve_model(path)
+
+
+def test_download_filter_takes_only_what_vl3_reads():
+    def wanted(name):
+        return any(fnmatch.fnmatch(name, p) for p in ALLOW_PATTERNS)
+
+    for name in ("config.json", "model.safetensors", "model-00001-of-00004.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                 "special_tokens_map.json", "generation_config.json", "preprocessor_config.json", "chat_template.jinja"):  # fmt: skip
+        assert wanted(name), name
+    for name in ("modeling_videollama3.py", "pytorch_model.bin", "model.pt", "weights.pth", "x.ckpt", "README.md", ".gitattributes"):
+        assert not wanted(name), name
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """huggingface_hub's download functions replaced by fakes that record their calls."""
+    import huggingface_hub
+
+    calls = []
+    repo = tmp_path / "remote"
+    repo.mkdir()
+
+    def hf_hub_download(repo_id, filename, revision=None):
+        calls.append(("file", repo_id, filename, revision))
+        if not (repo / filename).exists():
+            raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(repo / filename)
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append(("snapshot", repo_id, revision, allow_patterns))
+        return str(repo)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repo, calls
+
+
+def test_download_checks_the_config_before_fetching_weights(fake_hub):
+    repo, calls = fake_hub
+    (repo / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ConfigError, match="acme/bert: model_type 'bert'"):
+        resolve_model("acme/bert")
+    assert [c[0] for c in calls] == ["file"]  # no snapshot (no weights) was fetched
+    calls.clear()
+    (repo / "config.json").write_text(CONFIG)
+    assert resolve_model("acme/vl3", revision="v1") == repo
+    assert calls == [("file", "acme/vl3", "config.json", "v1"), ("snapshot", "acme/vl3", "v1", ALLOW_PATTERNS)]
+
+
+def test_repo_without_config_json(fake_hub):
+    with pytest.raises(ConfigError, match="acme/empty has no config.json"):
+        resolve_model("acme/empty")

@@ -1,0 +1,90 @@
+"""prompt.py: the piecewise ids equal tokenising the full chat string, for both formats."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import tokenizer_json
+
+from vl3cli.errors import TokenizerError
+from vl3cli.prompt import build_input_ids, chat_pieces, render, visual_pieces
+from vl3cli.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+
+    return Tokenizer(Backend.from_str(tokenizer_json()))
+
+
+def configs(tok):
+    hf = SimpleNamespace(image_token_id=tok.token_to_id("<|image_pad|>"), video_token_id=tok.token_to_id("<|video_pad|>"))
+    image = tok.token_to_id("<image>")
+    original = SimpleNamespace(image_token_id=image, video_token_id=image)
+    return {"hf": (hf, "<|image_pad|>", "<|video_pad|>"), "original": (original, "<image>", "<image>")}
+
+
+def full_string(question, kind, tokens_per_frame, timestamps, system, placeholder):
+    if kind == "image":
+        visual = placeholder * sum(tokens_per_frame)
+    else:
+        visual = ",".join(f"Time {t:.1f}s:" + placeholder * n for n, t in zip(tokens_per_frame, timestamps))
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return head + f"<|im_start|>user\n{visual}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("fmt", ["hf", "original"])
+@pytest.mark.parametrize("system", [None, "You are a helpful assistant."])
+def test_image_and_video_match_full_string(tok, fmt, system):
+    config, image_tok, video_tok = configs(tok)[fmt]
+    q = "What happens after the cat jumps?"
+    ids = build_input_ids(tok, config, q, "image", [12], system=system)
+    assert ids == tok.encode(full_string(q, "image", [12], [], system, image_tok))
+    assert ids.count(config.image_token_id) == 12
+    tpf, ts = [6, 2, 1, 3], [0.0, 1.0, 2.5, 10.25]
+    ids = build_input_ids(tok, config, q, "video", tpf, ts, system=system)
+    text = full_string(q, "video", tpf, ts, system, video_tok)
+    assert "Time 10.2s:" in text or "Time 10.3s:" in text
+    assert ids == tok.encode(text)
+    assert ids.count(config.video_token_id) == sum(tpf)
+
+
+def test_layout_string_is_exact(tok):
+    names = {1: "<|im_start|>", 2: "<|im_end|>", 9: "<P>"}
+    pieces = chat_pieces("Q?", visual_pieces("video", [2, 1], [0.0, 1.0], 9), None, 1, 2)
+    assert render(pieces, names) == (
+        "<|im_start|>user\nTime 0.0s:<P><P>,Time 1.0s:<P>\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    pieces = chat_pieces("Q?", visual_pieces("image", [3], [], 9), "S", 1, 2)
+    assert render(pieces, names) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<P><P><P>\nQ?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    question=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30),
+    tpf=st.lists(st.integers(1, 5), min_size=1, max_size=5),
+    video=st.booleans(),
+)
+def test_any_question_matches_full_string(tok, question, tpf, video):
+    config, image_tok, video_tok = configs(tok)["hf"]
+    kind = "video" if video else "image"
+    ts = [i * 0.5 for i in range(len(tpf))]
+    ids = build_input_ids(tok, config, question, kind, tpf, ts)
+    assert ids == tok.encode(full_string(question, kind, tpf, ts, None, video_tok if video else image_tok))
+
+
+def test_missing_chat_token_is_a_tokenizer_error(tok):
+    class NoChat:
+        def encode(self, text):
+            return tok.encode(text)
+
+        def token_to_id(self, token):
+            return None
+
+    config, _, _ = configs(tok)["hf"]
+    with pytest.raises(TokenizerError, match="im_start"):
+        build_input_ids(NoChat(), config, "q", "image", [1])
