@@ -248,7 +248,8 @@ def test_batch_shards_partition_and_files_from(ckpt, dataset, tmp_path):
         paths += [rec["path"] for rec in read_jsonl(out)]
     assert sorted(paths) == sorted(str(p) for p in dataset.rglob("*") if p.suffix in (".png", ".jpg", ".mp4"))
     r = batch("--files-from", "-", *common, input=f"{dataset / 'a.png'}\n\n{dataset / 'missing.png'}\n")
-    recs = [json.loads(x) for x in r.stdout.splitlines()]  # no --out: JSONL on stdout
+    # no --out: JSONL on stdout, in the order items finish (a failed file is known first)
+    recs = sorted((json.loads(x) for x in r.stdout.splitlines()), key=lambda rec: rec["path"])
     assert [rec["path"] for rec in recs] == [str(dataset / "a.png"), str(dataset / "missing.png")]
     assert recs[0]["error"] is None and "no such file" in recs[1]["error"] and r.exit_code == 1
 
@@ -317,3 +318,26 @@ def test_bad_media_gives_one_line_errors(ckpt, tmp_path):
         stdout, stderr = p.communicate(timeout=120)
         assert p.returncode == 1 and stdout == ""
         assert stderr.count("\n") == 1 and stderr.startswith(f"Error: {path}"), stderr
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "1.5", "--top-k", "40", "--seed", "7"]])
+def test_batched_outputs_equal_one_at_a_time(ckpt, media, tmp_path, sampling):
+    """Several files per forward pass (3 slots, rows leaving and refilling) == one file at a time.
+
+    The files differ in kind and length; sampled answers repeat too, as every item has its own
+    sampler seeded with --seed.
+    """
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(4):
+        make_image(folder / f"img{i}.png", size=(40 + 14 * i, 48), seed=i)
+    shutil.copy(media["video"], folder / "clip.mp4")
+    shutil.copy(media["static"], folder / "still.mp4")
+    (folder / "broken.png").write_bytes(b"not a png")
+    runs = {}
+    for size in (1, 3):
+        out = tmp_path / f"bs{size}.jsonl"
+        batch(folder, "-m", ckpt["hf"], "--max-new-tokens", 10, "--batch-size", size, "--out", out, *sampling)
+        runs[size] = {rec["path"]: (rec["text"], rec["generated_tokens"], rec["error"]) for rec in read_jsonl(out)}
+    assert len(runs[1]) == 7 and sum(err is not None for _, _, err in runs[1].values()) == 1
+    assert runs[3] == runs[1]

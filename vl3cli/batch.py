@@ -26,13 +26,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from .errors import UsageError
-from .output import Result, to_json
+from .output import Result, error_result, to_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
@@ -241,17 +241,16 @@ def run_items(
     on_item: Callable[[str, Result], None] | None = None,
     debug: bool = False,
 ) -> Summary:
-    """Process `todo` in order, one JSONL line appended and flushed per item.
+    """Process `todo` one item at a time; see `write_results`.
 
-    A failing item becomes an error record and the loop goes on; KeyboardInterrupt (from
-    `stop.check()` or a second Ctrl-C) abandons the current item and ends the loop.
+    A failing item becomes an error record and the loop goes on.
     """
-    start = time.perf_counter()
-    try:
+
+    def results() -> Iterator[Result]:
         for path in todo:
             stop.check()
             try:
-                result = process(path, stop.check)
+                yield process(path, stop.check)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # noqa: BLE001 -- a bad item must not end a 100,000-file run
@@ -259,8 +258,26 @@ def run_items(
                     import traceback
 
                     traceback.print_exc()
-                message = str(e) if type(e).__module__.startswith("vl3cli") else f"{type(e).__name__}: {e}"
-                result = Result(path=path, **(error_fields or {}), error=message)
+                yield error_result(path, e, **(error_fields or {}))
+
+    return write_results(results(), sink, summary, stop, on_item)
+
+
+def write_results(
+    results: Iterable[Result],
+    sink: IO[str],
+    summary: Summary,
+    stop: StopSignal,
+    on_item: Callable[[str, Result], None] | None = None,
+) -> Summary:
+    """Append one JSONL line per result, flushed at once, in the order the results come.
+
+    KeyboardInterrupt (from `stop.check()` inside the producer, or a second Ctrl-C) abandons the
+    unfinished items and ends the loop; every line written is whole.
+    """
+    start = time.perf_counter()
+    try:
+        for result in results:
             stop.writing = True
             sink.write(to_json(result) + "\n")
             sink.flush()
@@ -270,7 +287,8 @@ def run_items(
             else:
                 summary.failed += 1
             if on_item:
-                on_item(path, result)
+                on_item(result.path, result)
+            stop.check()
     except KeyboardInterrupt:
         summary.interrupted = True
     summary.seconds = time.perf_counter() - start

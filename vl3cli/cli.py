@@ -251,6 +251,8 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="Skip items already in --out (the default).")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also redo items whose record in --out is an error.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start --out afresh.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Answers generated together in one forward pass (1 = one file at a time).")] = 8,
+    workers: Annotated[int, typer.Option(help="Threads decoding the next files while the model works.")] = 2,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -288,19 +290,23 @@ def batch(
     if not inputs and files_from is None:
         raise UsageError("give folders, files or globs to process, or --files-from FILE")
     mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1 (got {workers})")
     shard_kn = b.parse_shard(shard)
     settings = _settings(locals())
     items = [p for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext)) if b.in_shard(p, shard_kn)]
     plan = b.plan(items, out, mode)
     summary = b.Summary(total=len(items), done_before=plan.done, failed_before=plan.failed_before)
     if plan.todo:
-        summary = _run_batch(plan, settings, prompt, out, summary, debug)
+        summary = _run_batch(plan, settings, prompt, out, summary, debug, batch_size, workers)
     print(summary.line(), file=sys.stderr)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 
 
-def _run_batch(plan, settings, prompt: str | None, out: Path | None, summary, debug: bool):
+def _run_batch(plan, settings, prompt: str | None, out: Path | None, summary, debug: bool, batch_size: int, workers: int):
     from . import batch as b
     from .pipeline import Pipeline
 
@@ -308,18 +314,15 @@ def _run_batch(plan, settings, prompt: str | None, out: Path | None, summary, de
     _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
     progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
-    def process(path: str, check) -> object:
-        return pipeline.run(path, [prompt], check=check)[0]
-
     def on_item(path: str, result) -> None:
         if not result.ok:
-            progress.console.print(f"warning: {result.error}", markup=False, highlight=False)
+            progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
         progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
 
     sink = open(out, "a", encoding="utf-8") if out is not None else nullcontext(sys.stdout)  # noqa: SIM115
     with sink as f, b.StopSignal() as stop, progress:
-        error_fields = {"model": settings.model, "prompt": prompt}
-        b.run_items(plan.todo, process, f, summary, stop, error_fields, on_item, debug or _env_debug())
+        results = pipeline.run_many(plan.todo, prompt, check=stop.check, slots=batch_size, workers=workers)
+        b.write_results(results, f, summary, stop, on_item)
     return summary
 
 

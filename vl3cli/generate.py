@@ -30,6 +30,8 @@ from .decoding import DecodingParams, next_token
 class Request:
     input_ids: list[int]  # full prompt incl. placeholders
     visual_features: torch.Tensor | None = None  # (placeholders in input_ids, D_text)
+    # Its own sampler: a request then draws the same tokens in any batch as it would alone.
+    generator: torch.Generator | None = None
 
 
 def generate(
@@ -73,6 +75,7 @@ def _steps(engine, requests, params: DecodingParams, generator, slots: int) -> I
     pending = iter(requests)
     keys: list = []  # row i of the cache belongs to keys[i]
     produced: list[int] = []
+    samplers: list = []  # row i draws with samplers[i] (its request's generator, else the shared one)
     cache = None
     logits = None  # (slots, V): next-token logits of each active row
     seen = None  # (slots, V) bool: tokens each row has seen, for the repetition penalty
@@ -100,10 +103,17 @@ def _steps(engine, requests, params: DecodingParams, generator, slots: int) -> I
                 seen[row, torch.tensor(request.input_ids, device=device).clamp(max=vocab - 1)] = True
             keys.append(key)
             produced.append(0)
+            samplers.append(request.generator or generator)
         if not keys:
             return
         n = len(keys)
-        tokens = next_token(logits[:n], params, generator, None if seen is None else seen[:n])
+        if params.greedy or all(g is generator for g in samplers):
+            tokens = next_token(logits[:n], params, generator, None if seen is None else seen[:n])
+        else:
+            tokens = torch.cat([
+                next_token(logits[i : i + 1], params, samplers[i], None if seen is None else seen[i : i + 1])
+                for i in range(n)
+            ])
         events, finished = [], []
         for row, token in enumerate(tokens.tolist()):
             if token in eos:
@@ -126,8 +136,9 @@ def _steps(engine, requests, params: DecodingParams, generator, slots: int) -> I
                 tokens[row] = tokens[last]
                 if seen is not None:
                     seen[row] = seen[last]
-                keys[row], produced[row] = keys[last], produced[last]
+                keys[row], produced[row], samplers[row] = keys[last], produced[last], samplers[last]
             keys.pop()
             produced.pop()
+            samplers.pop()
         if keys:
             logits[: len(keys)] = engine.decode(cache, tokens[: len(keys)])

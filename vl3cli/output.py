@@ -140,3 +140,9 @@ class StreamDecoder:
         piece = text[len(done) :]
         self._prefix, self._read = self._read, len(self.ids)
         return piece
+
+
+def error_result(path: str, error: BaseException, model: str | None = None, prompt: str | None = None) -> Result:
+    """The record of an item that failed: its path, the model, the prompt and why."""
+    message = str(error) if type(error).__module__.startswith("vl3cli") else f"{type(error).__name__}: {error}"
+    return Result(path=path, model=model, prompt=prompt, error=message)

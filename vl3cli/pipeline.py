@@ -13,16 +13,18 @@ This module imports torch: the CLI imports it inside command bodies only.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from .decoding import DecodingParams
 from .engine import Engine
-from .generate import Request, generate
+from .generate import Request, generate, stream
 from .hub import resolve_model
-from .output import Result, StreamDecoder
+from .output import Result, StreamDecoder, error_result
 from .preprocess import MediaOptions, ProcessorConfig, VisualInput, prepare_visual
 from .prompt import build_input_ids, default_prompt
 
@@ -105,38 +107,127 @@ class Pipeline:
         encoded = self.encode(path, check)
         return [self.answer(encoded, q, check) for q in questions]
 
-    def _generate(self, visual: VisualInput, features, question: str, check: Check, on_text: OnText | None) -> Result:
-        engine, settings = self.engine, self.settings
-        input_ids = build_input_ids(
-            engine.tokenizer, engine.config, question, visual.kind, visual.tokens_per_frame, visual.timestamps, settings.system
+    def run_many(
+        self,
+        paths: list[str],
+        question: str | None,
+        check: Check = _no_check,
+        slots: int = 8,
+        workers: int = 2,
+    ) -> Iterator[Result]:
+        """Results for many files, in the order they finish (errors as error records).
+
+        Worker threads decode and pre-process the next files while the model works; up to
+        `slots` answers decode together (continuous batching). Each item is prefilled alone and
+        gets its own sampler, so its answer is the one it would get on its own.
+        """
+        engine = self.engine
+        failed: deque[Result] = deque()
+        state: dict[int, dict] = {}
+        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
+        try:
+            ahead = slots + workers
+            futures: deque = deque()
+            queue = iter(enumerate(paths))
+
+            def fill() -> None:
+                while len(futures) < ahead and (item := next(queue, None)) is not None:
+                    key, path = item
+                    futures.append((key, path, pool.submit(_timed, prepare_visual, path, engine.processor, self.options)))
+
+            def requests():
+                fill()
+                while futures:
+                    key, path, future = futures.popleft()
+                    fill()
+                    check()
+                    try:
+                        visual, media_s = future.result()
+                        start = time.perf_counter()
+                        features = engine.encode_visual(visual)
+                        encode_s = time.perf_counter() - start
+                        prompt = question if question is not None else default_prompt(visual.kind)
+                        input_ids = self._input_ids(visual, prompt)
+                    except (KeyboardInterrupt, SystemExit):
+                        raise
+                    except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
+                        failed.append(error_result(path, e, self.settings.model, question))
+                        continue
+                    state[key] = dict(visual=visual, prompt=prompt, input_ids=input_ids, ids=[], media_s=media_s,
+                                      encode_s=encode_s, admitted=time.perf_counter(), first=None)
+                    yield key, Request(input_ids, features, self._generator())
+
+            with torch.inference_mode():
+                for key, token in stream(engine, requests(), self.settings.decoding, None, slots):
+                    while failed:
+                        yield failed.popleft()
+                    item = state[key]
+                    now = time.perf_counter()
+                    if item["first"] is None:
+                        item["first"] = now
+                    if token is not None:
+                        item["ids"].append(token)
+                        check()
+                        continue
+                    del state[key]
+                    result = self._record(item["visual"], item["prompt"], item["input_ids"], item["ids"],
+                                          item["first"] - item["admitted"], now - item["first"])
+                    result.timings.update(load_s=self._unpaid_load_s, media_s=item["media_s"], encode_s=item["encode_s"])
+                    result.timings["total_s"] = sum(v for k, v in result.timings.items() if k != "total_s")
+                    self._unpaid_load_s = 0.0
+                    yield result
+                    check()
+            while failed:
+                yield failed.popleft()
+        finally:
+            # On Ctrl-C do not wait for files still being decoded: their items are redone next run.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _input_ids(self, visual: VisualInput, question: str) -> list[int]:
+        engine = self.engine
+        return build_input_ids(
+            engine.tokenizer, engine.config, question, visual.kind, visual.tokens_per_frame, visual.timestamps,
+            self.settings.system,
         )
-        generator = None
-        if settings.seed is not None:
-            generator = torch.Generator(device=engine.device).manual_seed(settings.seed)
-        stream = StreamDecoder(engine.tokenizer) if on_text else None
+
+    def _generator(self) -> torch.Generator | None:
+        """A fresh sampler per answer: the same seed gives the same answer wherever it runs."""
+        if self.settings.seed is None:
+            return None
+        return torch.Generator(device=self.engine.device).manual_seed(self.settings.seed)
+
+    def _generate(self, visual: VisualInput, features, question: str, check: Check, on_text: OnText | None) -> Result:
+        engine = self.engine
+        input_ids = self._input_ids(visual, question)
+        stream_text = StreamDecoder(engine.tokenizer) if on_text else None
         ids: list[int] = []
         start = time.perf_counter()
         first = None
         with torch.inference_mode():
-            for step in generate(engine, [Request(input_ids, features)], settings.decoding, generator):
+            for step in generate(engine, [Request(input_ids, features)], self.settings.decoding, self._generator()):
                 if first is None:
                     first = time.perf_counter()
                 token = step[0]
                 if token is None:
                     break
                 ids.append(token)
-                if stream and (piece := stream.push(token)):
+                if stream_text and (piece := stream_text.push(token)):
                     on_text(piece)
                 check()
         end = time.perf_counter()
-        if stream and (piece := stream.finish()):
+        if stream_text and (piece := stream_text.finish()):
             on_text(piece)
         first = first or end
+        return self._record(visual, question, input_ids, ids, first - start, end - first)
+
+    def _record(self, visual: VisualInput, question: str, input_ids: list[int], ids: list[int],
+                prefill_s: float, decode_s: float) -> Result:
+        settings = self.settings
         return Result(
             path=visual.path,
             kind=visual.kind,
             prompt=question,
-            text=engine.tokenizer.decode(ids),
+            text=self.engine.tokenizer.decode(ids),
             model=settings.model,
             width=visual.source_width,
             height=visual.source_height,
@@ -149,8 +240,13 @@ class Pipeline:
             prompt_tokens=len(input_ids),
             generated_tokens=len(ids),
             finish_reason="length" if len(ids) >= settings.decoding.max_new_tokens else "stop",
-            timings={"prefill_s": first - start, "decode_s": end - first},
+            timings={"prefill_s": prefill_s, "decode_s": decode_s},
         )
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 def media_options(processor, overrides: dict) -> MediaOptions:
