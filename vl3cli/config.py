@@ -189,12 +189,12 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or ConfigError naming the file."""
+def read_json(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON object from `path`, or `error` naming the file."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+        raise error(f"cannot read {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
+        raise error(f"{path} does not hold a JSON object")
     return data

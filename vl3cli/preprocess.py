@@ -21,7 +21,6 @@ Contract:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 
 from vl3cli import media
+from vl3cli.config import read_json
 from vl3cli.errors import ConfigError, MediaError, UsageError
 from vl3cli.pruning import prune_mask
 from vl3cli.sampling import check_bounds, sample_timestamps
@@ -143,15 +143,8 @@ class ProcessorConfig:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: malformed JSON ({e}); re-download the checkpoint") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    """The file's JSON object, or {} when the checkpoint does not have that file."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _pixel_budget(d: dict) -> tuple[int | None, int | None]:

@@ -7,9 +7,9 @@ the ids the checkpoint gives them. Special-token ids always come from these file
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from .config import read_json
 from .errors import TokenizerError
 
 
@@ -33,10 +33,10 @@ class Tokenizer:
         extra: dict[str, int] = {}
         added = path / "added_tokens.json"
         if added.is_file():
-            extra.update(_json(added))
+            extra.update(read_json(added, TokenizerError))
         config = path / "tokenizer_config.json"
         if config.is_file():
-            for token_id, entry in (_json(config).get("added_tokens_decoder") or {}).items():
+            for token_id, entry in (read_json(config, TokenizerError).get("added_tokens_decoder") or {}).items():
                 if isinstance(entry, dict) and "content" in entry:
                     extra.setdefault(entry["content"], int(token_id))
         missing = sorted((i, t) for t, i in extra.items() if backend.token_to_id(t) is None)
@@ -65,13 +65,3 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} does not hold a JSON object")
-    return data
