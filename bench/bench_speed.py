@@ -68,6 +68,32 @@ def row(name: str, ours: list[float], theirs: list[float], unit: str, higher_bet
     return f"| {name} | {a:.3f} {unit} | {b:.3f} {unit} | {ratio:.2f}x | {better} |"
 
 
+def batch_table(model: Path, args, common: list[str], n: int) -> None:
+    """Images per second of `vl3 batch` on N different images: one at a time against N together."""
+    folder = args.work / f"batch-{args.batch}"
+    folder.mkdir(exist_ok=True)
+    w, h = (int(v) for v in args.image_size.split("x"))
+    for i in range(args.batch):
+        make_image(folder / f"img{i:03d}.png", (w + 14 * (i % 3), h))
+    rates: dict[int, list[float]] = {1: [], args.batch: []}
+    texts: dict[int, dict] = {}
+    for i in range(args.runs):
+        for size in (1, args.batch) if i % 2 == 0 else (args.batch, 1):
+            out = args.work / f"batch-{size}.jsonl"
+            out.unlink(missing_ok=True)
+            wall, _, _ = run_measured(VL3 + ["batch", str(folder), "--model", str(model), "--out", str(out),
+                                              "--batch-size", str(size), "--max-new-tokens", str(n), "--ignore-eos", *common])
+            rates[size].append(args.batch / wall)
+            texts[size] = {r["path"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+    same = texts[1] == texts[args.batch]
+    print(f"\nvl3 batch: {args.batch} images of about {w}x{h}, {n} new tokens each (greedy), "
+          f"{args.device}, {args.dtype}, median of {args.runs} runs (whole process, load included)")
+    print("\n| --batch-size | images/s | speed-up | same answers |\n|---|---|---|---|")
+    print(f"| 1 | {median(rates[1]):.3f} | 1.00x | |")
+    print(f"| {args.batch} | {median(rates[args.batch]):.3f} | {median(rates[args.batch]) / median(rates[1]):.2f}x | "
+          f"{'yes' if same else 'NO'} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", choices=sorted(random_checkpoint.GEOMETRIES), default="mid")
@@ -78,6 +104,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--image-size", default="448x336", help="WxH of the synthetic test image")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vl3-bench")
+    parser.add_argument("--batch", type=int, default=0, metavar="N",
+                        help="also caption a folder of N images with `vl3 batch`, --batch-size 1 against N")
+    parser.add_argument("--skip-compare", action="store_true", help="only the --batch measurement")
     args = parser.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -96,6 +125,11 @@ def main() -> None:
 
     def add(store, key, value):
         store.setdefault(key, []).append(value)
+
+    if args.batch:
+        batch_table(model, args, common, n)
+    if args.skip_compare:
+        return
 
     for i in range(args.runs):
         order = ("vl3", "hf") if i % 2 == 0 else ("hf", "vl3")
