@@ -341,3 +341,17 @@ def test_batched_outputs_equal_one_at_a_time(ckpt, media, tmp_path, sampling):
         runs[size] = {rec["path"]: (rec["text"], rec["generated_tokens"], rec["error"]) for rec in read_jsonl(out)}
     assert len(runs[1]) == 7 and sum(err is not None for _, _, err in runs[1].values()) == 1
     assert runs[3] == runs[1]
+
+
+def test_batch_item_too_long_for_the_model_is_an_error_record(ckpt, tmp_path):
+    """A file whose prompt exceeds the context (4096 here) fails alone; the others are answered."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    make_image(folder / "small.png", size=(56, 56))
+    make_image(folder / "huge.png", size=(1000, 1000))  # 71 x 71 = 5041 visual tokens
+    out = tmp_path / "r.jsonl"
+    r = batch(folder, "-m", ckpt["hf"], "--max-new-tokens", 4, "--out", out)
+    assert r.exit_code == 1
+    recs = {Path(rec["path"]).name: rec for rec in read_jsonl(out)}
+    assert recs["small.png"]["error"] is None and recs["small.png"]["generated_tokens"] == 4
+    assert "more than the model's 4096" in recs["huge.png"]["error"]

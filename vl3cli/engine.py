@@ -125,13 +125,17 @@ class Engine:
 
     # -- language ------------------------------------------------------------------------
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        if max_len > self.config.text.max_position_embeddings:
+    def check_length(self, positions: int) -> None:
+        """Raise when a prompt plus its answer needs more positions than the model has."""
+        if positions > self.config.text.max_position_embeddings:
             raise Vl3Error(
-                f"the prompt and the tokens to generate need {max_len} positions, more than the model's "
+                f"the prompt and the tokens to generate need {positions} positions, more than the model's "
                 f"{self.config.text.max_position_embeddings}: lower --max-new-tokens, --max-frames or "
                 "--max-visual-tokens"
             )
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        self.check_length(max_len)
         return KVCache.allocate(self.config.text, batch, max_len, self.device, self.dtype)
 
     def embed(self, input_ids: list[int], features: torch.Tensor | None) -> torch.Tensor:

@@ -88,11 +88,11 @@ def _steps(engine, requests, params: DecodingParams, generator, slots: int) -> I
                 break
             key, request = item
             need = len(request.input_ids) + params.max_new_tokens
+            engine.check_length(need)
             if cache is None:
                 cache = engine.new_cache(slots, need)
                 logits = torch.empty(slots, vocab, device=device)
             elif need > cache.max_len:
-                engine.new_cache(1, need)  # raises when beyond the model's context
                 cache = cache.grown(need)
             row = len(keys)
             logits[row] = engine.prefill(cache, [(request.input_ids, request.visual_features)], start=row)[0]

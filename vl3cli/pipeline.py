@@ -148,6 +148,7 @@ class Pipeline:
                         encode_s = time.perf_counter() - start
                         prompt = question if question is not None else default_prompt(visual.kind)
                         input_ids = self._input_ids(visual, prompt)
+                        engine.check_length(len(input_ids) + self.settings.decoding.max_new_tokens)
                     except (KeyboardInterrupt, SystemExit):
                         raise
                     except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
