@@ -88,3 +88,24 @@ def test_per_frame_attention_equals_attention_on_each_frame_alone():
         other = encoder(changed, [(3, 4, 4)], [2])
     assert torch.equal(other[:8], video[:8]) and not torch.allclose(other[8:], video[8:])
 
+
+
+def test_sdpa_frame_chunks_give_the_same_result(monkeypatch):
+    """Frames split over several SDPA calls (a small score budget) == all frames in one call."""
+    import vl3cli.attention as attention
+
+    torch.manual_seed(0)
+    heads, d = 2, 8
+    seqlens = [16] * 5 + [9, 9, 4]  # a 5-frame video, a 2-frame video, an image
+    q, k, v = (torch.randn(sum(seqlens), heads, d) for _ in range(3))
+    whole = attention.frame_attention(q, k, v, seqlens, "sdpa", d**-0.5)
+    monkeypatch.setattr(attention, "SCORE_BUDGET", heads * 16 * 16 * 2)  # two 16-patch frames per call
+    chunked = attention.frame_attention(q, k, v, seqlens, "sdpa", d**-0.5)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    # and each segment is attention over itself alone
+    start = 0
+    for n in seqlens:
+        qs, ks, vs = (x[start : start + n].transpose(0, 1) for x in (q, k, v))
+        alone = torch.softmax(qs @ ks.transpose(1, 2) * d**-0.5, dim=-1) @ vs
+        assert torch.allclose(whole[start : start + n], alone.transpose(0, 1), atol=1e-5)
+        start += n
