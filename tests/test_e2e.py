@@ -7,8 +7,8 @@
 - batch: error records, resume, retry, shards, --files-from, Ctrl-C then resume;
 - the offline Hub cache; bad inputs give one-line errors.
 
-The checkpoints are untied (seed 1): their random output varies, invalid UTF-8 included,
-where the tied ones repeat a single token.
+The checkpoints are untied (seed 1), the other layout from the engine tests' tied ones; their
+random output varies, invalid UTF-8 included.
 """
 
 from __future__ import annotations
