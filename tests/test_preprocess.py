@@ -175,6 +175,9 @@ def test_config_original_format(tmp_path):
                                                  "image_mean": [0.5] * 3, "image_std": [0.5] * 3})  # fmt: skip
     c = ProcessorConfig.from_dir(tmp_path)
     assert c == ProcessorConfig()  # the documented defaults are this checkpoint's values; max_frames stays 180
+    # the original format says whether to prune in config.json
+    write(tmp_path, "config.json", {"model_type": "videollama3_qwen2", "use_token_compression": False})
+    assert ProcessorConfig.from_dir(tmp_path).use_token_compression is False
 
 
 @pytest.mark.parametrize("name", ["preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"])

@@ -88,7 +88,8 @@ class ProcessorConfig:
         pre = _read_json(d / "preprocessor_config.json")
         video = _read_json(d / "video_preprocessor_config.json")
         proc = _read_json(d / "processor_config.json")
-        v: dict = {}
+        model = _read_json(d / "config.json")  # the original format keeps use_token_compression here
+        v: dict = {"use_token_compression": model.get("use_token_compression")}
         names = {f.name for f in fields(cls)}
         try:
             # Original format: processor_config.json + budgets in merged tokens.
