@@ -117,6 +117,15 @@ def _debug_line(debug: bool, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def _status(message: str, show: bool = True):
+    """A transient spinner on stderr while a slow stage runs, when stderr is a terminal."""
+    if not (show and sys.stderr.isatty()):
+        return nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(f"{message}...", spinner="dots")
+
+
 def _print(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -133,14 +142,17 @@ def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Pa
     if stream is None:
         stream = fmt == "text" and out is None and sys.stdout.isatty()
     check_file(media)  # before loading the model
-    pipeline = Pipeline(settings).load()
+    with _status(f"Loading {settings.model}"):
+        pipeline = Pipeline(settings).load()
     _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
-    encoded = pipeline.encode(media)
+    with _status(f"Reading {media}"):
+        encoded = pipeline.encode(media)
     results = []
     for i, question in enumerate(questions):
         if stream and len(questions) > 1:  # the same layout as output.write_text
             _print(("\n" if i else "") + f"Q: {question}\n")
-        results.append(pipeline.answer(encoded, question, on_text=_print if stream else None))
+        with _status("Generating", show=not stream):
+            results.append(pipeline.answer(encoded, question, on_text=_print if stream else None))
         if stream:
             _print("\n")
     if not stream:
