@@ -124,6 +124,8 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["batch", ".", "--resume", "--overwrite"], "--overwrite"),
         (["batch", "no-such-folder"], "no-such-folder"),
         (["batch", ".", "--format", "text"], "JSONL"),
+        (["batch", ".", "--batch-size", "0"], "--batch-size"),
+        (["batch", ".", "--workers", "0"], "--workers"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, fragment):

@@ -355,3 +355,29 @@ def test_batch_item_too_long_for_the_model_is_an_error_record(ckpt, tmp_path):
     recs = {Path(rec["path"]).name: rec for rec in read_jsonl(out)}
     assert recs["small.png"]["error"] is None and recs["small.png"]["generated_tokens"] == 4
     assert "more than the model's 4096" in recs["huge.png"]["error"]
+
+
+def test_spinner_on_a_terminal_only(ckpt, media):
+    """stderr on a terminal shows the loading / reading status; piped stderr stays empty."""
+    import pty
+
+    args = ["describe", media["image"], "-m", ckpt["hf"], "--max-new-tokens", 3, "--format", "json"]
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "vl3cli.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    stdout, _ = p.communicate(timeout=120)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert p.returncode == 0 and json.loads(stdout)["generated_tokens"] == 3  # stdout: the result only
+    assert b"Loading" in shown and b"Reading" in shown
+    piped = vl3_process(*args)
+    stdout, stderr = piped.communicate(timeout=120)
+    assert piped.returncode == 0 and stderr == ""
