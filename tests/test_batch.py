@@ -21,10 +21,11 @@ from vl3cli.batch import (
     parse_exts,
     parse_shard,
     plan,
-    read_records,
-    run_items,
+    record_key,
+    write_results,
 )  # fmt: skip
-from vl3cli.errors import MediaError, UsageError
+from vl3cli.errors import UsageError
+from vl3cli.outfile import Target
 from vl3cli.output import Result
 
 
@@ -57,6 +58,37 @@ def test_expand_errors(tree):
         expand_inputs([], "no-list.txt", parse_exts(None))
 
 
+def test_an_input_that_yields_nothing_is_a_usage_error(tree):
+    Path("empty").mkdir()
+    with pytest.raises(UsageError, match="empty holds no .*files"):
+        expand_inputs(["d", "empty"], None, parse_exts(None))
+    with pytest.raises(UsageError, match="d holds no flac files"):
+        expand_inputs(["d"], None, parse_exts(["flac"]))
+    Path("blank.txt").write_text("\n  \n")
+    with pytest.raises(UsageError, match="lists no files"):
+        expand_inputs([], "blank.txt", parse_exts(None))
+
+
+def test_symlink_loops_are_walked_once(tree):
+    os.symlink("..", "d/sub/up")  # d/sub/up -> d: a loop
+    os.symlink(os.path.abspath("d/sub"), "d/again")  # a second route into d/sub
+    assert expand_inputs(["d"], None, parse_exts(None)) == ["d/a.jpg", "d/again/b.MP4", "d/again/deep/c.png"]
+
+
+def test_one_item_per_real_file(tree):
+    os.symlink("a.jpg", "d/alias.jpg")
+    spellings = ["d/a.jpg", "./d/a.jpg", os.path.abspath("d/a.jpg"), "d/sub/../a.jpg", "d/alias.jpg"]
+    assert expand_inputs(spellings, None, parse_exts(None)) == [os.path.abspath("d/a.jpg")]
+    assert expand_inputs(["d/a.jpg", "d"], None, parse_exts(None)) == ["d/a.jpg", "d/sub/b.MP4", "d/sub/deep/c.png"]
+
+
+def test_urls_are_taken_as_written(tree):
+    Path("list.txt").write_text("https://example.com/a/../b.mp4\nhttp://x/y.jpg\nhttp://x/y.jpg\n")
+    assert expand_inputs(["https://h/c.png"], "list.txt", parse_exts(None)) == [
+        "http://x/y.jpg", "https://example.com/a/../b.mp4", "https://h/c.png",
+    ]  # fmt: skip
+
+
 def test_default_exts_cover_images_and_videos():
     assert {"jpg", "png", "webp", "mp4", "mkv", "mov", "webm"} <= set(DEFAULT_EXTS)
 
@@ -81,85 +113,83 @@ def test_shards_are_stable_and_balanced():
     assert [in_shard("videos/000123.mp4", (k, 4)) for k in range(4)].count(True) == 1
 
 
-def line(path, error=None):
-    return json.dumps(Result(path=path, text=None if error else "t", error=error).to_dict()) + "\n"
+def line(path, error=None, prompt=None, model="m", **options):
+    record = Result(path=path, text=None if error else "t", error=error, model=model,
+                    options={"prompt": prompt, "max_new_tokens": 512, **options}).to_dict()  # fmt: skip
+    return json.dumps(record) + "\n"
 
 
-def test_read_records_repairs_a_truncated_last_line(tmp_path):
-    out = tmp_path / "r.jsonl"
-    out.write_text(line("a") + line("b", "bad file") + line("c")[:25])
-    status, bad = read_records(out)
-    assert status == {"a": True, "b": False} and bad == 0
-    assert out.read_text() == line("a") + line("b", "bad file")
-
-
-def test_read_records_skips_garbage_lines(tmp_path):
-    out = tmp_path / "r.jsonl"
-    out.write_text("not json\n" + line("a") + "[1]\n" + line("a", "later error"))
-    status, bad = read_records(out)
-    assert status == {"a": True} and bad == 2  # a success anywhere counts
+def keyed(paths, prompt=None, model="m", **options):
+    return {record_key({"path": p, "model": model, "options": {"prompt": prompt, "max_new_tokens": 512, **options}}): p for p in paths}
 
 
 def test_plan_modes(tmp_path):
-    out = tmp_path / "r.jsonl"
-    items = ["a", "b", "c", "d"]
-    assert plan(items, None, "resume").todo == items
-    assert plan(items, out, "resume").todo == items  # no file yet: an empty one is made
-    assert out.read_text() == ""
-    out.write_text(line("a") + line("b", "corrupt") + line("zz"))
+    out = Target(tmp_path / "r.jsonl", True)
+    items = keyed(["a", "b", "c", "d"])
+    assert plan(items, Target(None, False), "resume").todo == ["a", "b", "c", "d"]
+    assert plan(items, out, "resume").todo == ["a", "b", "c", "d"]  # no file yet
+    out.path.write_text(line("a") + line("b", "corrupt") + line("zz"))
     p = plan(items, out, "resume")
     assert (p.todo, p.done, p.failed_before) == (["c", "d"], 1, 1)
     p = plan(items, out, "retry-failed")
     assert (p.todo, p.done, p.failed_before) == (["b", "c", "d"], 1, 0)
-    assert out.read_text() == line("a") + line("zz")  # the old error record is gone: one record per item
+    assert out.path.read_text() == line("a") + line("zz")  # the old error record is gone: one record per item
     p = plan(items, out, "overwrite")
-    assert p.todo == items and out.read_text() == ""
+    assert p.todo == ["a", "b", "c", "d"]
 
 
-def fake(fail=(), interrupt_at=None):
-    seen = []
+def test_resume_is_keyed_by_prompt_options_and_model(tmp_path):
+    """A record answers only the request it was made for: another prompt, option or model is not done."""
+    out = Target(tmp_path / "r.jsonl", True)
+    out.path.write_text(line("a") + line("b", prompt="Is it red?") + line("c", temperature=0.5))
+    assert plan(keyed(["a", "b", "c"]), out, "resume").todo == ["b", "c"]
+    assert plan(keyed(["a", "b", "c"], prompt="Is it red?"), out, "resume").todo == ["a", "c"]
+    assert plan(keyed(["a", "b", "c"], temperature=0.5), out, "resume").todo == ["a", "b"]
+    assert plan(keyed(["a", "b", "c"], model="other"), out, "resume").todo == ["a", "b", "c"]
+    before = out.path.read_bytes()
+    assert plan(keyed(["a"], prompt="Is it red?"), out, "retry-failed").todo == ["a"]
+    assert out.path.read_bytes() == before  # nothing of that key to drop
 
-    def process(path, check):
-        seen.append(path)
-        if path == interrupt_at:
-            raise KeyboardInterrupt
-        if path in fail:
-            raise MediaError(f"{path}: cannot decode")
-        if path == "boom":
-            raise RuntimeError("kaputt")
-        check()
-        return Result(path=path, text=f"caption of {path}")
 
-    return process, seen
+def test_a_stream_is_never_read(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    target = Target.of(str(fifo))
+    assert not target.regular
+    assert plan(keyed(["a", "b"]), target, "resume").todo == ["a", "b"]  # opening the FIFO to read would hang
 
 
 def records(text):
     return [json.loads(x) for x in text.splitlines()]
 
 
-def test_run_items_error_records_and_summary():
-    process, _seen = fake(fail={"b"})
-    sink = io.StringIO()
-    s = run_items(["a", "b", "boom", "c"], process, sink, Summary(total=4, done_before=0, failed_before=0), StopSignal(), {"model": "m"})
-    recs = records(sink.getvalue())
-    assert [r["path"] for r in recs] == ["a", "b", "boom", "c"]
-    assert recs[1]["error"] == "b: cannot decode" and recs[1]["model"] == "m" and recs[1]["text"] is None
-    assert recs[2]["error"] == "RuntimeError: kaputt"
-    assert (s.ok, s.failed, s.exit_code) == (2, 2, 1)
-    assert "2 ok, 2 failed" in s.line()
+def results(paths, interrupt_at=None, stop=None):
+    for path in paths:
+        if path == interrupt_at:
+            raise KeyboardInterrupt
+        yield Result(path=path, text=f"caption of {path}", error="bad" if path == "b" else None)
+        if stop:
+            stop.check()
 
 
-def test_run_items_interrupt_abandons_the_current_item():
-    process, seen = fake(interrupt_at="b")
+def test_write_results_error_records_and_summary():
     sink = io.StringIO()
-    s = run_items(["a", "b", "c"], process, sink, Summary(3, 0, 0), StopSignal())
+    s = write_results(results(["a", "b", "c"]), sink, Summary(total=3, done_before=0, failed_before=0), StopSignal())
+    assert [r["path"] for r in records(sink.getvalue())] == ["a", "b", "c"]
+    assert (s.ok, s.failed, s.exit_code) == (2, 1, 1)
+    assert "3 items: 2 ok, 1 failed" in s.line()
+    assert Summary(total=1, done_before=0, failed_before=0, ok=1).line().startswith("Done: 1 item: 1 ok")
+
+
+def test_write_results_interrupt_abandons_the_rest():
+    sink = io.StringIO()
+    s = write_results(results(["a", "b", "c"], interrupt_at="b"), sink, Summary(3, 0, 0), StopSignal())
     assert [r["path"] for r in records(sink.getvalue())] == ["a"]
-    assert seen == ["a", "b"] and s.interrupted and s.exit_code == 130
+    assert s.interrupted and s.exit_code == 130
     assert "Interrupted" in s.line() and "2 left" in s.line()
 
 
 def test_stop_signal_first_sigint_stops_at_next_check():
-    process, _seen = fake()
     sink = io.StringIO()
     with StopSignal() as stop:
 
@@ -167,7 +197,7 @@ def test_stop_signal_first_sigint_stops_at_next_check():
             if path == "a":
                 os.kill(os.getpid(), signal.SIGINT)  # handled: sets the flag, raises nothing
 
-        s = run_items(["a", "b", "c"], process, sink, Summary(3, 0, 0), stop, on_item=on_item)
+        s = write_results(results(["a", "b", "c"], stop=stop), sink, Summary(3, 0, 0), stop, on_item=on_item)
     assert [r["path"] for r in records(sink.getvalue())] == ["a"] and s.interrupted
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

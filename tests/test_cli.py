@@ -60,30 +60,41 @@ def test_every_command_has_the_shared_options():
 
     group = typer.main.get_command(app)
     shared = {
-        "--model", "--revision", "--device", "--dtype", "--max-new-tokens", "--temperature", "--top-p", "--top-k",
-        "--repetition-penalty", "--seed", "--ignore-eos", "--system", "--fps", "--min-frames", "--max-frames",
-        "--start", "--end", "--max-visual-tokens", "--prune", "--no-prune", "--prune-threshold", "--format", "--out",
-        "--stream", "--no-stream", "--debug",
+        "--model", "--revision", "--device", "--dtype", "--quantize", "--max-new-tokens", "--temperature", "--top-p",
+        "--top-k", "--repetition-penalty", "--seed", "--ignore-eos", "--system", "--fps", "--min-frames",
+        "--max-frames", "--start", "--end", "--max-visual-tokens", "--prune", "--no-prune", "--prune-threshold",
+        "--out", "--overwrite", "--debug",
     }  # fmt: skip
+    answering = {"--format", "--stream", "--no-stream"}
     for name in ("describe", "ask", "batch"):
         opts = {o for p in group.commands[name].params for o in (*p.opts, *p.secondary_opts)}
         assert shared <= opts, (name, shared - opts)
+        # batch writes JSONL records and never streams: options that could only fail are not offered
+        assert (answering <= opts) == (name != "batch"), (name, answering & opts)
 
 
-def test_cli_defaults_match_the_library_defaults():
-    """The defaults shown in --help are the ones DecodingParams / MediaOptions use."""
+def test_cli_defaults_match_the_api_defaults():
+    """Every request option of every command is an `Options` field with the same default, and the
+    model options are `load()`'s keyword arguments with the same defaults."""
+    import inspect
+
     import typer.main
 
+    from vl3cli.api import load
     from vl3cli.decoding import DecodingParams
-    from vl3cli.preprocess import MediaOptions
+    from vl3cli.options import Options
 
-    params = {p.name: p.default for p in typer.main.get_command(app).commands["describe"].params}
+    load_params = inspect.signature(load).parameters
+    for name in ("describe", "ask", "batch"):
+        params = {p.name: p.default for p in typer.main.get_command(app).commands[name].params}
+        for f in dataclasses.fields(Options):
+            assert params[f.name] == f.default, (name, f.name)
+        for key in ("model", "revision", "device", "dtype", "quantize"):
+            assert params[key] == load_params[key].default, (name, key)
     for f in dataclasses.fields(DecodingParams):
-        assert params[f.name] == f.default, f.name
-    for name in ("prune", "prune_threshold", "start", "end", "max_visual_tokens"):
-        assert params[name] == getattr(MediaOptions(), name), name
+        assert getattr(Options(), f.name) == f.default, f.name
     # fps / min / max frames default to the checkpoint's processor config
-    assert params["fps"] is None and params["min_frames"] is None and params["max_frames"] is None
+    assert Options().fps is None and Options().min_frames is None and Options().max_frames is None
 
 
 def one_line_error(p: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
@@ -123,7 +134,8 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["batch", ".", "--shard", "4/4"], "--shard"),
         (["batch", ".", "--resume", "--overwrite"], "--overwrite"),
         (["batch", "no-such-folder"], "no-such-folder"),
-        (["batch", ".", "--format", "text"], "JSONL"),
+        (["batch", ".", "--format", "text"], "--format"),
+        (["batch", ".", "--stream"], "--stream"),
         (["batch", ".", "--batch-size", "0"], "--batch-size"),
         (["batch", ".", "--workers", "0"], "--workers"),
     ],

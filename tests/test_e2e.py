@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from vl3cli.cli import app
 from vl3cli.output import TIMING_KEYS
-from vl3cli.pipeline import media_options
+from vl3cli.options import Options
 from vl3cli.preprocess import ProcessorConfig, prepare_visual
 
 runner = CliRunner()
@@ -69,7 +69,7 @@ def reference_answer(ref, folder: Path, path: Path, question: str, system: str |
     from tokenizers import Tokenizer
 
     processor = ProcessorConfig.from_dir(folder)
-    v = prepare_visual(path, processor, media_options(processor, {}))
+    v = prepare_visual(path, processor, Options().media(processor))
     if v.kind == "image":
         visual = "<|image_pad|>" * v.visual_tokens_kept
         inputs = {"pixel_values": v.pixel_values, "image_grid_thw": torch.tensor([v.grid_thw]), "image_merge_sizes": torch.tensor([v.merge_size])}
@@ -133,10 +133,13 @@ def test_json_record_schema(ckpt, media, tmp_path):
     assert r.exit_code == 0 and r.stdout == ""
     rec = json.loads(out.read_text())
     assert list(rec) == [
-        "path", "kind", "prompt", "text", "model", "width", "height", "duration", "frames", "timestamps", "resized",
-        "visual_tokens", "visual_tokens_kept", "prompt_tokens", "generated_tokens", "finish_reason", "timings", "error",
+        "path", "kind", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width", "height",
+        "duration", "frames", "timestamps", "resized", "visual_tokens", "visual_tokens_kept", "prompt_tokens",
+        "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
     ]  # fmt: skip
     assert rec["path"] == str(media["video"]) and rec["kind"] == "video" and rec["model"] == str(ckpt["original"])
+    assert (rec["system"], rec["dtype"], rec["device"], rec["quantize"], rec["warnings"]) == (None, "float32", "cpu", None, [])
+    assert rec["options"]["prompt"] is None and rec["options"]["fps"] == 2.0 and rec["options"]["max_new_tokens"] == 5
     assert (rec["width"], rec["height"], rec["duration"]) == (64, 48, pytest.approx(3.0, abs=0.1))
     assert rec["frames"] == len(rec["timestamps"]) == 6 and rec["timestamps"][:2] == [0.0, 0.5]  # --fps 2
     assert len(rec["resized"]) == 2 and all(x % 28 == 0 for x in rec["resized"])
@@ -267,7 +270,8 @@ def test_batch_sigint_then_resume_gives_one_record_per_item(ckpt, media, tmp_pat
     for i in range(12):
         make_image(d / f"{i:02d}.png", size=(32, 32), seed=i)
     out = tmp_path / "r.jsonl"
-    p = vl3_process("batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 200, "--ignore-eos")
+    args = ["batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 200, "--ignore-eos"]
+    p = vl3_process(*args)
     deadline = time.monotonic() + 120
     while not (out.exists() and out.read_text().count("\n") >= 1):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
@@ -280,9 +284,10 @@ def test_batch_sigint_then_resume_gives_one_record_per_item(ckpt, media, tmp_pat
     assert "Interrupted" in stderr
     first = read_jsonl(out)
     assert 1 <= len(first) < 12
-    p = vl3_process("batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 2)
+    p = vl3_process(*args)  # the same request: resumes
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr
+    assert f"{len(first)} already done" in stderr
     recs = read_jsonl(out)
     assert recs[: len(first)] == first
     assert sorted(rec["path"] for rec in recs) == sorted(str(x) for x in d.iterdir())

@@ -99,18 +99,19 @@ def fake_hub(tmp_path, monkeypatch):
     repo = tmp_path / "remote"
     repo.mkdir()
 
-    def hf_hub_download(repo_id, filename, revision=None):
+    def hf_hub_download(repo_id, filename, revision=None, local_files_only=False):
         calls.append(("file", repo_id, filename, revision))
         if not (repo / filename).exists():
             raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}")
         return str(repo / filename)
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
         calls.append(("snapshot", repo_id, revision, allow_patterns))
         return str(repo)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr("vl3cli.hub._reachable", lambda endpoint: True)
     return repo, calls
 
 
@@ -129,3 +130,69 @@ def test_download_checks_the_config_before_fetching_weights(fake_hub):
 def test_repo_without_config_json(fake_hub):
     with pytest.raises(ConfigError, match="acme/empty has no config.json"):
         resolve_model("acme/empty")
+
+
+def test_on_config_runs_before_any_weight_is_fetched(fake_hub):
+    repo, calls = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+
+    def refuse(folder):
+        assert [c[0] for c in calls] == ["file"]
+        raise ConfigError("no")
+
+    with pytest.raises(ConfigError):
+        resolve_model("acme/vl3", on_config=refuse)
+    assert [c[0] for c in calls] == ["file"]
+
+
+@pytest.fixture
+def counting_server():
+    """A TCP server on 127.0.0.1 that counts connections and closes each at once (a broken network)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    count = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            count.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", count
+    server.close()
+
+
+def test_unreachable_hub_fails_at_once_without_retries(counting_server, tmp_path):
+    """One request finds the Hub unreachable; then the cache decides: no retry loop, one line."""
+    import subprocess
+    import sys
+
+    endpoint, count = counting_server
+    env = {**__import__("os").environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env.pop("VL3_DEBUG", None)
+    (tmp_path / "a.png").write_bytes(b"x")
+    p = subprocess.run([sys.executable, "-m", "vl3cli", "describe", "a.png", "-m", "acme/notcached"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"Error: cannot reach {endpoint} and acme/notcached is not in the Hub cache")
+    assert len(count) <= 2  # one request (its client may reconnect once on a reset); the retry loop would make 6
+
+
+def test_unreachable_hub_uses_the_cache(counting_server, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    endpoint, count = counting_server
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    snaps = cached_repo(tmp_path, "acme/tiny-vl3", {"main": MAIN})
+    assert resolve_model("acme/tiny-vl3") == snaps["main"]
+    assert len(count) <= 2

@@ -10,21 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import tokenizer_json
 
-from vl3cli.output import (
-    TIMING_KEYS,
-    Result,
-    StreamDecoder,
-    write_json,
-    write_jsonl,
-    write_text,
-)
+from vl3cli.output import TIMING_KEYS, Result, StreamDecoder, Writer, terminal_safe
 from vl3cli.tokenizer import Tokenizer
 
 SCHEMA = [
-    "path", "kind", "prompt", "text", "model", "width", "height", "duration", "frames", "timestamps",
-    "resized", "visual_tokens", "visual_tokens_kept", "prompt_tokens", "generated_tokens",
-    "finish_reason", "timings", "error",
-]
+    "path", "kind", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width", "height",
+    "duration", "frames", "timestamps", "resized", "visual_tokens", "visual_tokens_kept", "prompt_tokens",
+    "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +35,44 @@ def test_record_schema_and_order():
     assert Result.from_dict(json.loads(json.dumps(d) )).to_dict() == d
 
 
+def write(fmt, results, many=None, terminal=False, stop_after=None) -> str:
+    out = io.StringIO()
+    w = Writer(fmt, out, many=len(results) > 1 if many is None else many, terminal=terminal)
+    try:
+        for i, r in enumerate(results):
+            if i == stop_after:
+                raise KeyboardInterrupt
+            w.write(r)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        w.close()
+    return out.getvalue()
+
+
 def test_writers():
     rs = [Result(path="a", prompt="q1", text="é1"), Result(path="a", prompt="q2", text="two")]
-    out = io.StringIO()
-    write_text(rs[:1], out)
-    assert out.getvalue() == "é1\n"
-    out = io.StringIO()
-    write_text(rs, out)
-    assert out.getvalue() == "Q: q1\né1\n\nQ: q2\ntwo\n"
-    out = io.StringIO()
-    write_json(rs[:1], out)
-    assert json.loads(out.getvalue())["text"] == "é1" and "é1" in out.getvalue()
-    out = io.StringIO()
-    write_json(rs, out)
-    assert [r["prompt"] for r in json.loads(out.getvalue())] == ["q1", "q2"]
-    out = io.StringIO()
-    write_jsonl(rs, out)
-    assert [json.loads(line)["prompt"] for line in out.getvalue().splitlines()] == ["q1", "q2"]
+    assert write("text", rs[:1]) == "é1\n"
+    assert write("text", rs) == "Q: q1\né1\n\nQ: q2\ntwo\n"
+    one = write("json", rs[:1])
+    assert json.loads(one)["text"] == "é1" and "é1" in one
+    assert [r["prompt"] for r in json.loads(write("json", rs))] == ["q1", "q2"]
+    assert [json.loads(line)["prompt"] for line in write("jsonl", rs).splitlines()] == ["q1", "q2"]
+
+
+def test_json_array_is_closed_when_interrupted():
+    rs = [Result(path="a", prompt=f"q{i}", text=str(i)) for i in range(3)]
+    assert [r["prompt"] for r in json.loads(write("json", rs, stop_after=2))] == ["q0", "q1"]
+    assert json.loads(write("json", rs, stop_after=0)) == []
+
+
+def test_terminal_text_has_no_control_characters():
+    evil = "ok\x1b[2J\x1b]0;title\x07\rback\x08\x9b31m\tend\nnext"
+    assert terminal_safe(evil) == "ok[2J]0;titleback31m\tend\nnext"
+    r = Result(path="a", prompt="q", text=evil)
+    assert write("text", [r], terminal=True) == terminal_safe(evil) + "\n"
+    assert write("text", [r]) == evil + "\n"  # a file gets the text as generated
+    assert json.loads(write("jsonl", [r]))["text"] == evil
 
 
 def stream(tok, ids):

@@ -1,19 +1,21 @@
-"""Batch runs over many files: input expansion, sharding, resume, the item loop, progress.
+"""Batch runs over many files: input expansion, sharding, resume, the writing loop, progress.
 
-- Inputs: folders (walked recursively, filtered by extension), files (always taken), glob
-  patterns (filtered by extension) and `--files-from` lists (one path per line, taken as is;
-  `-` reads stdin). The list is de-duplicated and sorted, so every run and every machine sees
-  the same order.
+- Inputs: folders (walked recursively, following links but never entering a directory twice,
+  filtered by extension), files (always taken), glob patterns (filtered by extension), URLs,
+  and `--files-from` lists (one path or URL per line, taken as is; `-` reads stdin). An input
+  that yields nothing is a usage error. The list is de-duplicated (by real path: `a.png`,
+  `./a.png` and `/abs/a.png` are one item) and sorted, so every run and machine sees the same order.
 - `--shard K/N` (0 <= K < N) keeps the paths whose stable hash (BLAKE2b of the path string)
   is K modulo N: N machines given the same inputs split them without overlap or gaps, and a
   file keeps its shard when the dataset grows.
-- The output JSONL is the run's state. One line is appended and flushed per item. On start
-  an unterminated last line (a crash mid-write) is cut off; items that already have a record
-  are skipped before any model work (`resume`); `retry-failed` also redoes items whose record
-  is an error (their old error lines are dropped, so each item keeps one record);
-  `overwrite` starts an empty file.
+- The output JSONL is the run's state (outfile.py says which files are ours). One line is
+  appended and flushed per record. Records are keyed by `record_key` (item, prompt, options,
+  system prompt, model, segment): items whose key already has a record are skipped before any
+  model work (`resume`); `retry-failed` also redoes items whose record is an error (their old
+  error lines are dropped, so each item keeps one record); `overwrite` starts an empty file.
+  A stream (`--out -`, a FIFO) is written to and never read: no resume.
 - SIGINT / SIGTERM: the first one stops at the next check (between tokens, between items),
-  abandoning the unfinished item, which the next run redoes; a second one stops at once,
+  abandoning the unfinished items, which the next run redoes; a second one stops at once,
   except while a line is being written. The file is always valid JSONL.
 """
 
@@ -26,13 +28,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from .errors import UsageError
-from .output import Result, error_result, to_json
+from .outfile import Target, read_records, rewrite_without
+from .output import Result, to_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
@@ -50,34 +53,62 @@ def _has_ext(name: str, exts: frozenset[str]) -> bool:
     return name.rpartition(".")[2].lower() in exts and "." in name
 
 
+def is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
 def _walk(folder: str, exts: frozenset[str]) -> Iterable[str]:
+    """Files under `folder`, following links but never entering a real directory twice."""
+    seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back to a directory already walked (a loop, or a second route in)
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         yield from (os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, exts))
 
 
 def expand_inputs(inputs: Iterable[str], files_from: str | None, exts: frozenset[str], stdin: IO[str] | None = None) -> list[str]:
-    """The sorted, de-duplicated list of files to process. An input matching nothing is a UsageError."""
+    """The sorted, de-duplicated list of files and URLs to process.
+
+    An input that yields nothing (no such path, a folder or glob without files of `exts`) is a
+    UsageError. Files are one item however they are spelled (`a.png`, `./a.png`, `/abs/a.png`,
+    a link to it): the first spelling in sorted order stands for them.
+    """
     found: set[str] = set()
+    ext_list = "/".join(sorted(exts))
     for item in inputs:
-        if os.path.isdir(item):
-            found.update(_walk(item, exts))
+        if is_url(item):
+            found.add(item)
+        elif os.path.isdir(item):
+            files = list(_walk(item, exts))
+            if not files:
+                raise UsageError(f"{item} holds no {ext_list} files (see --ext)")
+            found.update(files)
         elif os.path.isfile(item):
             found.add(item)
         elif glob.has_magic(item):
             matches = [m for m in glob.glob(item, recursive=True) if os.path.isfile(m) and _has_ext(m, exts)]
             if not matches:
-                raise UsageError(f"no {'/'.join(sorted(exts))} files match {item}")
+                raise UsageError(f"no {ext_list} files match {item}")
             found.update(matches)
         else:
             raise UsageError(f"no such file or folder: {item}")
     if files_from is not None:
         try:
             lines = (stdin or sys.stdin).read().splitlines() if files_from == "-" else Path(files_from).read_text().splitlines()
-        except OSError as e:
-            raise UsageError(f"cannot read --files-from {files_from}: {e.strerror}") from e
-        found.update(line.strip() for line in lines if line.strip())
-    return sorted({os.path.normpath(p) for p in found})
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --files-from {files_from}: {getattr(e, 'strerror', None) or e}") from e
+        listed = {line.strip() for line in lines if line.strip()}
+        if not listed:
+            raise UsageError(f"--files-from {files_from} lists no files")
+        found.update(listed)
+    unique: dict[str, str] = {}  # real path (or URL) -> the spelling kept
+    for path in sorted(p if is_url(p) else os.path.normpath(p) for p in found):
+        unique.setdefault(path if is_url(path) else os.path.realpath(path), path)
+    return sorted(unique.values())
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -97,71 +128,45 @@ def in_shard(path: str, shard: tuple[int, int] | None) -> bool:
     return int.from_bytes(digest, "big") % shard[1] == shard[0]
 
 
-def read_records(out: Path) -> tuple[dict[str, bool], int]:
-    """{path: has a successful record} from an existing JSONL, and the number of bad lines.
-
-    An unterminated last line (a crash mid-write) is cut off the file so appending stays valid.
-    """
-    if not out.exists():
-        return {}, 0
-    data = out.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    status: dict[str, bool] = {}
-    bad = 0
-    for line in data.splitlines():
-        try:
-            record = json.loads(line)
-            path = record["path"]
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-            continue
-        status[path] = status.get(path, False) or record.get("error") is None
-    return status, bad
-
-
-def drop_failed(out: Path, paths: set[str]) -> None:
-    """Rewrite `out` without the records of `paths` (atomically: temp file + rename)."""
-    tmp = out.with_name(out.name + ".tmp")
-    with open(out, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-        for line in src:
-            try:
-                if json.loads(line).get("path") in paths:
-                    continue
-            except (ValueError, AttributeError):
-                continue
-            dst.write(line)
-    os.replace(tmp, out)
+def record_key(record: dict) -> str:
+    """What makes two records answers to the same request: the item (its id, else its path), the
+    request's options (prompt as given, decoding, media), the system prompt, the model and its
+    quantization, and the segment. The same function keys planned items (as would-be records)."""
+    parts = [record.get("id") or record.get("path"), record.get("options"), record.get("system"),
+             record.get("model"), record.get("quantize"), record.get("segment_start"), record.get("segment_end")]  # fmt: skip
+    return json.dumps(parts, sort_keys=True, ensure_ascii=False)
 
 
 @dataclass
 class Plan:
-    todo: list[str]
+    todo: list  # the items to run, in order
     done: int = 0  # skipped: already have a result
     failed_before: int = 0  # skipped: have an error record (not retried)
 
 
-def plan(items: list[str], out: Path | None, mode: str) -> Plan:
-    """Which items to run given the existing output file and the mode; prepares the file."""
-    if out is None:
-        return Plan(list(items))
-    out.touch()  # an empty shard still leaves its (empty) file; a bad --out fails before the model loads
-    if mode == "overwrite":
-        out.write_bytes(b"")
-        return Plan(list(items))
-    status, bad = read_records(out)
-    if bad:
-        print(f"warning: {out}: ignored {bad} unreadable line(s)", file=sys.stderr)
-    done = [p for p in items if status.get(p)]
-    failed = [p for p in items if status.get(p) is False]
+def plan(items: dict[str, object], target: Target, mode: str) -> Plan:
+    """Which of `items` ({key: item}) to run given `target`'s records and the mode.
+
+    Only a regular file can be resumed; a stream (stdout, FIFO, device) gets every item. A file
+    that is not ours is refused (unless `overwrite`). `retry-failed` drops the old error records
+    of the items it redoes, so each item keeps one record.
+    """
+    if not target.regular:
+        return Plan(list(items.values()))
+    if mode == "overwrite" or not target.path.exists():
+        return Plan(list(items.values()))
+    status: dict[str, bool] = {}  # key -> has a successful record
+    for record in read_records(target.path):
+        key = record_key(record)
+        status[key] = status.get(key, False) or record.get("error") is None
+    done = [k for k in items if status.get(k)]
+    failed = [k for k in items if status.get(k) is False]
     if mode == "retry-failed":
         if failed:
-            drop_failed(out, set(failed))
-        return Plan([p for p in items if not status.get(p)], done=len(done))
-    return Plan([p for p in items if p not in status], done=len(done), failed_before=len(failed))
+            redo = set(failed)
+            rewrite_without(target.path, lambda record: record.get("error") is not None and record_key(record) in redo)
+        return Plan([item for k, item in items.items() if not status.get(k)], done=len(done))
+    return Plan([item for k, item in items.items() if k not in status], done=len(done), failed_before=len(failed))
 
 
 class StopSignal:
@@ -207,7 +212,6 @@ class Summary:
     failed: int = 0
     interrupted: bool = False
     seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -225,42 +229,8 @@ class Summary:
         if left:
             parts.append(f"{left} left")
         head = "Interrupted" if self.interrupted else "Done"
-        return f"{head}: {self.total} items: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
-
-
-Process = Callable[[str, Callable[[], None]], Result]
-
-
-def run_items(
-    todo: list[str],
-    process: Process,
-    sink: IO[str],
-    summary: Summary,
-    stop: StopSignal,
-    error_fields: dict | None = None,
-    on_item: Callable[[str, Result], None] | None = None,
-    debug: bool = False,
-) -> Summary:
-    """Process `todo` one item at a time; see `write_results`.
-
-    A failing item becomes an error record and the loop goes on.
-    """
-
-    def results() -> Iterator[Result]:
-        for path in todo:
-            stop.check()
-            try:
-                yield process(path, stop.check)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # noqa: BLE001 -- a bad item must not end a 100,000-file run
-                if debug:
-                    import traceback
-
-                    traceback.print_exc()
-                yield error_result(path, e, **(error_fields or {}))
-
-    return write_results(results(), sink, summary, stop, on_item)
+        items = "item" if self.total == 1 else "items"
+        return f"{head}: {self.total} {items}: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
 
 
 def write_results(
@@ -296,7 +266,8 @@ def write_results(
 
 
 def progress_bar(total: int, completed: int):
-    """A Rich progress bar on stderr: counts, ok/failed, elapsed and ETA."""
+    """A Rich progress bar on stderr (a terminal only; logs get the summary line): counts,
+    ok/failed, elapsed and ETA."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -307,6 +278,7 @@ def progress_bar(total: int, completed: int):
         TimeRemainingColumn,
     )
 
+    console = Console(stderr=True)
     progress = Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -315,7 +287,8 @@ def progress_bar(total: int, completed: int):
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        console=Console(stderr=True),
+        console=console,
+        disable=not console.is_terminal,
     )
     task = progress.add_task("vl3 batch", total=total, completed=completed, ok=0, failed=0)
     return progress, task

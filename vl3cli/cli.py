@@ -1,7 +1,9 @@
 """The `vl3` command line: describe, ask, batch.
 
-Thin Typer commands over pipeline.py (single media) and batch.py (many files). Options shared
-by the commands are defined once as `Annotated` aliases below. Importing this module imports no
+Thin Typer commands over the Python API (api.py: `load()` once, then `Model.run`), with
+batch.py (inputs, resume, progress) and outfile.py (where results may be written). Options
+shared by the commands are defined once as `Annotated` aliases below; they are the API's
+keyword options under the same names (`Options`). Importing this module imports no
 torch / transformers / media / hub libraries, so `vl3 --help` and shell completion stay fast
 (tests check it); those are imported inside the command bodies.
 
@@ -14,15 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import nullcontext
-from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
 
 from . import __version__
 from .errors import UsageError, Vl3Error
-from .hub import DEFAULT_MODEL
+from .hub import DEFAULT_MODEL, model_label
 
 app = typer.Typer(
     name="vl3",
@@ -54,7 +54,11 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL)]
 DtypeOpt = Annotated[
     Literal["auto", "bfloat16", "float16", "float32"],
-    typer.Option(help="Weights and activations; auto = bfloat16 on CUDA, float32 elsewhere.", rich_help_panel=MODEL),
+    typer.Option(help="Weights and activations; auto = the checkpoint's dtype where the hardware runs it natively.", rich_help_panel=MODEL),
+]
+QuantizeOpt = Annotated[
+    Literal["int8", "int4"] | None,
+    typer.Option(help="Weight-only quantization of the language model: less memory, faster decoding on CPU.", rich_help_panel=MODEL),
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Stop after this many generated tokens.", rich_help_panel=DECODING)]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (deterministic); > 0 samples.", rich_help_panel=DECODING)]
@@ -65,17 +69,18 @@ SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling: the same s
 IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-answer tokens (benchmarks).", rich_help_panel=DECODING)]
 SystemOpt = Annotated[str | None, typer.Option(help="System prompt (none by default, as in the authors' evaluation).", rich_help_panel=DECODING)]
 FpsOpt = Annotated[float | None, typer.Option(help="Video frames per second to sample (default: the checkpoint's, 1).", rich_help_panel=MEDIA)]
-MinFramesOpt = Annotated[int | None, typer.Option(help="At least this many frames per video (default: the checkpoint's, 4).", rich_help_panel=MEDIA)]
-MaxFramesOpt = Annotated[int | None, typer.Option(help="At most this many frames, spread evenly (default: the checkpoint's, 180).", rich_help_panel=MEDIA)]
+MinFramesOpt = Annotated[int | None, typer.Option(help="At least this many frames per video (default: the checkpoint's, 4, or --max-frames if lower).", rich_help_panel=MEDIA)]
+MaxFramesOpt = Annotated[int | None, typer.Option(help="At most this many frames, spread evenly (default: 180, or --min-frames if higher).", rich_help_panel=MEDIA)]
 StartOpt = Annotated[float | None, typer.Option(help="Video clip start, in seconds.", rich_help_panel=MEDIA)]
 EndOpt = Annotated[float | None, typer.Option(help="Video clip end, in seconds.", rich_help_panel=MEDIA)]
 MaxVisualTokensOpt = Annotated[int | None, typer.Option(help="Cap the visual tokens (frames are resized smaller to fit).", rich_help_panel=MEDIA)]
 PruneOpt = Annotated[bool, typer.Option("--prune/--no-prune", help="Drop video tokens that barely change from the previous frame.", rich_help_panel=MEDIA)]
 PruneThresholdOpt = Annotated[float, typer.Option(help="Pruning threshold: mean absolute change x 255 of a token.", rich_help_panel=MEDIA)]
-FormatOpt = Annotated[Literal["text", "json", "jsonl"], typer.Option("--format", "-f", help="text, json (one object) or jsonl (one object per line).", rich_help_panel=OUTPUT)]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write results to this file instead of stdout.", rich_help_panel=OUTPUT)]
+FormatOpt = Annotated[Literal["text", "json", "jsonl"], typer.Option("--format", "-f", help="text, json (one object; an array for several answers) or jsonl (one object per line).", rich_help_panel=OUTPUT)]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Write results to this file (- = stdout).", rich_help_panel=OUTPUT)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (jsonl otherwise appends to a vl3 file).", rich_help_panel=OUTPUT)]
 StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", help="Print text token by token (default: when stdout is a terminal).", show_default=False, rich_help_panel=OUTPUT)]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks, timings and the resolved model on stderr (also VL3_DEBUG=1).", rich_help_panel=OUTPUT)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks, timings, the resolved model and native decoder logs on stderr (also VL3_DEBUG=1).", rich_help_panel=OUTPUT)]
 
 
 def _version(value: bool) -> None:
@@ -91,75 +96,159 @@ def _root(
     """Caption and question images and videos with VideoLLaMA3."""
 
 
-DECODING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "ignore_eos")
-MEDIA_KEYS = ("fps", "min_frames", "max_frames", "start", "end", "max_visual_tokens", "prune", "prune_threshold")
+
+LOAD_KEYS = ("model", "revision", "device", "dtype", "quantize")
 
 
-def _settings(options: dict):
-    """pipeline.Settings from a command's parameters (its `locals()`)."""
-    from .decoding import DecodingParams
-    from .pipeline import Settings
+def _options(params: dict):
+    """The request options (`vl3cli.options.Options`) from a command's parameters (its `locals()`)."""
+    from dataclasses import fields
 
-    return Settings(
-        model=options["model"], revision=options["revision"], device=options["device"], dtype=options["dtype"],
-        system=options["system"], seed=options["seed"],
-        decoding=DecodingParams(**{k: options[k] for k in DECODING_KEYS}),
-        media={k: options[k] for k in MEDIA_KEYS},
-    )  # fmt: skip
+    from .options import Options
+
+    return Options.from_kwargs(**{f.name: params[f.name] for f in fields(Options)})
 
 
 def _env_debug() -> bool:
     return os.environ.get("VL3_DEBUG", "") not in ("", "0")
 
 
-def _debug_line(debug: bool, message: str) -> None:
-    if debug or _env_debug():
+def _debug_line(message: str) -> None:
+    if _env_debug():
         print(message, file=sys.stderr)
 
 
-def _status(message: str, show: bool = True):
-    """A transient spinner on stderr while a slow stage runs, when stderr is a terminal."""
-    if not (show and sys.stderr.isatty()):
-        return nullcontext()
-    from rich.console import Console
+class _Spinner:
+    """A transient status line on stderr while slow stages run, only when stderr is a terminal."""
 
-    return Console(stderr=True).status(f"{message}...", spinner="dots")
+    def __init__(self, message: str):
+        self.status = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(f"{message}...", spinner="dots")
+            self.status.start()
+
+    def stop(self, *_) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
-def _print(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+def _load(params: dict, options):
+    """The model, loaded once for the whole command."""
+    from .api import load
+
+    with _Spinner(f"Loading {params['model']}"):
+        model = load(**{k: params[k] for k in LOAD_KEYS}, **_as_kwargs(options))
+    label = model.label
+    _debug_line(f"model: {label.model} -> {model.engine.path} (device {label.device}, dtype {label.dtype}, "
+                f"quantize {label.quantize or 'none'})")  # fmt: skip
+    return model
 
 
-def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Path | None, stream: bool | None, debug: bool) -> None:
-    """describe / ask: one media file, one or more questions, results to stdout or --out."""
+def _as_kwargs(options) -> dict:
+    from dataclasses import asdict
+
+    return asdict(options)
+
+
+class _InOrder:
+    """describe / ask output: answers in question order, each written as soon as it and every
+    earlier one are done; with `stream` the current answer's text goes out as it grows (later
+    answers decoding alongside are held until their turn)."""
+
+    def __init__(self, writer, prompts: list[str | None], stream: bool):
+        self.writer, self.prompts, self.stream = writer, prompts, stream
+        self.next = 0
+        self.finished: dict[int, object] = {}
+        self.held: dict[int, str] = {}
+        self.midline = False  # streamed text without its final newline yet
+        self.headed = False  # the current answer's header is out
+
+    def _out(self, text: str) -> None:
+        if text:
+            self.writer.out.write(text)
+            self.writer.out.flush()
+            self.midline = not text.endswith("\n")
+
+    def _head(self) -> None:
+        if not self.headed:
+            self._out(self.writer.header(self.prompts[self.next]))
+            self.headed = True
+
+    def piece(self, key, piece: str) -> None:
+        i = key[1]
+        if i != self.next:
+            self.held[i] = self.held.get(i, "") + piece
+            return
+        self._head()
+        self._out(self.writer.clean(piece))
+
+    def done(self, i: int, result) -> None:
+        self.finished[i] = result
+        while self.next in self.finished:
+            result = self.finished.pop(self.next)
+            if self.stream:
+                self._head()
+                self._out("\n")
+                self.writer.write(result, streamed=True)
+            else:
+                self.writer.write(result)
+            self.next += 1
+            self.headed = False
+            if self.stream and self.next < len(self.prompts) and self.next in self.held:
+                self._head()
+                self._out(self.writer.clean(self.held.pop(self.next)))
+
+    def close(self) -> None:
+        if self.midline:  # Ctrl-C in the middle of a streamed answer: end its line
+            self._out("\n")
+        self.writer.close()
+
+
+def _answer(media: str, prompts: list[str | None], params: dict) -> None:
+    """describe / ask: one media file, one or more prompts, results to stdout or --out."""
     from .media import check_file
-    from .output import write_results
-    from .pipeline import Pipeline
+    from .outfile import Target, check_replaceable, opened
+    from .output import Writer
+    from .pipeline import Item
 
-    if stream and (fmt != "text" or out is not None):
+    fmt, stream, overwrite = params["format"], params["stream"], params["overwrite"]
+    target = Target.of(params["out"])
+    if stream and (fmt != "text" or target.path is not None):
         raise UsageError("--stream prints text to the terminal; it cannot be combined with --format json/jsonl or --out")
-    if stream is None:
-        stream = fmt == "text" and out is None and sys.stdout.isatty()
+    options = _options(params)
+    check_replaceable(target, fmt, overwrite)
     check_file(media)  # before loading the model
-    with _status(f"Loading {settings.model}"):
-        pipeline = Pipeline(settings).load()
-    _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
-    with _status(f"Reading {media}"):
-        encoded = pipeline.encode(media)
-    results = []
-    for i, question in enumerate(questions):
-        if stream and len(questions) > 1:  # the same layout as output.write_text
-            _print(("\n" if i else "") + f"Q: {question}\n")
-        with _status("Generating", show=not stream):
-            results.append(pipeline.answer(encoded, question, on_text=_print if stream else None))
-        if stream:
-            _print("\n")
-    if not stream:
-        write_results(results, fmt, out, sys.stdout)
-    for r in results:
-        timings = " ".join(f"{k}={v:.3f}" for k, v in r.to_dict()["timings"].items())
-        _debug_line(debug, f"timings: {timings} tokens={r.generated_tokens} ({r.finish_reason})")
+    with opened(target, replace=overwrite or fmt != "jsonl") as f:
+        model = _load(params, options)
+        terminal = f.isatty()
+        if stream is None:
+            stream = fmt == "text" and terminal
+        printer = _InOrder(Writer(fmt, f, many=len(prompts) > 1, terminal=terminal), prompts, stream)
+        spinner = _Spinner(f"Reading {media} and answering")
+        try:
+            on_text = (lambda key, piece: (spinner.stop(), printer.piece(key, piece))) if stream else None
+            for (_, i), result in model.run([Item((media,), tuple(prompts))], on_text=on_text):
+                spinner.stop()
+                if result.error is not None:
+                    raise result.exception if isinstance(result.exception, Vl3Error) else Vl3Error(result.error)
+                printer.done(i, result)
+                _debug_line(f"timings: {_timings(result)} tokens={result.generated_tokens} ({result.finish_reason})")
+        finally:
+            spinner.stop()
+            printer.close()
+
+
+def _timings(result) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in result.to_dict()["timings"].items())
 
 
 @app.command(
@@ -171,12 +260,13 @@ def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Pa
     )
 )
 def describe(
-    media: Annotated[str, typer.Argument(help="Image or video file.", show_default=False)],
+    media: Annotated[str, typer.Argument(help="Image or video file, or an http(s) URL.", show_default=False)],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Instead of \"Describe this image/video in detail.\"")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -195,12 +285,12 @@ def describe(
     prune_threshold: PruneThresholdOpt = 0.1,
     format: FormatOpt = "text",
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     stream: StreamOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Caption an image or a video."""
-    settings = _settings(locals())
-    _answer(media, [prompt], settings, format, out, stream, debug)
+    _answer(media, [prompt], locals())
 
 
 @app.command(
@@ -212,12 +302,13 @@ def describe(
     )
 )
 def ask(
-    media: Annotated[str, typer.Argument(help="Image or video file.", show_default=False)],
+    media: Annotated[str, typer.Argument(help="Image or video file, or an http(s) URL.", show_default=False)],
     questions: Annotated[list[str], typer.Argument(help="One or more questions; the media is encoded once for all.", show_default=False)],
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -236,12 +327,12 @@ def ask(
     prune_threshold: PruneThresholdOpt = 0.1,
     format: FormatOpt = "text",
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     stream: StreamOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Answer questions about an image or a video."""
-    settings = _settings(locals())
-    _answer(media, list(questions), settings, format, out, stream, debug)
+    """Answer questions about an image or a video; each answer is written as soon as it is done."""
+    _answer(media, list(questions), locals())
 
 
 @app.command(
@@ -250,25 +341,26 @@ def ask(
         "  vl3 batch videos/ photos/*.jpg --out captions.jsonl\n\n"
         "  find /data -name '*.mp4' | vl3 batch --files-from - --out captions.jsonl --question \"Is anyone cooking?\"\n\n"
         "  vl3 batch /data --ext mp4,mkv --shard $SLURM_ARRAY_TASK_ID/16 --out part-$SLURM_ARRAY_TASK_ID.jsonl\n\n"
-        "Re-running the same command resumes: items already in --out are skipped. "
-        "Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
+        "Re-running the same command resumes: items already in --out with the same prompt, options and model "
+        "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
     )
 )
 def batch(
-    inputs: Annotated[list[str] | None, typer.Argument(help="Folders (recursive), files or glob patterns.", show_default=False)] = None,
-    files_from: Annotated[str | None, typer.Option(help="Read more paths from this file, one per line (- = stdin).")] = None,
+    inputs: Annotated[list[str] | None, typer.Argument(help="Folders (recursive), files, glob patterns or URLs.", show_default=False)] = None,
+    files_from: Annotated[str | None, typer.Option(help="Read more paths or URLs from this file, one per line (- = stdin).")] = None,
     ext: Annotated[list[str] | None, typer.Option(help="Extensions to pick in folders and globs, e.g. mp4,mov (default: common image and video types).")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "--question", "-p", help="The prompt for every file (default: describe the image/video).")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: process only shard K (0-based) of N; each file lands in exactly one shard.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Skip items already in --out (the default).")] = False,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Also redo items whose record in --out is an error.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start --out afresh.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start --out afresh (also replaces a file that is not a vl3 results file).")] = False,
     batch_size: Annotated[int, typer.Option(help="Answers generated together in one forward pass (1 = one file at a time).")] = 8,
     workers: Annotated[int, typer.Option(help="Threads decoding the next files while the model works.")] = 2,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -285,62 +377,64 @@ def batch(
     max_visual_tokens: MaxVisualTokensOpt = None,
     prune: PruneOpt = True,
     prune_threshold: PruneThresholdOpt = 0.1,
-    format: FormatOpt = "jsonl",
-    out: OutOpt = None,
-    stream: StreamOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Caption or question many files into a JSONL file, resumably."""
     from . import batch as b
+    from .outfile import Target
 
     if resume + retry_failed + overwrite > 1:
         raise UsageError("choose one of --resume, --retry-failed, --overwrite")
-    if format != "jsonl":
-        raise UsageError("batch writes JSONL (one record per file); --format text/json are for describe and ask")
-    if stream:
-        raise UsageError("batch does not stream text; its records go to --out (or stdout) as JSONL")
     if not inputs and files_from is None:
         raise UsageError("give folders, files or globs to process, or --files-from FILE")
-    mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers < 1:
         raise UsageError(f"--workers must be at least 1 (got {workers})")
+    mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
+    options = _options(locals())
+    target = Target.of(out)
     shard_kn = b.parse_shard(shard)
-    settings = _settings(locals())
-    items = [p for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext)) if b.in_shard(p, shard_kn)]
-    plan = b.plan(items, out, mode)
-    summary = b.Summary(total=len(items), done_before=plan.done, failed_before=plan.failed_before)
+    paths = [p for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext)) if b.in_shard(p, shard_kn)]
+    base = {"options": options.record(prompt), "system": system, "model": model_label(model, revision), "quantize": quantize}
+    plan = b.plan({b.record_key({"path": p, **base}): p for p in paths}, target, mode)
+    summary = b.Summary(total=len(paths), done_before=plan.done, failed_before=plan.failed_before)
+    if target.regular and not target.path.exists():
+        target.path.touch()  # an empty shard still leaves its (empty) file
     if plan.todo:
-        summary = _run_batch(plan, settings, prompt, out, summary, debug, batch_size, workers)
+        _run_batch(plan.todo, prompt, options, locals(), target, mode, summary)
     print(summary.line(), file=sys.stderr)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 
 
-def _run_batch(plan, settings, prompt: str | None, out: Path | None, summary, debug: bool, batch_size: int, workers: int):
+def _run_batch(todo: list[str], prompt: str | None, options, params: dict, target, mode: str, summary) -> None:
     from . import batch as b
-    from .pipeline import Pipeline
+    from .outfile import opened
+    from .pipeline import Item
 
-    pipeline = Pipeline(settings).load()
-    _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
+    model = _load(params, options)
     progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
     def on_item(path: str, result) -> None:
+        for warning in result.warnings:
+            progress.console.print(f"warning: {path}: {warning}", markup=False, highlight=False, soft_wrap=True)
         if not result.ok:
             progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
         progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
 
-    sink = open(out, "a", encoding="utf-8") if out is not None else nullcontext(sys.stdout)  # noqa: SIM115
-    with sink as f, b.StopSignal() as stop, progress:
-        results = pipeline.run_many(plan.todo, prompt, check=stop.check, slots=batch_size, workers=workers)
+    with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
+        items = (Item((path,), (prompt,)) for path in todo)
+        results = (r for _, r in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check))
         b.write_results(results, f, summary, stop, on_item)
-    return summary
 
 
 def main() -> None:
     """Console entry point: one-line errors, exit codes, tracebacks only when debugging."""
     debug = "--debug" in sys.argv[1:] or _env_debug()
+    if debug:
+        os.environ["VL3_DEBUG"] = "1"  # the library's quiet-by-default parts (Hub retries, decoder logs) read it
     try:
         code = app(prog_name="vl3", standalone_mode=False)
     except Vl3Error as e:
@@ -363,7 +457,7 @@ def main() -> None:
     except BrokenPipeError:  # `vl3 ... | head`
         sys.stderr.close()
         sys.exit(1)
-    except OSError as e:  # e.g. --out in a folder that does not exist
+    except OSError as e:  # e.g. --out on a full disk, or /dev/full
         if debug:
             import traceback
 

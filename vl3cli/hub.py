@@ -5,7 +5,10 @@ A local folder is used as is. Anything else is a Hugging Face Hub repo id, fetch
 downloading only what vl3 reads: JSON configs, safetensors weights and tokenizer / template
 files. Remote code (`*.py`) and pickle weights (`*.bin`, `*.pt`, ...) are never fetched.
 `HF_HUB_OFFLINE=1` resolves from the cache only; `HF_TOKEN` authenticates; `revision` picks a
-branch, tag or commit. huggingface_hub shows its download progress bars on stderr.
+branch, tag or commit. huggingface_hub shows its download progress bars on stderr; its retry
+warnings only with `VL3_DEBUG=1`. When the Hub does not answer a first request within
+`PROBE_TIMEOUT_S`, the cache is used as if offline, so a machine without network fails (or
+starts from the cache) in about a second instead of retrying for half a minute.
 
 Either way the folder's config.json must describe a VideoLLaMA3 model (`ModelConfig.from_dir`,
 else ConfigError); for a Hub repo it is fetched and checked before anything else.
@@ -13,13 +16,18 @@ else ConfigError); for a Hub repo it is fetched and checked before anything else
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ModelConfig
 from .errors import ConfigError, ModelNotFoundError
 
 DEFAULT_MODEL = "DAMO-NLP-SG/VideoLLaMA3-2B"  # the CLI lets VL3_MODEL override it
+PROBE_TIMEOUT_S = 2.0  # no answer from the Hub in this time: use the cache, or fail at once
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 
 
@@ -35,19 +43,56 @@ def _checked(folder: Path, model: str) -> Path:
     return folder
 
 
-def resolve_model(model: str, revision: str | None = None) -> Path:
-    """The local folder holding checkpoint `model` (a folder path or a Hub repo id)."""
+def model_label(model: str, revision: str | None) -> str:
+    """How records name a model: the --model value, with `@revision` for a Hub revision."""
+    return f"{model}@{revision}" if revision and not Path(model).expanduser().is_dir() else model
+
+
+def resolve_model(model: str, revision: str | None = None, on_config: Callable[[Path], None] | None = None) -> Path:
+    """The local folder holding checkpoint `model` (a folder path or a Hub repo id).
+
+    `on_config(folder)` runs once config.json is there and checked, before any weight is
+    downloaded: a caller's checks against the config cost no download.
+    """
     local = Path(model).expanduser()
     if local.is_dir():
-        return _checked(local, model)
+        folder = _checked(local, model)
+        if on_config:
+            on_config(folder)
+        return folder
     if local.exists():
         raise ModelNotFoundError(f"{model} is a file; --model takes a checkpoint folder or a Hub repo id")
     if not _REPO_ID.match(model):
         raise ModelNotFoundError(f"no such folder: {model}")
-    return _download(model, revision)
+    with _quiet_hub():
+        return _download(model, revision, on_config)
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub logs a warning per retry: keep them off the terminal unless debugging."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    if os.environ.get("VL3_DEBUG", "") in ("", "0"):
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hub answers at all (one request, no retries; proxies from the environment apply)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=timeout)
+    except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy, TLS: all mean "not now"
+        return False
+    return True
+
+
+def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], None] | None) -> Path:
     from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -61,10 +106,14 @@ def _download(repo_id: str, revision: str | None) -> Path:
     )
 
     rev = f" (revision {revision})" if revision else ""
+    offline = constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT)
     try:
         # config.json first: a repo that is not a VideoLLaMA3 model is refused before any weight is fetched.
-        _checked(Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent, repo_id)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+        config = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)
+        folder = _checked(Path(config).parent, repo_id)
+        if on_config:
+            on_config(folder)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
     except HFValidationError as e:
         raise ModelNotFoundError(f"{repo_id!r} is neither a folder nor a Hub repo id ({e})") from e
     except GatedRepoError as e:
@@ -83,7 +132,10 @@ def _download(repo_id: str, revision: str | None) -> Path:
                 f"{repo_id}{rev} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
                 "download it once online, or pass a local folder with --model"
             ) from e
-        raise ModelNotFoundError(f"cannot download {repo_id}{rev}: the Hub is unreachable and it is not cached ({e})") from e
+        raise ModelNotFoundError(
+            f"cannot reach {constants.ENDPOINT} and {repo_id}{rev} is not in the Hub cache ({constants.HF_HUB_CACHE}): "
+            "connect to the internet (or set HTTPS_PROXY), or pass a local folder with --model"
+        ) from e
     except EntryNotFoundError as e:  # after LocalEntryNotFoundError, its subclass
         raise ConfigError(f"{repo_id}{rev} has no config.json: not a VideoLLaMA3 checkpoint") from e
     except HfHubHTTPError as e:

@@ -12,10 +12,10 @@ back until the character is complete, so a stream never shows U+FFFD for a split
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import textwrap
+from dataclasses import dataclass, field, fields
 from typing import IO, Protocol
 
 TIMING_KEYS = ("load_s", "media_s", "encode_s", "prefill_s", "decode_s", "total_s")
@@ -32,10 +32,14 @@ class Result:
 
     path: str
     kind: str | None = None  # "image" | "video" | None when the file could not be read
-    prompt: str | None = None
+    prompt: str | None = None  # the prompt used
+    system: str | None = None
     text: str | None = None
     model: str | None = None
-    width: int | None = None
+    dtype: str | None = None  # e.g. "bfloat16": what the model computed in
+    device: str | None = None  # e.g. "cpu", "cuda:0"
+    quantize: str | None = None  # "int8" | "int4" | None
+    width: int | None = None  # as displayed
     height: int | None = None
     duration: float | None = None
     frames: int | None = None
@@ -46,63 +50,87 @@ class Result:
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
     finish_reason: str | None = None  # "stop" | "length"
+    options: dict | None = None  # the request: Options.record(prompt as given)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+    warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)  # not written
+
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = {f: copy.copy(getattr(self, f)) for f in SCHEMA}  # lists and dicts not shared
         data["timings"] = {k: round(float(self.timings.get(k, 0.0)), 4) for k in TIMING_KEYS}
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Result:
-        names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{k: v for k, v in data.items() if k in SCHEMA})
+
+
+SCHEMA = tuple(f.name for f in fields(Result) if f.name != "exception")  # the written fields, in order
 
 
 def to_json(result: Result, indent: int | None = None) -> str:
     return json.dumps(result.to_dict(), ensure_ascii=False, indent=indent)
 
 
-def write_text(results: Sequence[Result], out: IO[str]) -> None:
-    """Plain answers; with several questions each answer follows a `Q: question` line."""
-    for i, r in enumerate(results):
-        if len(results) > 1:
-            out.write(("\n" if i else "") + f"Q: {r.prompt}\n")
-        out.write((r.text or "") + "\n")
-    out.flush()
+_CONTROL = dict.fromkeys(c for c in range(0x20) if c not in (0x09, 0x0A)) | dict.fromkeys(range(0x7F, 0xA0))
 
 
-def write_json(results: Sequence[Result], out: IO[str]) -> None:
-    """One JSON object, or an array of them when there are several records."""
-    if len(results) == 1:
-        out.write(to_json(results[0], indent=2) + "\n")
-    else:
-        out.write(json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2) + "\n")
-    out.flush()
+def terminal_safe(text: str) -> str:
+    """Model text without control characters (escape sequences, bells, carriage returns), for a terminal."""
+    return text.translate(_CONTROL)
 
 
-def write_jsonl(results: Sequence[Result], out: IO[str]) -> None:
-    for r in results:
-        out.write(to_json(r) + "\n")
-        out.flush()
+class Writer:
+    """Writes results one at a time, as each is ready; `close()` completes the document.
+
+    text: the answer; with several questions each answer follows a `Q: question` line.
+    json: one object, or an array when several records are expected (closed by `close()`, so
+    an interrupted run still leaves valid JSON). jsonl: one object per line.
+    """
+
+    def __init__(self, fmt: str, out: IO[str], many: bool = False, terminal: bool = False):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}")
+        self.fmt, self.out, self.many, self.terminal = fmt, out, many, terminal
+        self.count = 0
+
+    def header(self, prompt: str | None) -> str:
+        """The text format's line before an answer when there are several questions."""
+        if self.fmt != "text" or not self.many:
+            return ""
+        return ("\n" if self.count else "") + f"Q: {self.clean(prompt or '')}\n"
+
+    def clean(self, text: str) -> str:
+        return terminal_safe(text) if self.terminal else text
+
+    def write(self, result: Result, streamed: bool = False) -> None:
+        """Write `result`; `streamed`: its header and text are already out (text format)."""
+        if self.fmt == "text":
+            if not streamed:
+                self.out.write(self.header(result.prompt) + self.clean(result.text or "") + "\n")
+        elif self.fmt == "jsonl":
+            self.out.write(to_json(result) + "\n")
+        elif self.many:
+            body = textwrap.indent(to_json(result, indent=2), "  ")
+            self.out.write(("[\n" if self.count == 0 else ",\n") + body)
+        else:
+            self.out.write(to_json(result, indent=2) + "\n")
+        self.count += 1
+        self.out.flush()
+
+    def close(self) -> None:
+        if self.fmt == "json" and self.many:
+            self.out.write("\n]\n" if self.count else "[]\n")
+            self.out.flush()
 
 
-WRITERS = {"text": write_text, "json": write_json, "jsonl": write_jsonl}
-
-
-def write_results(results: Sequence[Result], fmt: str, out_path: str | Path | None, stdout: IO[str]) -> None:
-    """Write `results` in `fmt` to `out_path` (replaced) or to `stdout`."""
-    writer = WRITERS[fmt]
-    if out_path is None:
-        writer(results, stdout)
-        return
-    with open(out_path, "w", encoding="utf-8") as f:
-        writer(results, f)
+FORMATS = ("text", "json", "jsonl")
 
 
 class _Decodes(Protocol):
@@ -142,7 +170,6 @@ class StreamDecoder:
         return piece
 
 
-def error_result(path: str, error: BaseException, model: str | None = None, prompt: str | None = None) -> Result:
-    """The record of an item that failed: its path, the model, the prompt and why."""
-    message = str(error) if type(error).__module__.startswith("vl3cli") else f"{type(error).__name__}: {error}"
-    return Result(path=path, model=model, prompt=prompt, error=message)
+def error_message(error: BaseException) -> str:
+    """An error as a record states it: vl3's own messages as they are, others with their type."""
+    return str(error) if type(error).__module__.startswith("vl3cli") else f"{type(error).__name__}: {error}"

@@ -1,38 +1,40 @@
-"""The one place where the stages meet: model -> media -> visual features -> prompt -> tokens -> Result.
+"""Where the stages meet: items -> media -> visual features -> prompts -> tokens -> Results.
 
-`Pipeline.load()` resolves the model (hub.py) and loads the engine once per process. For each
-media file, `Pipeline.encode(path)` decodes and pre-processes it (preprocess.py) and encodes it
-(Engine.encode_visual) once; `Pipeline.answer(encoded, question)` then builds the prompt
-(prompt.py), generates (generate.py) and returns one `Result` with timings. `run` does both.
+`Runner.run(items, options)` is the one road every surface takes (describe, ask, batch, the
+Python API; see api.py). An `Item` is some media and the prompts asked about them; each prompt
+gets one `Result`. Worker threads decode and pre-process the next items' media while the model
+works (preprocess.py); an item joins the batch only once its media is ready, so decoding never
+waits for a file. Its visuals are encoded once (Engine.encode_visual), each prompt is laid out
+(prompt.py) and checked against the model's context before any encoding, and up to `slots`
+answers decode together (generate.Scheduler). Results come out in the order they finish, keyed
+by (item number, prompt number); a failing item becomes error records and the run goes on.
 
-Callers pass `check`, called between stages and between tokens: it raises KeyboardInterrupt to
-abandon the item (batch.py's Ctrl-C handling), and `on_text(piece)` to stream an answer.
-This module imports torch: the CLI imports it inside command bodies only.
+Callers pass `check`, called between steps: it raises KeyboardInterrupt to abandon the run
+(batch.StopSignal), and `on_text(key, piece)` to stream answers as they grow. This module
+imports torch: the CLI imports it inside command bodies only.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodingParams
-from .engine import Engine
-from .generate import Request, generate, stream
-from .hub import resolve_model
-from .output import Result, StreamDecoder, error_result
-from .preprocess import MediaOptions, ProcessorConfig, VisualInput, prepare_visual
+from .errors import UsageError, Vl3Error
+from .generate import Request, Scheduler
+from .options import Options
+from .output import Result, StreamDecoder, error_message
+from .preprocess import VisualInput, prepare_visual
 from .prompt import build_input_ids, default_prompt
 
+Key = tuple[int, int]  # (item number, prompt number)
+WAIT_S = 0.2  # how long the loop waits for media before it checks for Ctrl-C again
 Check = Callable[[], None]
-OnText = Callable[[str], None]
-
-# Media options the checkpoint's processor config supplies when the command line leaves them out.
-PROCESSOR_DEFAULTS = ("fps", "min_frames", "max_frames")
+OnText = Callable[[Key, str], None]
 
 
 def _no_check() -> None:
@@ -40,220 +42,211 @@ def _no_check() -> None:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything the command line decides, apart from the inputs."""
+class Item:
+    """Media (paths or URLs, in prompt order) and the prompts asked about them (None: describe)."""
+
+    media: tuple[str, ...]
+    prompts: tuple[str | None, ...] = (None,)
+    id: str | None = None
+    options: Options | None = None  # None: the run's options
+
+
+@dataclass(frozen=True)
+class Label:
+    """What every record says about the model that answered."""
 
     model: str
-    revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    system: str | None = None
-    seed: int | None = None
-    decoding: DecodingParams = field(default_factory=DecodingParams)
-    media: dict | None = None  # MediaOptions fields; None values fall back to the checkpoint's
+    dtype: str
+    device: str
+    quantize: str | None = None
 
 
 @dataclass
-class Encoded:
-    """A media file ready for questions: its VisualInput and visual features (with their cost)."""
+class _Answer:
+    """An answer in progress."""
 
+    item: Item
+    options: Options
     visual: VisualInput
-    features: torch.Tensor
-    media_s: float
-    encode_s: float
+    given: str | None  # the prompt as asked (None: the default one)
+    prompt: str  # the prompt used
+    input_ids: list[int]
+    timings: dict
+    stream: StreamDecoder | None
+    ids: list[int] = field(default_factory=list)
+    first: float | None = None  # when its first token came
 
 
-class Pipeline:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.engine: Engine | None = None
-        self.options: MediaOptions | None = None
-        self._unpaid_load_s = 0.0  # charged to the next record
+class Runner:
+    def __init__(self, engine, label: Label, load_s: float = 0.0):
+        self.engine = engine
+        self.label = label
+        self._unpaid_load_s = load_s  # charged to the next record
+        self._media: dict[Options, object] = {}
 
-    def load(self) -> Pipeline:
-        start = time.perf_counter()
-        path = resolve_model(self.settings.model, self.settings.revision)
-        # Bad media options fail before the (possibly long) weight loading.
-        self.options = media_options(ProcessorConfig.from_dir(path), self.settings.media or {})
-        self.options.validate()
-        self.engine = Engine.load(path, device=self.settings.device, dtype=self.settings.dtype)
-        self._unpaid_load_s = time.perf_counter() - start
-        return self
+    def media_options(self, options: Options):
+        if options not in self._media:
+            self._media[options] = options.media(self.engine.processor)
+        return self._media[options]
 
-    def encode(self, path: str, check: Check = _no_check) -> Encoded:
-        """Decode, pre-process and encode one media file (once, for any number of questions)."""
-        start = time.perf_counter()
-        visual = prepare_visual(path, self.engine.processor, self.options)
-        media_s = time.perf_counter() - start
-        check()
-        start = time.perf_counter()
-        with torch.inference_mode():
-            features = self.engine.encode_visual(visual)
-        encode_s = time.perf_counter() - start
-        check()
-        return Encoded(visual, features, media_s, encode_s)
-
-    def answer(self, encoded: Encoded, question: str | None, check: Check = _no_check, on_text: OnText | None = None) -> Result:
-        """One Result for `question` (None = the default prompt for the media's kind)."""
-        visual = encoded.visual
-        question = question if question is not None else default_prompt(visual.kind)
-        result = self._generate(visual, encoded.features, question, check, on_text)
-        result.timings.update(load_s=self._unpaid_load_s, media_s=encoded.media_s, encode_s=encoded.encode_s)
-        result.timings["total_s"] = sum(v for k, v in result.timings.items() if k != "total_s")
-        self._unpaid_load_s = encoded.media_s = encoded.encode_s = 0.0
-        return result
-
-    def run(self, path: str, questions: list[str | None], check: Check = _no_check) -> list[Result]:
-        encoded = self.encode(path, check)
-        return [self.answer(encoded, q, check) for q in questions]
-
-    def run_many(
+    def run(
         self,
-        paths: list[str],
-        question: str | None,
-        check: Check = _no_check,
+        items: Iterable[Item],
+        options: Options,
+        *,
         slots: int = 8,
         workers: int = 2,
-    ) -> Iterator[Result]:
-        """Results for many files, in the order they finish (errors as error records).
-
-        Worker threads decode and pre-process the next files while the model works; up to
-        `slots` answers decode together (continuous batching). Each item is prefilled alone and
-        gets its own sampler, so its answer is the one it would get on its own.
-        """
+        check: Check = _no_check,
+        on_text: OnText | None = None,
+    ) -> Iterator[tuple[Key, Result]]:
         engine = self.engine
-        failed: deque[Result] = deque()
-        state: dict[int, dict] = {}
+        scheduler = Scheduler(engine, options.decoding, slots)
         pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
+        pending = iter(enumerate(items))
+        preparing: deque = deque()  # (number, item, options, future) in submission order
+        answers: dict[Key, _Answer] = {}
+        ahead = slots + workers
         try:
-            ahead = slots + workers
-            futures: deque = deque()
-            queue = iter(enumerate(paths))
-
-            def fill() -> None:
-                while len(futures) < ahead and (item := next(queue, None)) is not None:
-                    key, path = item
-                    futures.append((key, path, pool.submit(_timed, prepare_visual, path, engine.processor, self.options)))
-
-            def requests():
-                fill()
-                while futures:
-                    key, path, future = futures.popleft()
-                    fill()
-                    check()
+            while True:
+                while len(preparing) < ahead and (next_item := next(pending, None)) is not None:
+                    n, item = next_item
+                    opts = item.options or options
                     try:
-                        visual, media_s = future.result()
-                        start = time.perf_counter()
-                        features = engine.encode_visual(visual)
-                        encode_s = time.perf_counter() - start
-                        prompt = question if question is not None else default_prompt(visual.kind)
-                        input_ids = self._input_ids(visual, prompt)
-                        engine.check_length(len(input_ids) + self.settings.decoding.max_new_tokens)
-                    except (KeyboardInterrupt, SystemExit):
-                        raise
-                    except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
-                        failed.append(error_result(path, e, self.settings.model, question))
+                        media = self.media_options(opts)
+                    except Vl3Error as e:
+                        yield from self._failed(n, item, opts, e)
                         continue
-                    state[key] = dict(visual=visual, prompt=prompt, input_ids=input_ids, ids=[], media_s=media_s,
-                                      encode_s=encode_s, admitted=time.perf_counter(), first=None)
-                    yield key, Request(input_ids, features, self._generator())
-
-            with torch.inference_mode():
-                for key, token in stream(engine, requests(), self.settings.decoding, None, slots):
-                    while failed:
-                        yield failed.popleft()
-                    item = state[key]
-                    now = time.perf_counter()
-                    if item["first"] is None:
-                        item["first"] = now
-                    if token is not None:
-                        item["ids"].append(token)
-                        check()
-                        continue
-                    del state[key]
-                    result = self._record(item["visual"], item["prompt"], item["input_ids"], item["ids"],
-                                          item["first"] - item["admitted"], now - item["first"])
-                    result.timings.update(load_s=self._unpaid_load_s, media_s=item["media_s"], encode_s=item["encode_s"])
-                    result.timings["total_s"] = sum(v for k, v in result.timings.items() if k != "total_s")
-                    self._unpaid_load_s = 0.0
-                    yield result
+                    preparing.append((n, item, opts, pool.submit(_prepare, item, engine.processor, media)))
+                if not preparing and scheduler.idle:
+                    return
+                if scheduler.idle:  # nothing to decode: wait for some media
+                    wait([f for *_, f in preparing], timeout=WAIT_S, return_when=FIRST_COMPLETED)
+                for entry in [e for e in preparing if e[3].done()]:
+                    if len(scheduler.queue) >= slots:  # enough waiting for a row; keep the rest undecoded
+                        break
+                    preparing.remove(entry)
+                    n, item, opts, future = entry
                     check()
-            while failed:
-                yield failed.popleft()
+                    yield from self._admit(n, item, opts, future, scheduler, answers, on_text)
+                check()
+                for event in scheduler.step():
+                    answer = answers[event.key]
+                    now = time.perf_counter()
+                    if answer.first is None:
+                        answer.first = now
+                    if event.token is not None:
+                        answer.ids.append(event.token)
+                        if answer.stream and (piece := answer.stream.push(event.token)):
+                            on_text(event.key, piece)
+                        continue
+                    del answers[event.key]
+                    if answer.stream and (piece := answer.stream.finish()):
+                        on_text(event.key, piece)
+                    answer.timings.update(prefill_s=event.prefill_s, decode_s=now - answer.first)
+                    yield event.key, self._record(answer, event.reason)
         finally:
             # On Ctrl-C do not wait for files still being decoded: their items are redone next run.
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _input_ids(self, visual: VisualInput, question: str) -> list[int]:
+    # -- stages -----------------------------------------------------------------------------
+
+    def _admit(self, n: int, item: Item, options: Options, future, scheduler: Scheduler, answers, on_text):
+        """An item whose media is ready: check, encode once, queue one request per prompt."""
+        visual = None
+        try:
+            visual, media_s = future.result()
+            prompts = [p if p is not None else default_prompt(visual.kind) for p in item.prompts]
+            ids = [self.input_ids(visual, p, options.system) for p in prompts]
+            for input_ids in ids:
+                check_context(len(input_ids), visual.visual_tokens_kept, options.max_new_tokens,
+                              self.engine.config.text.max_position_embeddings)  # fmt: skip
+            start = time.perf_counter()
+            with torch.inference_mode():
+                features = self.engine.encode_visual(visual)
+            encode_s = time.perf_counter() - start
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
+            yield from self._failed(n, item, options, e, visual)
+            return
+        for i, (prompt, input_ids) in enumerate(zip(prompts, ids)):
+            timings = {"media_s": media_s, "encode_s": encode_s} if i == 0 else {}
+            stream = StreamDecoder(self.engine.tokenizer) if on_text else None
+            answers[(n, i)] = _Answer(item, options, visual, item.prompts[i], prompt, input_ids, timings, stream)
+            scheduler.add((n, i), Request(input_ids, features, options.decoding, options.seed))
+
+    def input_ids(self, visual: VisualInput, prompt: str, system: str | None) -> list[int]:
         engine = self.engine
         return build_input_ids(
-            engine.tokenizer, engine.config, question, visual.kind, visual.tokens_per_frame, visual.timestamps,
-            self.settings.system,
+            engine.tokenizer, engine.config, prompt, visual.kind, visual.tokens_per_frame, visual.timestamps, system
         )
 
-    def _generator(self) -> torch.Generator | None:
-        """A fresh sampler per answer: the same seed gives the same answer wherever it runs."""
-        if self.settings.seed is None:
-            return None
-        return torch.Generator(device=self.engine.device).manual_seed(self.settings.seed)
+    def _failed(self, n: int, item: Item, options: Options, error: BaseException, visual: VisualInput | None = None):
+        for i, prompt in enumerate(item.prompts):
+            used = prompt if prompt is not None or visual is None else default_prompt(visual.kind)
+            record = self._base(item, options, prompt, used, visual)
+            record.error = error_message(error)
+            record.exception = error
+            record.timings["load_s"] = self._take_load_s()
+            record.timings["total_s"] = record.timings["load_s"]
+            yield (n, i), record
 
-    def _generate(self, visual: VisualInput, features, question: str, check: Check, on_text: OnText | None) -> Result:
-        engine = self.engine
-        input_ids = self._input_ids(visual, question)
-        stream_text = StreamDecoder(engine.tokenizer) if on_text else None
-        ids: list[int] = []
-        start = time.perf_counter()
-        first = None
-        with torch.inference_mode():
-            for step in generate(engine, [Request(input_ids, features)], self.settings.decoding, self._generator()):
-                if first is None:
-                    first = time.perf_counter()
-                token = step[0]
-                if token is None:
-                    break
-                ids.append(token)
-                if stream_text and (piece := stream_text.push(token)):
-                    on_text(piece)
-                check()
-        end = time.perf_counter()
-        if stream_text and (piece := stream_text.finish()):
-            on_text(piece)
-        first = first or end
-        return self._record(visual, question, input_ids, ids, first - start, end - first)
+    def _take_load_s(self) -> float:
+        load_s, self._unpaid_load_s = self._unpaid_load_s, 0.0
+        return load_s
 
-    def _record(self, visual: VisualInput, question: str, input_ids: list[int], ids: list[int],
-                prefill_s: float, decode_s: float) -> Result:
-        settings = self.settings
-        return Result(
-            path=visual.path,
-            kind=visual.kind,
-            prompt=question,
-            text=self.engine.tokenizer.decode(ids),
-            model=settings.model,
-            width=visual.source_width,
-            height=visual.source_height,
-            duration=visual.duration,
-            frames=len(visual.timestamps) if visual.kind == "video" else 1,
-            timestamps=[round(t, 3) for t in visual.timestamps] if visual.kind == "video" else None,
-            resized=[visual.resized_width, visual.resized_height],
-            visual_tokens=visual.visual_tokens,
-            visual_tokens_kept=visual.visual_tokens_kept,
-            prompt_tokens=len(input_ids),
-            generated_tokens=len(ids),
-            finish_reason="length" if len(ids) >= settings.decoding.max_new_tokens else "stop",
-            timings={"prefill_s": prefill_s, "decode_s": decode_s},
-        )
+    def _base(self, item: Item, options: Options, given: str | None, used: str | None, visual: VisualInput | None) -> Result:
+        label = self.label
+        record = Result(
+            path=item.media[0] if item.media else "", prompt=used, system=options.system, model=label.model,
+            dtype=label.dtype, device=label.device, quantize=label.quantize, options=options.record(given),
+        )  # fmt: skip
+        if visual is not None:
+            video = visual.kind == "video"
+            record.kind = visual.kind
+            record.width, record.height, record.duration = visual.source_width, visual.source_height, visual.duration
+            record.frames = len(visual.timestamps) if video else 1
+            record.timestamps = [round(t, 3) for t in visual.timestamps] if video else None
+            record.resized = [visual.resized_width, visual.resized_height]
+            record.visual_tokens, record.visual_tokens_kept = visual.visual_tokens, visual.visual_tokens_kept
+            record.warnings = list(getattr(visual, "warnings", []))
+        return record
+
+    def _record(self, answer: _Answer, reason: str) -> Result:
+        record = self._base(answer.item, answer.options, answer.given, answer.prompt, answer.visual)
+        record.text = self.engine.tokenizer.decode(answer.ids)
+        record.prompt_tokens = len(answer.input_ids)
+        record.generated_tokens = len(answer.ids)
+        record.finish_reason = reason
+        timings = dict.fromkeys(("media_s", "encode_s"), 0.0) | answer.timings
+        timings["load_s"] = self._take_load_s()
+        timings["total_s"] = sum(timings.values())
+        record.timings = timings
+        return record
 
 
-def _timed(fn, *args):
+def _prepare(item: Item, processor, media) -> tuple[VisualInput, float]:
+    """Worker-thread stage: decode and pre-process an item's media (one file for now)."""
+    if len(item.media) != 1:
+        raise UsageError(f"an item needs exactly one image or video (got {len(item.media)})")
     start = time.perf_counter()
-    return fn(*args), time.perf_counter() - start
+    visual = prepare_visual(item.media[0], processor, media)
+    return visual, time.perf_counter() - start
 
 
-def media_options(processor, overrides: dict) -> MediaOptions:
-    """MediaOptions from the command line, with fps / min / max frames from the checkpoint when not given."""
-    values = {k: v for k, v in overrides.items() if v is not None}
-    for name in PROCESSOR_DEFAULTS:
-        if name not in values and getattr(processor, name, None) is not None:
-            values[name] = getattr(processor, name)
-    return MediaOptions(**values)
+def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Raise when a prompt plus its answer needs more positions than the model has, saying what helps."""
+    need = prompt_tokens + max_new_tokens
+    if need <= context:
+        return
+    text = prompt_tokens - visual_tokens
+    room = context - text - max_new_tokens
+    advice = "lower --max-new-tokens"
+    if visual_tokens and room > 0:
+        advice = (f"pass --max-visual-tokens {room} (frames are made smaller; fewer frames would make each "
+                  "one larger), or a shorter --start/--end clip, or lower --max-new-tokens")  # fmt: skip
+    raise Vl3Error(
+        f"the prompt ({prompt_tokens} tokens, {visual_tokens} of them visual) and --max-new-tokens {max_new_tokens} "
+        f"need {need} positions, more than the model's {context}: {advice}"
+    )
+

@@ -1,0 +1,104 @@
+"""The Python API against the command line: the same records (greedy, tiny checkpoint), the same errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tiny
+from media_factory import make_image, make_video
+from typer.testing import CliRunner
+
+import vl3cli
+from vl3cli.cli import app
+from vl3cli.errors import MediaError, UsageError
+
+runner = CliRunner()
+N = 6
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("api-ckpt") / "original", "original", tied=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return vl3cli.load(str(ckpt), dtype="float32", max_new_tokens=N)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("api-media")
+    return {
+        "image": make_image(root / "a.png", size=(56, 42)),
+        "video": make_video(root / "b.mp4", seconds=2.0, fps=6, size=(56, 42)),
+        "image2": make_image(root / "c.jpg", size=(30, 70), fmt="JPEG", seed=4),
+    }
+
+
+def cli(*args) -> list[dict]:
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code in (0, 1), (r.output, r.exception)
+    return [json.loads(x) for x in r.stdout.splitlines()]
+
+
+def same(api_record: dict, cli_record: dict) -> None:
+    """Equal records, timings aside (they are measurements)."""
+    a, c = dict(api_record), dict(cli_record)
+    a.pop("timings"), c.pop("timings")
+    assert a == c
+
+
+def test_describe_equals_the_command_line(model, ckpt, files):
+    for name in ("image", "video"):
+        r = model.describe(str(files[name]), fps=3)
+        (rec,) = cli("describe", files[name], "-m", ckpt, "--dtype", "float32", "--max-new-tokens", N, "--fps", 3, "-f", "jsonl")
+        same(r.to_dict(), rec)
+        assert r.text and r.error is None
+
+
+def test_ask_equals_the_command_line(model, ckpt, files):
+    questions = ["What is it?", "Which colours?"]
+    rs = model.ask(str(files["video"]), questions, system="Be brief.")
+    recs = cli("ask", files["video"], *questions, "-m", ckpt, "--dtype", "float32", "--max-new-tokens", N,
+               "--system", "Be brief.", "-f", "jsonl")  # fmt: skip
+    assert len(rs) == len(recs) == 2
+    for r, rec in zip(rs, recs):
+        same(r.to_dict(), rec)
+
+
+def test_caption_many_equals_batch(model, ckpt, files, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for f in files.values():
+        shutil.copy(f, folder / f.name)
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 nothing more")
+    paths = sorted(str(p) for p in folder.iterdir())
+    ours = {r.path: r.to_dict() for r in model.caption_many(paths, batch_size=3)}
+    recs = {rec["path"]: rec for rec in cli("batch", folder, "-m", ckpt, "--dtype", "float32", "--max-new-tokens", N, "--batch-size", 3)}
+    assert sorted(ours) == sorted(recs) == paths
+    for path in paths:
+        same(ours[path], recs[path])
+    assert ours[str(folder / "broken.mp4")]["error"]
+
+
+def test_errors_are_the_command_lines(model, files):
+    with pytest.raises(MediaError, match="no such file"):
+        model.describe("nope.png")
+    with pytest.raises(UsageError, match="--max-frames"):
+        model.describe(str(files["video"]), max_frames=0)
+    with pytest.raises(UsageError, match="unknown option"):
+        model.describe(str(files["image"]), frames_per_second=2)
+    with pytest.raises(UsageError, match="--max-new-tokens"):
+        model.describe(str(files["image"]), max_new_tokens=10_000)
+    with pytest.raises(UsageError, match="--max-new-tokens"):
+        vl3cli.load("unused-because-the-options-fail", max_new_tokens=0)
+
+
+def test_streaming_callback_sees_the_whole_answer(model, files):
+    pieces = []
+    r = model.describe(str(files["image"]), on_text=pieces.append)
+    assert "".join(pieces) == r.text

@@ -1,0 +1,109 @@
+"""outfile.py: which files are ours, the mending of a crash's last line, refusals that leave files byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from vl3cli.errors import UsageError
+from vl3cli.outfile import Target, check_replaceable, read_records
+from vl3cli.output import Result
+
+
+def rec(path: str, **kw) -> bytes:
+    return (json.dumps(Result(path=path, text="t", **kw).to_dict()) + "\n").encode()
+
+
+def test_read_records_repairs_a_truncated_last_line(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(rec("a") + rec("b", error="bad") + rec("c")[:25])
+    assert [r["path"] for r in read_records(out)] == ["a", "b"]
+    assert out.read_bytes() == rec("a") + rec("b", error="bad")
+
+
+def test_a_whole_last_record_gets_its_newline(tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(rec("a") + rec("b")[:-1])
+    assert [r["path"] for r in read_records(out)] == ["a", "b"]
+    assert out.read_bytes() == rec("a") + rec("b")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x89PNG\r\n\x1a\n" + os.urandom(3000),  # an image that a shell glob made the output
+        b"shopping list\nmilk\n",
+        b'{"path": "a", "text": "t", "error": null}\nnot json\n',  # ours, then something else
+        rec("a") + b'{"x": 1}\n',  # JSON, but not a record
+        b'{"x": 1',  # a cut-short line that is not one of our records
+        rec("a") + b"[1, 2]",
+        b"\x00" * 100_000,  # no newline at all
+    ],
+)
+def test_files_that_are_not_ours_are_refused_byte_identical(tmp_path, content):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(UsageError, match=r"exists and is not a vl3 results file \(use --overwrite to replace it\)"):
+        read_records(out)
+    assert out.read_bytes() == content
+
+
+def test_a_huge_file_is_not_read_whole(tmp_path, monkeypatch):
+    """A large file with no newline is refused after one bounded read."""
+    import vl3cli.outfile as outfile
+
+    monkeypatch.setattr(outfile, "MAX_LINE", 1024)
+    out = tmp_path / "video.mp4"
+    out.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 50_000)
+    reads = []
+    real_open = open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def readline(self, limit):
+            line = self.f.readline(limit)
+            reads.append(len(line))
+            return line
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr("builtins.open", lambda *a, **k: Spy(real_open(*a, **k)))
+    with pytest.raises(UsageError):
+        read_records(out)
+    assert reads == [1024]
+
+
+def test_targets(tmp_path):
+    assert Target.of(None) == Target.of("-") == Target(None, False)
+    assert Target.of(str(tmp_path / "new.jsonl")).regular
+    assert not Target.of("/dev/null").regular and not Target.of("/dev/full").regular
+    with pytest.raises(UsageError, match="is a folder"):
+        Target.of(str(tmp_path))
+    with pytest.raises(UsageError, match="does not exist"):
+        Target.of(str(tmp_path / "no" / "r.jsonl"))
+
+
+def test_describe_outputs_replace_only_with_overwrite(tmp_path):
+    text = tmp_path / "caption.txt"
+    text.write_text("my notes\n")
+    for fmt in ("text", "json"):
+        with pytest.raises(UsageError, match="exists"):
+            check_replaceable(Target.of(str(text)), fmt, overwrite=False)
+        check_replaceable(Target.of(str(text)), fmt, overwrite=True)
+    with pytest.raises(UsageError, match="not a vl3 results file"):
+        check_replaceable(Target.of(str(text)), "jsonl", overwrite=False)
+    ours = tmp_path / "r.jsonl"
+    ours.write_bytes(rec("a"))
+    check_replaceable(Target.of(str(ours)), "jsonl", overwrite=False)  # appended to
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    check_replaceable(Target.of(str(empty)), "text", overwrite=False)
+    assert text.read_text() == "my notes\n" and ours.read_bytes() == rec("a")

@@ -1,0 +1,5 @@
+"""`python -m vl3cli ...` is `vl3 ...`."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,105 @@
+"""Per-request options: everything that changes an answer besides the model and the inputs.
+
+`Options` holds the decoding settings, the media sampling settings and the system prompt under
+the command-line names (`max_new_tokens` is `--max-new-tokens`), with the command line's
+defaults. The command line, the Python API (`vl3cli.load(...).describe(path, fps=2)`), the
+server and the Ray engine all build one with `Options.from_kwargs(**options)`, so values are
+checked once, in one place, and errors name the command-line option (`UsageError`).
+
+`None` for `fps`, `min_frames` and `max_frames` means "the checkpoint's value"; `media(processor)`
+resolves them: a bound that is not given follows the given one (`--max-frames 1` alone lowers
+the minimum to 1; `--min-frames 200` alone raises the maximum to 200).
+
+`record(prompt)` is what a record stores of the request, and what resume compares (batch.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .decoding import DecodingParams
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Options:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+    system: str | None = None
+    fps: float | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    max_visual_tokens: int | None = None
+    prune: bool = True
+    prune_threshold: float = 0.1
+
+    def __post_init__(self):
+        self.decoding  # noqa: B018 -- DecodingParams checks the decoding values
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise UsageError(f"--fps must be a positive number (got {self.fps:g})")
+        for name in ("min_frames", "max_frames", "max_visual_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        if self.min_frames is not None and self.max_frames is not None and self.min_frames > self.max_frames:
+            raise UsageError(f"--min-frames ({self.min_frames}) is above --max-frames ({self.max_frames})")
+        if self.start is not None and not (math.isfinite(self.start) and self.start >= 0):
+            raise UsageError(f"--start must be 0 or more seconds (got {self.start:g})")
+        if self.end is not None and not (math.isfinite(self.end) and self.end > 0):
+            raise UsageError(f"--end must be more than 0 seconds (got {self.end:g})")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise UsageError(f"--end ({self.end:g}s) must be after --start ({self.start:g}s)")
+        if not (math.isfinite(self.prune_threshold) and self.prune_threshold >= 0):
+            raise UsageError(f"--prune-threshold must be 0 or more (got {self.prune_threshold:g})")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> Options:
+        """Options from keyword arguments named as on the command line; unknown names are a UsageError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise UsageError(f"unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        return cls(**kwargs)
+
+    def replace(self, **kwargs) -> Options:
+        """A copy with some options changed (validated like the original)."""
+        return Options.from_kwargs(**{**asdict(self), **kwargs})
+
+    @property
+    def decoding(self) -> DecodingParams:
+        return DecodingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos,
+        )  # fmt: skip
+
+    def media(self, processor):
+        """`MediaOptions` for a checkpoint's processor config (its fps / frame bounds fill the gaps)."""
+        from .preprocess import MediaOptions
+
+        fps = self.fps if self.fps is not None else processor.fps
+        lo, hi = self.min_frames, self.max_frames
+        if lo is None and hi is None:
+            lo, hi = processor.min_frames, processor.max_frames
+        elif lo is None:
+            lo = min(processor.min_frames, hi)
+        elif hi is None:
+            hi = max(processor.max_frames, lo)
+        return MediaOptions(
+            fps=fps, min_frames=lo, max_frames=hi, start=self.start, end=self.end,
+            max_visual_tokens=self.max_visual_tokens, prune=self.prune, prune_threshold=self.prune_threshold,
+        )  # fmt: skip
+
+    def record(self, prompt: str | None) -> dict:
+        """The request as a record's `options` field: the prompt as given (None = the default
+        prompt for the media's kind) and every option above but `system` (a field of its own)."""
+        values = asdict(self)
+        del values["system"]
+        return {"prompt": prompt, **values}

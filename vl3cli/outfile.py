@@ -1,0 +1,169 @@
+"""Where results go, opened so that a file that is not ours is never changed.
+
+`--out` names a regular file, `-` (stdout), or something that is not a regular file (a FIFO,
+`/dev/stdout` on a terminal or a pipe, `/dev/full`): `Target.of(out)` says which.
+
+- A stream (stdout, FIFO, device) is written to and never read: no resume, no repair.
+- A regular file is "ours" when it is empty or every line is a vl3 JSONL record (a JSON object
+  with the record's `path`, `text` and `error` fields). Only then may vl3 append to it, resume
+  from it, or cut off a last line that a crash left unterminated (and only when that line
+  starts like a record). Anything else is refused, the file left byte-identical, unless the
+  user asks for `--overwrite`.
+- `read_records` reads line by line with a bounded line length, so a large file that is not
+  ours (a video passed as `--out` by a shell glob) is refused after its first line, never read whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from .errors import UsageError, Vl3Error
+
+RECORD_FIELDS = ("path", "text", "error")
+RECORD_START = (b'{"id": ', b'{"path": ')  # how a record line begins (ours: json.dumps of Result.to_dict())
+MAX_LINE = 64 * 1024 * 1024  # a longer line is not one of ours
+
+
+@dataclass(frozen=True)
+class Target:
+    path: Path | None  # None: stdout
+    regular: bool  # a regular file (existing or to be created): can be read back and resumed
+
+    @classmethod
+    def of(cls, out: str | os.PathLike | None) -> Target:
+        if out is None or str(out) == "-":
+            return cls(None, False)
+        path = Path(out)
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            if not path.parent.is_dir():
+                raise UsageError(f"--out {out}: the folder {path.parent} does not exist") from None
+            return cls(path, True)
+        except OSError as e:
+            raise UsageError(f"--out {out}: {e.strerror}") from None
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"--out {out} is a folder; give a file name")
+        return cls(path, stat.S_ISREG(mode))
+
+    @property
+    def name(self) -> str:
+        return "stdout" if self.path is None else str(self.path)
+
+    def exists_nonempty(self) -> bool:
+        return self.regular and self.path.exists() and self.path.stat().st_size > 0
+
+
+def not_ours(path: Path) -> UsageError:
+    return UsageError(f"{path} exists and is not a vl3 results file (use --overwrite to replace it)")
+
+
+def _is_record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(record, dict) and all(k in record for k in RECORD_FIELDS):
+        return record
+    return None
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a vl3 JSONL file; refuses (UsageError) a file that is not one.
+
+    A last line without its newline is mended: a whole record gets its newline; a half record
+    (a crash mid-write: it begins like a record) is cut off. Every other line must be a record.
+    """
+    records: list[dict] = []
+    cut = newline = None
+    with open(path, "rb") as f:
+        while line := f.readline(MAX_LINE):
+            record = _is_record(line) if len(line) < MAX_LINE else None
+            if record is not None:
+                records.append(record)
+                newline = not line.endswith(b"\n")
+            elif not line.endswith(b"\n") and line.startswith(RECORD_START):
+                cut = f.tell() - len(line)
+            else:
+                raise not_ours(path)
+    if cut is not None:
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+    elif newline:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return records
+
+
+def check_replaceable(target: Target, fmt: str, overwrite: bool) -> None:
+    """describe / ask: may results in `fmt` go to `target`? JSONL appends to a vl3 file; text and
+    JSON replace a file, which needs --overwrite unless it is empty."""
+    if overwrite or not target.exists_nonempty():
+        return
+    if fmt == "jsonl":
+        read_records(target.path)  # refuses what is not ours; repairs a cut-short last line
+        return
+    raise UsageError(f"{target.path} exists (use --overwrite to replace it, or --format jsonl to append to a vl3 JSONL file)")
+
+
+class Sink:
+    """A text stream whose write errors (a full disk, /dev/full) name the output: one clear line."""
+
+    def __init__(self, stream: IO[str], name: str):
+        self.stream, self.name = stream, name
+
+    def write(self, text: str) -> None:
+        self._guard(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def _guard(self, call, *args) -> None:
+        try:
+            call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise Vl3Error(f"cannot write to {self.name}: {e.strerror or e}") from e
+
+
+@contextmanager
+def opened(target: Target, replace: bool) -> Iterator[Sink]:
+    """The stream for `target`: stdout; a stream opened for writing; a regular file appended to
+    (`replace`: emptied first). The caller has checked the file is ours."""
+    if target.path is None:
+        yield Sink(sys.stdout, "stdout")
+        return
+    mode = "w" if replace and target.regular else "a"
+    try:
+        f = open(target.path, mode, encoding="utf-8")  # noqa: SIM115 -- closed below, with its error named
+    except OSError as e:
+        raise Vl3Error(f"cannot write to {target.path}: {e.strerror or e}") from e
+    sink = Sink(f, str(target.path))
+    try:
+        yield sink
+    finally:
+        sink._guard(f.close)
+
+
+def rewrite_without(path: Path, drop) -> None:
+    """Rewrite vl3 file `path` without the records for which `drop(record)` is true (atomically)."""
+    tmp = path.with_name(f".{path.name}.vl3-tmp")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        for line in src:
+            record = _is_record(line)
+            if record is not None and drop(record):
+                continue
+            dst.write(line)
+    os.replace(tmp, path)
