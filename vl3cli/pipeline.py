@@ -1,7 +1,8 @@
 """Where the stages meet: items -> media -> visual features -> prompts -> tokens -> Results.
 
 `Runner.run(items, options)` is the one road every surface takes (describe, ask, batch, the
-Python API; see api.py). An `Item` is some media and the prompts asked about them; each prompt
+Python API; see api.py); a long-lived caller (the server) drives a `Loop` itself: `submit`,
+`cancel`, and `step()` until it is idle. An `Item` is some media and the prompts asked about them; each prompt
 gets one `Result`. Worker threads decode and pre-process the next items' media while the model
 works (preprocess.py); an item joins the batch only once its media is ready, so decoding never
 waits for a file. Its visuals are encoded once (Engine.encode_visual), each prompt is laid out
@@ -17,7 +18,6 @@ imports torch: the CLI imports it inside command bodies only.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from .output import Result, StreamDecoder, error_message
 from .preprocess import VisualInput, prepare_visual
 from .prompt import build_input_ids, default_prompt
 
-Key = tuple[int, int]  # (item number, prompt number)
+Key = tuple  # (the item's key: its number in a run, prompt number)
 WAIT_S = 0.2  # how long the loop waits for media before it checks for Ctrl-C again
 Check = Callable[[], None]
 OnText = Callable[[Key, str], None]
@@ -78,6 +78,8 @@ class _Answer:
 
 
 class Runner:
+    """The model's side of every run: records carry its label; the load time goes on the first record."""
+
     def __init__(self, engine, label: Label, load_s: float = 0.0):
         self.engine = engine
         self.label = label
@@ -89,6 +91,13 @@ class Runner:
             self._media[options] = options.media(self.engine.processor)
         return self._media[options]
 
+    def take_load_s(self) -> float:
+        load_s, self._unpaid_load_s = self._unpaid_load_s, 0.0
+        return load_s
+
+    def loop(self, options: Options, slots: int = 8, workers: int = 2) -> Loop:
+        return Loop(self, options, slots, workers)
+
     def run(
         self,
         items: Iterable[Item],
@@ -99,58 +108,114 @@ class Runner:
         check: Check = _no_check,
         on_text: OnText | None = None,
     ) -> Iterator[tuple[Key, Result]]:
-        engine = self.engine
-        scheduler = Scheduler(engine, options.decoding, slots)
-        pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
+        """(key, Result) for every prompt of every item, in the order they finish.
+
+        Items are taken from the iterable only as the batch has room (a few files ahead of it).
+        """
         pending = iter(enumerate(items))
-        preparing: deque = deque()  # (number, item, options, future) in submission order
-        answers: dict[Key, _Answer] = {}
-        ahead = slots + workers
-        try:
+        with self.loop(options, slots, workers) as loop:
             while True:
-                while len(preparing) < ahead and (next_item := next(pending, None)) is not None:
-                    n, item = next_item
-                    opts = item.options or options
-                    try:
-                        media = self.media_options(opts)
-                    except Vl3Error as e:
-                        yield from self._failed(n, item, opts, e)
-                        continue
-                    preparing.append((n, item, opts, pool.submit(_prepare, item, engine.processor, media)))
-                if not preparing and scheduler.idle:
+                while loop.waiting < slots + workers and (item := next(pending, None)) is not None:
+                    loop.submit(item[0], item[1], stream=on_text is not None)
+                if loop.idle:
                     return
-                if scheduler.idle:  # nothing to decode: wait for some media
-                    wait([f for *_, f in preparing], timeout=WAIT_S, return_when=FIRST_COMPLETED)
-                for entry in [e for e in preparing if e[3].done()]:
-                    if len(scheduler.queue) >= slots:  # enough waiting for a row; keep the rest undecoded
-                        break
-                    preparing.remove(entry)
-                    n, item, opts, future = entry
-                    check()
-                    yield from self._admit(n, item, opts, future, scheduler, answers, on_text)
                 check()
-                for event in scheduler.step():
-                    answer = answers[event.key]
-                    now = time.perf_counter()
-                    if answer.first is None:
-                        answer.first = now
-                    if event.token is not None:
-                        answer.ids.append(event.token)
-                        if answer.stream and (piece := answer.stream.push(event.token)):
-                            on_text(event.key, piece)
-                        continue
-                    del answers[event.key]
-                    if answer.stream and (piece := answer.stream.finish()):
-                        on_text(event.key, piece)
-                    answer.timings.update(prefill_s=event.prefill_s, decode_s=now - answer.first)
-                    yield event.key, self._record(answer, event.reason)
-        finally:
-            # On Ctrl-C do not wait for files still being decoded: their items are redone next run.
-            pool.shutdown(wait=False, cancel_futures=True)
+                for key, out in loop.step():
+                    if isinstance(out, str):
+                        on_text(key, out)
+                    else:
+                        yield key, out
+                        check()
+
+
+class Loop:
+    """One continuous batch: items are submitted (their media is read by worker threads), join
+    the batch once their media is ready, and come out as text pieces and Results.
+
+    `step()` admits what is ready (never waiting for media while answers are decoding), decodes
+    one token for every answer, and returns `(key, piece)` for streamed items and `(key, Result)`
+    for finished answers; key is (the item's key, prompt number). `cancel(key)` drops an item
+    wherever it is. Single-threaded: one caller drives it (the server runs it in one thread).
+    """
+
+    def __init__(self, runner: Runner, options: Options, slots: int, workers: int):
+        self.runner, self.engine, self.options, self.slots = runner, runner.engine, options, slots
+        self.scheduler = Scheduler(self.engine, options.decoding, slots)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
+        self.preparing: dict = {}  # key -> (item, options, stream, future), in submission order
+        self.answers: dict[Key, _Answer] = {}
+        self.ready: list[tuple[Key, Result]] = []  # error records waiting for the next step
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # Do not wait for files still being decoded: on Ctrl-C their items are redone next run.
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def waiting(self) -> int:
+        """Items submitted whose answers have not started (media being read, or queued for a row)."""
+        return len(self.preparing) + len(self.scheduler.queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self.preparing and self.scheduler.idle and not self.ready
+
+    def submit(self, key, item: Item, stream: bool = False) -> None:
+        options = item.options or self.options
+        try:
+            media = self.runner.media_options(options)
+        except Vl3Error as e:
+            self.ready += self._failed(key, item, options, e)
+            return
+        future = self.pool.submit(_prepare, item, self.engine.processor, media)
+        self.preparing[key] = (item, options, stream, future)
+
+    def cancel(self, key) -> None:
+        entry = self.preparing.pop(key, None)
+        if entry is not None:
+            entry[3].cancel()
+        for k in [k for k in self.answers if k[0] == key]:
+            del self.answers[k]
+            self.scheduler.cancel(k)
+        self.ready = [(k, r) for k, r in self.ready if k[0] != key]
+
+    def step(self) -> list[tuple[Key, str | Result]]:
+        out: list[tuple[Key, str | Result]] = self.ready
+        self.ready = []
+        if self.scheduler.idle and self.preparing and not out:  # nothing to decode: wait for some media
+            wait([entry[3] for entry in self.preparing.values()], timeout=WAIT_S, return_when=FIRST_COMPLETED)
+        for key in [k for k, entry in self.preparing.items() if entry[3].done()]:
+            if len(self.scheduler.queue) >= self.slots:  # enough waiting for a row; keep the rest as they are
+                break
+            item, options, stream, future = self.preparing.pop(key)
+            out += self._admit(key, item, options, stream, future)
+        for event in self.scheduler.step():
+            answer = self.answers.get(event.key)
+            if answer is None:  # cancelled
+                continue
+            now = time.perf_counter()
+            if answer.first is None:
+                answer.first = now
+            if event.token is not None:
+                answer.ids.append(event.token)
+                if answer.stream and (piece := answer.stream.push(event.token)):
+                    out.append((event.key, piece))
+                continue
+            del self.answers[event.key]
+            if answer.stream and (piece := answer.stream.finish()):
+                out.append((event.key, piece))
+            answer.timings.update(prefill_s=event.prefill_s, decode_s=now - answer.first)
+            out.append((event.key, self._record(answer, event.reason)))
+        return out
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _admit(self, n: int, item: Item, options: Options, future, scheduler: Scheduler, answers, on_text):
+    def _admit(self, key, item: Item, options: Options, stream: bool, future) -> list[tuple[Key, Result]]:
         """An item whose media is ready: check, encode once, queue one request per prompt."""
         visual = None
         try:
@@ -167,13 +232,13 @@ class Runner:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
-            yield from self._failed(n, item, options, e, visual)
-            return
+            return self._failed(key, item, options, e, visual)
         for i, (prompt, input_ids) in enumerate(zip(prompts, ids)):
             timings = {"media_s": media_s, "encode_s": encode_s} if i == 0 else {}
-            stream = StreamDecoder(self.engine.tokenizer) if on_text else None
-            answers[(n, i)] = _Answer(item, options, visual, item.prompts[i], prompt, input_ids, timings, stream)
-            scheduler.add((n, i), Request(input_ids, features, options.decoding, options.seed))
+            decoder = StreamDecoder(self.engine.tokenizer) if stream else None
+            self.answers[(key, i)] = _Answer(item, options, visual, item.prompts[i], prompt, input_ids, timings, decoder)
+            self.scheduler.add((key, i), Request(input_ids, features, options.decoding, options.seed))
+        return []
 
     def input_ids(self, visual: VisualInput, prompt: str, system: str | None) -> list[int]:
         engine = self.engine
@@ -181,22 +246,19 @@ class Runner:
             engine.tokenizer, engine.config, prompt, visual.kind, visual.tokens_per_frame, visual.timestamps, system
         )
 
-    def _failed(self, n: int, item: Item, options: Options, error: BaseException, visual: VisualInput | None = None):
+    def _failed(self, key, item: Item, options: Options, error: BaseException, visual: VisualInput | None = None):
+        records = []
         for i, prompt in enumerate(item.prompts):
             used = prompt if prompt is not None or visual is None else default_prompt(visual.kind)
             record = self._base(item, options, prompt, used, visual)
             record.error = error_message(error)
             record.exception = error
-            record.timings["load_s"] = self._take_load_s()
-            record.timings["total_s"] = record.timings["load_s"]
-            yield (n, i), record
-
-    def _take_load_s(self) -> float:
-        load_s, self._unpaid_load_s = self._unpaid_load_s, 0.0
-        return load_s
+            record.timings["load_s"] = record.timings["total_s"] = self.runner.take_load_s()
+            records.append(((key, i), record))
+        return records
 
     def _base(self, item: Item, options: Options, given: str | None, used: str | None, visual: VisualInput | None) -> Result:
-        label = self.label
+        label = self.runner.label
         record = Result(
             path=item.media[0] if item.media else "", prompt=used, system=options.system, model=label.model,
             dtype=label.dtype, device=label.device, quantize=label.quantize, options=options.record(given),
@@ -219,7 +281,7 @@ class Runner:
         record.generated_tokens = len(answer.ids)
         record.finish_reason = reason
         timings = dict.fromkeys(("media_s", "encode_s"), 0.0) | answer.timings
-        timings["load_s"] = self._take_load_s()
+        timings["load_s"] = self.runner.take_load_s()
         timings["total_s"] = sum(timings.values())
         record.timings = timings
         return record
