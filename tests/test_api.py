@@ -102,3 +102,18 @@ def test_streaming_callback_sees_the_whole_answer(model, files):
     pieces = []
     r = model.describe(str(files["image"]), on_text=pieces.append)
     assert "".join(pieces) == r.text
+
+
+def test_media_read_elsewhere_gives_the_same_record(model, files):
+    """An item whose media was prepared outside the run (as Ray tasks do) is answered alike."""
+    from vl3cli.pipeline import Item
+    from vl3cli.preprocess import prepare_visual
+
+    path = str(files["video"])
+    visual = prepare_visual(path, model.engine.processor, model.options().media(model.engine.processor))
+    ((_, theirs),) = list(model.run([Item((path,), (None,), prepared=(visual, 0.5))]))
+    mine = model.describe(path)
+    assert theirs.timings["media_s"] == 0.5
+    same(theirs.to_dict(), mine.to_dict())
+    ((_, failed),) = list(model.run([Item((path,), ("Why?",), prepared=MediaError(f"{path}: truncated"))]))
+    assert failed.error == f"{path}: truncated" and failed.prompt == "Why?"

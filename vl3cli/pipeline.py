@@ -49,6 +49,9 @@ class Item:
     prompts: tuple[str | None, ...] = (None,)
     id: str | None = None
     options: Options | None = None  # None: the run's options
+    # Media read elsewhere (e.g. in a Ray task): a (VisualInput, media seconds) pair, or the
+    # exception reading raised (the item then becomes error records). None: read it here.
+    prepared: tuple[VisualInput, float] | BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,10 @@ class Loop:
 
 def _prepare(item: Item, processor, media) -> tuple[VisualInput, float]:
     """Worker-thread stage: decode and pre-process an item's media (one file for now)."""
+    if isinstance(item.prepared, BaseException):
+        raise item.prepared
+    if item.prepared is not None:
+        return item.prepared
     if len(item.media) != 1:
         raise UsageError(f"an item needs exactly one image or video (got {len(item.media)})")
     start = time.perf_counter()
