@@ -111,7 +111,7 @@ def test_media_read_elsewhere_gives_the_same_record(model, files):
 
     path = str(files["video"])
     visual = prepare_visual(path, model.engine.processor, model.options().media(model.engine.processor))
-    ((_, theirs),) = list(model.run([Item((path,), (None,), prepared=(visual, 0.5))]))
+    ((_, theirs),) = list(model.run([Item((path,), (None,), prepared=((visual,), 0.5))]))
     mine = model.describe(path)
     assert theirs.timings["media_s"] == 0.5
     same(theirs.to_dict(), mine.to_dict())

@@ -133,10 +133,11 @@ def test_json_record_schema(ckpt, media, tmp_path):
     assert r.exit_code == 0 and r.stdout == ""
     rec = json.loads(out.read_text())
     assert list(rec) == [
-        "path", "kind", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width", "height",
-        "duration", "frames", "timestamps", "resized", "visual_tokens", "visual_tokens_kept", "prompt_tokens",
-        "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
+        "id", "path", "media", "kind", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
+        "height", "duration", "frames", "timestamps", "resized", "media_info", "visual_tokens", "visual_tokens_kept",
+        "prompt_tokens", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
     ]  # fmt: skip
+    assert rec["media"] == [str(media["video"])] and rec["id"] is None and rec["media_info"] is None
     assert rec["path"] == str(media["video"]) and rec["kind"] == "video" and rec["model"] == str(ckpt["original"])
     assert (rec["system"], rec["dtype"], rec["device"], rec["quantize"], rec["warnings"]) == (None, "float32", "cpu", None, [])
     assert rec["options"]["prompt"] is None and rec["options"]["fps"] == 2.0 and rec["options"]["max_new_tokens"] == 5

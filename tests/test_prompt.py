@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tiny import tokenizer_json
 
 from vl3cli.errors import TokenizerError
-from vl3cli.prompt import build_input_ids, chat_pieces, render, visual_pieces
+from vl3cli.prompt import Turn, build_input_ids, conversation_ids, conversation_pieces, follow_up_ids, render, visual_pieces
 from vl3cli.tokenizer import Tokenizer
 
 
@@ -28,6 +28,10 @@ def configs(tok):
     return {"hf": (hf, "<|image_pad|>", "<|video_pad|>"), "original": (original, "<image>", "<image>")}
 
 
+def visual(kind, tokens_per_frame, timestamps=()):
+    return SimpleNamespace(kind=kind, tokens_per_frame=list(tokens_per_frame), timestamps=list(timestamps))
+
+
 def full_string(question, kind, tokens_per_frame, timestamps, system, placeholder):
     if kind == "image":
         visual = placeholder * sum(tokens_per_frame)
@@ -42,11 +46,11 @@ def full_string(question, kind, tokens_per_frame, timestamps, system, placeholde
 def test_image_and_video_match_full_string(tok, fmt, system):
     config, image_tok, video_tok = configs(tok)[fmt]
     q = "What happens after the cat jumps?"
-    ids = build_input_ids(tok, config, q, "image", [12], system=system)
+    ids = build_input_ids(tok, config, q, [visual("image", [12])], system=system)
     assert ids == tok.encode(full_string(q, "image", [12], [], system, image_tok))
     assert ids.count(config.image_token_id) == 12
     tpf, ts = [6, 2, 1, 3], [0.0, 1.0, 2.5, 10.25]
-    ids = build_input_ids(tok, config, q, "video", tpf, ts, system=system)
+    ids = build_input_ids(tok, config, q, [visual("video", tpf, ts)], system=system)
     text = full_string(q, "video", tpf, ts, system, video_tok)
     assert "Time 10.2s:" in text or "Time 10.3s:" in text
     assert ids == tok.encode(text)
@@ -55,12 +59,25 @@ def test_image_and_video_match_full_string(tok, fmt, system):
 
 def test_layout_string_is_exact(tok):
     names = {1: "<|im_start|>", 2: "<|im_end|>", 9: "<P>"}
-    pieces = chat_pieces("Q?", visual_pieces("video", [2, 1], [0.0, 1.0], 9), None, 1, 2)
-    assert render(pieces, names) == (
+
+    def layout(turns, system=None):
+        return render(conversation_pieces(turns, system, 1, 2, lambda kind: 9), names)
+
+    assert layout([Turn("user", "Q?", visuals=(visual("video", [2, 1], [0.0, 1.0]),))]) == (
         "<|im_start|>user\nTime 0.0s:<P><P>,Time 1.0s:<P>\nQ?<|im_end|>\n<|im_start|>assistant\n"
     )
-    pieces = chat_pieces("Q?", visual_pieces("image", [3], [], 9), "S", 1, 2)
-    assert render(pieces, names) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<P><P><P>\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    assert layout([Turn("user", "Q?", visuals=(visual("image", [3]),))], "S") == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n<P><P><P>\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    two = [Turn("user", "What changed?", visuals=(visual("image", [2]), visual("video", [1, 1], [0.0, 0.5])))]
+    assert layout(two) == (
+        "<|im_start|>user\n<P><P>\nTime 0.0s:<P>,Time 0.5s:<P>\nWhat changed?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert layout([Turn("user", "Hi")]) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert layout([Turn("user", "Hi"), Turn("assistant", "Hello."), Turn("user", "Bye")]) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -73,7 +90,7 @@ def test_any_question_matches_full_string(tok, question, tpf, video):
     config, image_tok, video_tok = configs(tok)["hf"]
     kind = "video" if video else "image"
     ts = [i * 0.5 for i in range(len(tpf))]
-    ids = build_input_ids(tok, config, question, kind, tpf, ts)
+    ids = build_input_ids(tok, config, question, [visual(kind, tpf, ts)])
     assert ids == tok.encode(full_string(question, kind, tpf, ts, None, video_tok if video else image_tok))
 
 
@@ -87,4 +104,23 @@ def test_missing_chat_token_is_a_tokenizer_error(tok):
 
     config, _, _ = configs(tok)["hf"]
     with pytest.raises(TokenizerError, match="im_start"):
-        build_input_ids(NoChat(), config, "q", "image", [1])
+        build_input_ids(NoChat(), config, "q", [visual("image", [1])])
+
+
+def test_conversation_ids_equal_tokenising_the_full_string(tok):
+    """Several media, text only, and a follow-up whose answer is kept as ids: all as the full string."""
+    config, image_tok, video_tok = configs(tok)["hf"]
+    v = visual("video", [2, 1], [0.0, 1.5])
+    two = build_input_ids(tok, config, "What changed?", [visual("image", [3]), v])
+    text = f"<|im_start|>user\n{image_tok * 3}\nTime 0.0s:{video_tok * 2},Time 1.5s:{video_tok}\nWhat changed?<|im_end|>\n<|im_start|>assistant\n"
+    assert two == tok.encode(text)
+    assert build_input_ids(tok, config, "What color is a banana?") == tok.encode(
+        "<|im_start|>user\nWhat color is a banana?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    answer = tok.encode("A cat, then a dog.")
+    turns = [Turn("user", "What?", visuals=(v,)), Turn("assistant", ids=tuple(answer)), Turn("user", "And then?")]
+    first = build_input_ids(tok, config, "What?", [v])
+    assert conversation_ids(tok, config, turns) == first + answer + follow_up_ids(tok, "And then?")
+    full = tok.encode(f"<|im_start|>user\nTime 0.0s:{video_tok * 2},Time 1.5s:{video_tok}\nWhat?<|im_end|>\n<|im_start|>assistant\n")
+    assert first == full
+    assert follow_up_ids(tok, "And then?") == tok.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")

@@ -5,11 +5,11 @@
     print(model.describe("clip.mp4").text)
 
 The package imports nothing heavy at top level (`vl3 --help` must stay fast): `load`, `Model`,
-`Item`, `Options` and `Result` are fetched from `vl3cli.api` on first use.
+`Chat`, `Item`, `Options` and `Result` are fetched from `vl3cli.api` on first use.
 """
 
 __version__ = "0.1.0"
-__all__ = ["Item", "Model", "Options", "Result", "load"]
+__all__ = ["Chat", "Item", "Model", "Options", "Result", "load"]
 
 
 def __getattr__(name: str):

@@ -24,13 +24,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from .errors import UsageError, Vl3Error
+from .errors import UsageError
 from .hub import DEFAULT_MODEL, model_label, resolve_model
+from .chat import Chat
 from .options import Options
 from .output import Result
 from .pipeline import Check, Item, Key, Label, OnText, Runner
 
-__all__ = ["Item", "Model", "Options", "Result", "load"]
+__all__ = ["Chat", "Item", "Model", "Options", "Result", "load"]
 
 
 def load(
@@ -103,26 +104,32 @@ class Model:
 
     def ask(
         self,
-        media: str,
+        media: str | Sequence[str],
         questions: str | None | Sequence[str | None],
         *,
         on_text: Callable[[int, str], None] | None = None,
         **options,
     ) -> list[Result]:
-        """Answers to one or more questions about one image or video, decoded and encoded once.
+        """Answers to one or more questions about some images and/or videos (in prompt order; none:
+        a text-only prompt), read and encoded once for all the questions.
 
         `on_text(question_number, piece)` receives each answer as it grows.
         """
+        media = (media,) if isinstance(media, str) else tuple(media)
         prompts = tuple([questions] if questions is None or isinstance(questions, str) else questions)
         if not prompts:
             raise UsageError("ask needs at least one question")
         results: list[Result | None] = [None] * len(prompts)
         stream = (lambda key, piece: on_text(key[1], piece)) if on_text else None
-        for (_, i), result in self.run([Item((media,), prompts)], on_text=stream, **options):
-            if result.error is not None:
-                raise result.exception if isinstance(result.exception, Vl3Error) else Vl3Error(result.error)
+        for (_, i), result in self.run([Item(media, prompts)], on_text=stream, **options):
+            result.raise_error()
             results[i] = result
         return results
+
+    def chat(self, media: str | Sequence[str] = (), **options) -> Chat:
+        """A conversation about some images and/or videos (none: text only); see chat.py."""
+        media = (media,) if isinstance(media, str) else tuple(media)
+        return Chat(self, media, self.options(**options))
 
     def caption_many(
         self,

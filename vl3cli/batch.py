@@ -132,8 +132,11 @@ def record_key(record: dict) -> str:
     """What makes two records answers to the same request: the item (its id, else its path), the
     request's options (prompt as given, decoding, media), the system prompt, the model and its
     quantization, and the segment. The same function keys planned items (as would-be records)."""
-    parts = [record.get("id") or record.get("path"), record.get("options"), record.get("system"),
-             record.get("model"), record.get("quantize"), record.get("segment_start"), record.get("segment_end")]  # fmt: skip
+    item = record.get("id")
+    if item is None:
+        item = record.get("media") or ([record["path"]] if record.get("path") is not None else [])
+    parts = [item, record.get("options"), record.get("system"), record.get("model"), record.get("quantize"),
+             record.get("segment_start"), record.get("segment_end")]  # fmt: skip
     return json.dumps(parts, sort_keys=True, ensure_ascii=False)
 
 

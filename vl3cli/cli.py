@@ -238,8 +238,7 @@ def _answer(media: str, prompts: list[str | None], params: dict) -> None:
             on_text = (lambda key, piece: (spinner.stop(), printer.piece(key, piece))) if stream else None
             for (_, i), result in model.run([Item((media,), tuple(prompts))], on_text=on_text):
                 spinner.stop()
-                if result.error is not None:
-                    raise result.exception if isinstance(result.exception, Vl3Error) else Vl3Error(result.error)
+                result.raise_error()
                 printer.done(i, result)
                 _debug_line(f"timings: {_timings(result)} tokens={result.generated_tokens} ({result.finish_reason})")
         finally:

@@ -30,8 +30,10 @@ class Result:
     record that paid for it, so sums over a JSONL file are true totals.
     """
 
-    path: str
-    kind: str | None = None  # "image" | "video" | None when the file could not be read
+    id: str | None = None  # the item's id (a manifest line's), if it has one
+    path: str | None = None  # the media file or URL when there is exactly one
+    media: list[str] = field(default_factory=list)  # every media file or URL of the prompt, in order
+    kind: str | None = None  # "image" | "video" | "text" (no media) | "multiple"; None when unreadable
     prompt: str | None = None  # the prompt used
     system: str | None = None
     text: str | None = None
@@ -45,7 +47,8 @@ class Result:
     frames: int | None = None
     timestamps: list[float] | None = None
     resized: list[int] | None = None  # [width, height] fed to the vision encoder
-    visual_tokens: int | None = None
+    media_info: list[dict] | None = None  # several media: each one's path, kind, size, frames, ... as above
+    visual_tokens: int | None = None  # all media together
     visual_tokens_kept: int | None = None
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
@@ -54,7 +57,17 @@ class Result:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
-    exception: BaseException | None = field(default=None, repr=False, compare=False)  # not written
+    # Not written: the error as raised, and how the answer came about (pipeline.Answer: prompt
+    # ids, generated ids, visuals) for callers that continue the conversation.
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+    state: object | None = field(default=None, repr=False, compare=False)
+
+    def raise_error(self) -> None:
+        """Raise this record's error (as the Vl3Error it was, where it was one)."""
+        from .errors import Vl3Error
+
+        if self.error is not None:
+            raise self.exception if isinstance(self.exception, Vl3Error) else Vl3Error(self.error)
 
 
     @property
@@ -71,7 +84,7 @@ class Result:
         return cls(**{k: v for k, v in data.items() if k in SCHEMA})
 
 
-SCHEMA = tuple(f.name for f in fields(Result) if f.name != "exception")  # the written fields, in order
+SCHEMA = tuple(f.name for f in fields(Result) if f.name not in ("exception", "state"))  # written, in order
 
 
 def to_json(result: Result, indent: int | None = None) -> str:

@@ -29,7 +29,7 @@ from .generate import Request, Scheduler
 from .options import Options
 from .output import Result, StreamDecoder, error_message
 from .preprocess import VisualInput, prepare_visual
-from .prompt import build_input_ids, default_prompt
+from .prompt import Turn, conversation_ids, default_prompt
 
 Key = tuple  # (the item's key: its number in a run, prompt number)
 WAIT_S = 0.2  # how long the loop waits for media before it checks for Ctrl-C again
@@ -43,15 +43,34 @@ def _no_check() -> None:
 
 @dataclass(frozen=True)
 class Item:
-    """Media (paths or URLs, in prompt order) and the prompts asked about them (None: describe)."""
+    """Some media (paths or URLs, in prompt order; none: text only) and the prompts asked about
+    them (None: describe the media), each answered on its own.
 
-    media: tuple[str, ...]
+    `history` holds earlier turns of a conversation (`prompt.Turn`); their `visuals` may be
+    paths or URLs, read like `media`. The prompts are asked as the next user turn, which
+    carries `media`.
+    """
+
+    media: tuple[str, ...] = ()
     prompts: tuple[str | None, ...] = (None,)
     id: str | None = None
     options: Options | None = None  # None: the run's options
-    # Media read elsewhere (e.g. in a Ray task): a (VisualInput, media seconds) pair, or the
-    # exception reading raised (the item then becomes error records). None: read it here.
-    prepared: tuple[VisualInput, float] | BaseException | None = None
+    history: tuple[Turn, ...] = ()
+    # Media read elsewhere (e.g. in a Ray task): a (visuals, media seconds) pair with one
+    # VisualInput per path of `to_read`, or the exception reading raised (the item then
+    # becomes error records). None: read here.
+    prepared: tuple[tuple[VisualInput, ...], float] | BaseException | None = None
+
+    @property
+    def all_media(self) -> tuple[str, ...]:
+        """Every path or URL of the conversation, in prompt order."""
+        earlier = tuple(v if isinstance(v, str) else v.path for turn in self.history for v in turn.visuals)
+        return earlier + self.media
+
+    @property
+    def to_read(self) -> tuple[str, ...]:
+        """The paths or URLs whose media still has to be read (earlier turns may carry visuals already read)."""
+        return tuple(v for turn in self.history for v in turn.visuals if isinstance(v, str)) + self.media
 
 
 @dataclass(frozen=True)
@@ -65,12 +84,12 @@ class Label:
 
 
 @dataclass
-class _Answer:
-    """An answer in progress."""
+class Answer:
+    """An answer in progress; a finished one rides on its Result (`Result.state`)."""
 
     item: Item
     options: Options
-    visual: VisualInput
+    visuals: tuple[VisualInput, ...]  # every visual of the conversation, in prompt order
     given: str | None  # the prompt as asked (None: the default one)
     prompt: str  # the prompt used
     input_ids: list[int]
@@ -146,7 +165,7 @@ class Loop:
         self.scheduler = Scheduler(self.engine, options.decoding, slots)
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
         self.preparing: dict = {}  # key -> (item, options, stream, future), in submission order
-        self.answers: dict[Key, _Answer] = {}
+        self.answers: dict[Key, Answer] = {}
         self.ready: list[tuple[Key, Result]] = []  # error records waiting for the next step
 
     def __enter__(self) -> Loop:
@@ -220,69 +239,76 @@ class Loop:
 
     def _admit(self, key, item: Item, options: Options, stream: bool, future) -> list[tuple[Key, Result]]:
         """An item whose media is ready: check, encode once, queue one request per prompt."""
-        visual = None
+        visuals = None
         try:
-            visual, media_s = future.result()
-            prompts = [p if p is not None else default_prompt(visual.kind) for p in item.prompts]
-            ids = [self.input_ids(visual, p, options.system) for p in prompts]
+            read, media_s = future.result()
+            history, final = _placed(item, read)
+            visuals = (*(v for turn in history for v in turn.visuals), *final)  # every visual, in prompt order
+            prompts = [p if p is not None else default_prompt([v.kind for v in final]) for p in item.prompts]
+            turns = [[*history, Turn("user", p, visuals=final)] for p in prompts]
+            ids = [conversation_ids(self.engine.tokenizer, self.engine.config, t, options.system) for t in turns]
+            kept = sum(v.visual_tokens_kept for v in visuals)
             for input_ids in ids:
-                check_context(len(input_ids), visual.visual_tokens_kept, options.max_new_tokens,
-                              self.engine.config.text.max_position_embeddings)  # fmt: skip
+                check_context(len(input_ids), kept, options.max_new_tokens, self.engine.config.text.max_position_embeddings)
             start = time.perf_counter()
             with torch.inference_mode():
-                features = self.engine.encode_visual(visual)
+                features = [self.engine.encode_visual(v) for v in visuals]
+            features = torch.cat(features) if features else None
             encode_s = time.perf_counter() - start
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
-            return self._failed(key, item, options, e, visual)
+            return self._failed(key, item, options, e, visuals)
         for i, (prompt, input_ids) in enumerate(zip(prompts, ids)):
             timings = {"media_s": media_s, "encode_s": encode_s} if i == 0 else {}
             decoder = StreamDecoder(self.engine.tokenizer) if stream else None
-            self.answers[(key, i)] = _Answer(item, options, visual, item.prompts[i], prompt, input_ids, timings, decoder)
+            self.answers[(key, i)] = Answer(item, options, visuals, item.prompts[i], prompt, input_ids, timings, decoder)
             self.scheduler.add((key, i), Request(input_ids, features, options.decoding, options.seed))
         return []
 
-    def input_ids(self, visual: VisualInput, prompt: str, system: str | None) -> list[int]:
-        engine = self.engine
-        return build_input_ids(
-            engine.tokenizer, engine.config, prompt, visual.kind, visual.tokens_per_frame, visual.timestamps, system
-        )
-
-    def _failed(self, key, item: Item, options: Options, error: BaseException, visual: VisualInput | None = None):
+    def _failed(self, key, item: Item, options: Options, error: BaseException, visuals=None):
         records = []
         for i, prompt in enumerate(item.prompts):
-            used = prompt if prompt is not None or visual is None else default_prompt(visual.kind)
-            record = self._base(item, options, prompt, used, visual)
+            used = prompt
+            if prompt is None and visuals is not None:
+                used = default_prompt([v.kind for v in visuals])
+            record = self._base(item, options, prompt, used, visuals)
             record.error = error_message(error)
             record.exception = error
             record.timings["load_s"] = record.timings["total_s"] = self.runner.take_load_s()
             records.append(((key, i), record))
         return records
 
-    def _base(self, item: Item, options: Options, given: str | None, used: str | None, visual: VisualInput | None) -> Result:
+    def _base(self, item: Item, options: Options, given: str | None, used: str | None, visuals) -> Result:
         label = self.runner.label
+        media = list(item.all_media)
         record = Result(
-            path=item.media[0] if item.media else "", prompt=used, system=options.system, model=label.model,
-            dtype=label.dtype, device=label.device, quantize=label.quantize, options=options.record(given),
+            id=item.id, path=media[0] if len(media) == 1 else None, media=media, prompt=used, system=options.system,
+            model=label.model, dtype=label.dtype, device=label.device, quantize=label.quantize,
+            options=options.record(given),
         )  # fmt: skip
-        if visual is not None:
-            video = visual.kind == "video"
-            record.kind = visual.kind
-            record.width, record.height, record.duration = visual.source_width, visual.source_height, visual.duration
-            record.frames = len(visual.timestamps) if video else 1
-            record.timestamps = [round(t, 3) for t in visual.timestamps] if video else None
-            record.resized = [visual.resized_width, visual.resized_height]
-            record.visual_tokens, record.visual_tokens_kept = visual.visual_tokens, visual.visual_tokens_kept
-            record.warnings = list(getattr(visual, "warnings", []))
+        if not media:
+            record.kind = "text"
+        if visuals is not None:
+            info = [visual_info(v) for v in visuals]
+            if len(info) == 1:
+                for name, value in info[0].items():
+                    setattr(record, name, value)
+            elif info:
+                record.kind = "multiple"
+                record.media_info = info
+            record.visual_tokens = sum(v.visual_tokens for v in visuals)
+            record.visual_tokens_kept = sum(v.visual_tokens_kept for v in visuals)
+            record.warnings = [w for v in visuals for w in getattr(v, "warnings", [])]
         return record
 
-    def _record(self, answer: _Answer, reason: str) -> Result:
-        record = self._base(answer.item, answer.options, answer.given, answer.prompt, answer.visual)
+    def _record(self, answer: Answer, reason: str) -> Result:
+        record = self._base(answer.item, answer.options, answer.given, answer.prompt, answer.visuals)
         record.text = self.engine.tokenizer.decode(answer.ids)
         record.prompt_tokens = len(answer.input_ids)
         record.generated_tokens = len(answer.ids)
         record.finish_reason = reason
+        record.state = answer
         timings = dict.fromkeys(("media_s", "encode_s"), 0.0) | answer.timings
         timings["load_s"] = self.runner.take_load_s()
         timings["total_s"] = sum(timings.values())
@@ -290,17 +316,37 @@ class Loop:
         return record
 
 
-def _prepare(item: Item, processor, media) -> tuple[VisualInput, float]:
-    """Worker-thread stage: decode and pre-process an item's media (one file for now)."""
+def visual_info(v: VisualInput) -> dict:
+    """What a record says about one visual input."""
+    video = v.kind == "video"
+    return {
+        "path": v.path, "kind": v.kind, "width": v.source_width, "height": v.source_height, "duration": v.duration,
+        "frames": len(v.timestamps) if video else 1, "timestamps": [round(t, 3) for t in v.timestamps] if video else None,
+        "resized": [v.resized_width, v.resized_height], "visual_tokens": v.visual_tokens,
+        "visual_tokens_kept": v.visual_tokens_kept,
+    }  # fmt: skip
+
+
+def _placed(item: Item, read) -> tuple[list[Turn], tuple]:
+    """The item's history with its paths replaced by the visuals read from them (`read`, in the
+    order of `item.to_read`), and the visuals of the new turn."""
+    it = iter(read)
+    history = [Turn(t.role, t.text, t.ids, tuple(next(it) if isinstance(v, str) else v for v in t.visuals))
+               for t in item.history]  # fmt: skip
+    return history, tuple(it)
+
+
+def _prepare(item: Item, processor, media) -> tuple[tuple[VisualInput, ...], float]:
+    """Worker-thread stage: decode and pre-process every medium of an item, in prompt order."""
     if isinstance(item.prepared, BaseException):
         raise item.prepared
     if item.prepared is not None:
         return item.prepared
-    if len(item.media) != 1:
-        raise UsageError(f"an item needs exactly one image or video (got {len(item.media)})")
+    if not item.media and not item.history and None in item.prompts:
+        raise UsageError("a prompt without media needs its question (there is nothing to describe)")
     start = time.perf_counter()
-    visual = prepare_visual(item.media[0], processor, media)
-    return visual, time.perf_counter() - start
+    visuals = tuple(prepare_visual(path, processor, media) for path in item.to_read)
+    return visuals, time.perf_counter() - start
 
 
 def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:

@@ -1,0 +1,147 @@
+"""Conversations, several media and text-only prompts against transformers' `generate` (greedy).
+
+Turn k's reference prompt is built here independently: turn k-1's prompt ids + the ids
+transformers generated + the tokenised `<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n`.
+The original-format checkpoint holds the same weights as the HF-format one transformers reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny
+import torch
+from media_factory import make_image, make_video
+from tokenizers import Tokenizer
+
+import vl3cli
+from vl3cli.preprocess import prepare_visual
+
+N = 8
+QUESTIONS = ["What is shown?", "And what colour is it?", "Say it again."]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chat-ckpt")
+    return {fmt: tiny.make_checkpoint(root / fmt, fmt, tied=False, seed=5) for fmt in ("hf", "original")}
+
+
+@pytest.fixture(scope="module")
+def ref(ckpt):
+    return tiny.hf_reference(ckpt["hf"])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chat-media")
+    return {
+        "image": make_image(root / "a.png", size=(56, 56)),
+        "image2": make_image(root / "b.jpg", size=(70, 42), fmt="JPEG", seed=7),
+        "video": make_video(root / "c.mp4", seconds=3.0, fps=4, size=(56, 56)),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(ckpt):
+    return {fmt: vl3cli.load(str(path), dtype="float32", max_new_tokens=N) for fmt, path in ckpt.items()}
+
+
+def tok() -> Tokenizer:
+    return Tokenizer.from_str(tiny.tokenizer_json())
+
+
+def reference_inputs(model, paths):
+    """Placeholder text and transformers' visual inputs, from vl3's pre-processing of `paths`."""
+    processor = model.engine.processor
+    texts, images, videos = [], [], []
+    for path in paths:
+        v = prepare_visual(str(path), processor, model.options().media(processor))
+        if v.kind == "image":
+            texts.append("<|image_pad|>" * v.visual_tokens_kept)
+            images.append(v)
+        else:
+            texts.append(",".join(f"Time {t:.1f}s:" + "<|video_pad|>" * n for t, n in zip(v.timestamps, v.tokens_per_frame)))
+            videos.append(v)
+    inputs = {}
+    if images:
+        inputs |= {"pixel_values": torch.cat([v.pixel_values for v in images]),
+                   "image_grid_thw": torch.tensor([v.grid_thw for v in images]),
+                   "image_merge_sizes": torch.tensor([v.merge_size for v in images])}  # fmt: skip
+    for v in videos:
+        keep = v.keep if v.keep is not None else torch.ones(v.visual_tokens, dtype=torch.bool)
+        inputs |= {"pixel_values_videos": v.pixel_values, "video_grid_thw": torch.tensor([v.grid_thw]),
+                   "video_merge_sizes": torch.tensor([v.merge_size]), "video_compression_mask": keep}  # fmt: skip
+    return "".join(t + "\n" for t in texts), inputs
+
+
+def generate(ref, ids: list[int], inputs: dict, eos: list[int]) -> list[int]:
+    with torch.inference_mode():
+        out = ref.generate(
+            input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, **inputs,
+        )[0, len(ids):].tolist()  # fmt: skip
+    return [t for t in out if t not in eos]
+
+
+def eos_ids(folder: Path) -> list[int]:
+    return json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "original"])
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_three_turns_equal_transformers(fmt, kind, models, ref, ckpt, files):
+    model = models[fmt]
+    visual, inputs = reference_inputs(model, [files[kind]])
+    t = tok()
+    ids = t.encode(f"<|im_start|>user\n{visual}{QUESTIONS[0]}<|im_end|>\n<|im_start|>assistant\n").ids
+    chat = model.chat(str(files[kind]))
+    generated = 0
+    for k, question in enumerate(QUESTIONS):
+        if k:
+            ids = ids + expected + t.encode(f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n").ids
+        expected = generate(ref, ids, inputs, eos_ids(ckpt[fmt]))
+        r = chat.ask(question)
+        assert r.state.ids == expected, (k, r.text)
+        assert r.prompt_tokens == len(ids) and r.prompt == question and r.media == [str(files[kind])]
+        generated += len(expected)
+    assert generated >= 2 * N  # real answers, not empty ones
+
+
+@pytest.mark.parametrize("fmt", ["hf", "original"])
+def test_two_images_and_text_only_equal_transformers(fmt, models, ref, ckpt, files):
+    model = models[fmt]
+    paths = [files["image"], files["image2"]]
+    visual, inputs = reference_inputs(model, paths)
+    question = "What changed?"
+    ids = tok().encode(f"<|im_start|>user\n{visual}{question}<|im_end|>\n<|im_start|>assistant\n").ids
+    (r,) = model.ask([str(p) for p in paths], question)
+    assert r.state.ids == generate(ref, ids, inputs, eos_ids(ckpt[fmt]))
+    assert r.kind == "multiple" and r.path is None and [m["path"] for m in r.media_info] == [str(p) for p in paths]
+    assert r.visual_tokens == sum(m["visual_tokens"] for m in r.media_info)
+    text_q = "What color is a banana?"
+    ids = tok().encode(f"<|im_start|>user\n{text_q}<|im_end|>\n<|im_start|>assistant\n").ids
+    (r,) = model.ask([], text_q)
+    assert r.state.ids == generate(ref, ids, {}, eos_ids(ckpt[fmt]))
+    assert r.kind == "text" and r.media == [] and r.visual_tokens == 0
+
+
+def test_reset_and_save(models, files, tmp_path):
+    chat = models["hf"].chat(str(files["image"]))
+    first = chat.ask(QUESTIONS[0])
+    chat.ask(QUESTIONS[1])
+    chat.reset()
+    again = chat.ask(QUESTIONS[0])
+    assert again.text == first.text and again.prompt_tokens == first.prompt_tokens
+    assert again.timings["media_s"] == 0.0  # the media was read once, before the reset
+    out = tmp_path / "talk.json"
+    chat.save(out)
+    saved = json.loads(out.read_text())
+    assert [t["question"] for t in saved["turns"]] == [QUESTIONS[0]] and saved["media"] == [str(files["image"])]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(vl3cli.api.UsageError, match="not a saved vl3 chat"):
+        chat.save(notes)
+    assert notes.read_text() == "mine"

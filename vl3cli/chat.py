@@ -1,0 +1,95 @@
+"""Conversations: follow-up questions about the same media, each answer kept as it was generated.
+
+    chat = model.chat("clip.mp4")            # `Model.chat` (api.py); the media is read on the first question
+    r = chat.ask("What happens first?")      # -> Result
+    r = chat.ask("And then?")                # sees the earlier question and answer
+    chat.reset()                             # back to just the media
+    chat.save("talk.json")                   # the conversation as JSON
+
+Turn k's prompt is turn k-1's prompt, its answer's ids as generated (never re-tokenised), then
+the next user turn (`prompt.follow_up_ids`). Each question is one item of the model's run
+(`Model.run`): the conversation so far is the item's history, and its media is read once, on the
+first question, and kept. A question that cannot fit in the model's context is refused with the
+advice to `/reset`; the conversation stays as it was. So does a question whose answer is
+interrupted (Ctrl-C): nothing of it is kept.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import UsageError, Vl3Error
+from .options import Options
+from .output import Result
+from .pipeline import Item
+from .prompt import Turn
+
+SAVE_FORMAT = "vl3-chat/1"
+
+
+class Chat:
+    def __init__(self, model, media: tuple[str, ...], options: Options):
+        self.model, self.media, self.options = model, tuple(media), options
+        self.history: list[Turn] = []
+        self.results: list[Result] = []
+        self.visuals = None  # the media as read for the first question, kept for the conversation
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Result:
+        """The answer to `question`, given everything said so far."""
+        if not question.strip():
+            raise UsageError("an empty question")
+        if self.history:
+            item = Item(prompts=(question,), history=tuple(self.history), options=self.options)
+        else:  # the media's turn: read now, or as read before a /reset
+            prepared = None if self.visuals is None else (self.visuals, 0.0)
+            item = Item(media=self.media, prompts=(question,), options=self.options, prepared=prepared)
+        stream = (lambda key, piece: on_text(piece)) if on_text else None
+        ((_, result),) = list(self.model.run([item], on_text=stream))
+        result.raise_error()
+        answer = result.state
+        if not self.history:
+            self.visuals = answer.visuals
+        visuals = self.visuals if not self.history else ()
+        self.history += [Turn("user", question, visuals=tuple(visuals)), Turn("assistant", ids=tuple(answer.ids))]
+        self.results.append(result)
+        return result
+
+    def reset(self) -> None:
+        """Forget the questions and answers; the media (already read) stays."""
+        self.history = []
+        self.results = []
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens the conversation holds (the last prompt and its answer)."""
+        if not self.results:
+            return 0
+        last = self.results[-1]
+        return (last.prompt_tokens or 0) + (last.generated_tokens or 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": SAVE_FORMAT,
+            "model": self.model.name,
+            "media": list(self.media),
+            "system": self.options.system,
+            "turns": [{"question": r.prompt, "answer": r.text, "record": r.to_dict()} for r in self.results],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the conversation as JSON; an existing file is replaced only if it is a saved vl3 chat."""
+        path = Path(path).expanduser()
+        if path.exists():
+            try:
+                ours = json.loads(path.read_text(encoding="utf-8")).get("format") == SAVE_FORMAT
+            except (OSError, ValueError, AttributeError):
+                ours = False
+            if not ours:
+                raise UsageError(f"{path} exists and is not a saved vl3 chat; choose another file name")
+        try:
+            path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise Vl3Error(f"cannot write {path}: {e.strerror or e}") from e
+        return path
