@@ -193,8 +193,8 @@ def test_stop_signal_first_sigint_stops_at_next_check():
     sink = io.StringIO()
     with StopSignal() as stop:
 
-        def on_item(path, result):
-            if path == "a":
+        def on_item(result):
+            if result.path == "a":
                 os.kill(os.getpid(), signal.SIGINT)  # handled: sets the flag, raises nothing
 
         s = write_results(results(["a", "b", "c"], stop=stop), sink, Summary(3, 0, 0), stop, on_item=on_item)

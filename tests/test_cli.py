@@ -127,7 +127,7 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["describe"], "Missing argument"),
         (["describe", "a.png", "--dtype", "float8"], "--dtype"),
         (["describe", "a.png", "--max-new-tokens", "many"], "--max-new-tokens"),
-        (["ask", "a.png"], "Missing argument"),
+        (["ask", "a.png"], "give a question"),
         (["describe", "a.png", "--bogus"], "--bogus"),
         (["describe", "a.png", "--stream", "--format", "json"], "--stream"),
         (["batch", "--out", "r.jsonl"], "--files-from"),

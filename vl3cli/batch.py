@@ -111,6 +111,84 @@ def expand_inputs(inputs: Iterable[str], files_from: str | None, exts: frozenset
     return sorted(unique.values())
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One item of a batch: a file, or a manifest line (several media, or none, and its own prompt).
+
+    A manifest line that cannot be used keeps its place as an entry with `error` set: it becomes
+    an error record (named by its id, else by `file:line`), and the run goes on.
+    """
+
+    media: tuple[str, ...]
+    prompt: str | None = None
+    id: str | None = None
+    error: str | None = None
+
+    @property
+    def shard_key(self) -> str:
+        if self.id is not None:
+            return self.id
+        return self.media[0] if len(self.media) == 1 else json.dumps(list(self.media))
+
+
+MANIFEST_KEYS = ("id", "media", "prompt")
+
+
+def read_manifest(manifest: str, default_prompt: str | None = None, stdin: IO[str] | None = None) -> list[Entry]:
+    """The entries of a JSONL manifest: `{"id": ..., "media": "a.jpg" | ["a.jpg", "b.mp4"] | [], "prompt": ...}`.
+
+    `id` is optional; media paths are relative to the manifest's folder (or URLs); a line
+    without `prompt` gets `default_prompt` (None: describe its media).
+    """
+    try:
+        text = (stdin or sys.stdin).read() if manifest == "-" else Path(manifest).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --manifest {manifest}: {getattr(e, 'strerror', None) or e}") from e
+    folder = "." if manifest == "-" else os.path.dirname(manifest) or "."
+    entries: list[Entry] = []
+    ids: dict[str, int] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{manifest}:{n}"
+        try:
+            entry = _entry(json.loads(line), folder, default_prompt)
+        except ValueError as e:  # json.JSONDecodeError too
+            entries.append(Entry((), id=where, error=f"{where}: {e}"))
+            continue
+        if entry.id is not None:
+            if entry.id in ids:
+                entry = Entry(entry.media, entry.prompt, where, f"{where}: id {entry.id!r} is already used on line {ids[entry.id]}")
+            else:
+                ids[entry.id] = n
+        entries.append(entry)
+    if not entries:
+        raise UsageError(f"--manifest {manifest} lists no items")
+    return entries
+
+
+def _entry(data, folder: str, default_prompt: str | None) -> Entry:
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    unknown = sorted(set(data) - set(MANIFEST_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(MANIFEST_KEYS)})")
+    item_id, media, prompt = data.get("id"), data.get("media", []), data.get("prompt", default_prompt)
+    if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
+        raise ValueError("id must be a string or a number")
+    media = [media] if isinstance(media, str) else media
+    if media is None:
+        media = []
+    if not isinstance(media, list) or not all(isinstance(m, str) and m for m in media):
+        raise ValueError("media must be a path or URL, or a list of them")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    if not media and not (prompt or "").strip():
+        raise ValueError("an item without media needs a prompt")
+    paths = tuple(m if is_url(m) or os.path.isabs(m) else os.path.normpath(os.path.join(folder, m)) for m in media)
+    return Entry(paths, prompt, None if item_id is None else str(item_id))
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """"K/N" -> (K, N) with 0 <= K < N."""
     if text is None:
@@ -241,7 +319,7 @@ def write_results(
     sink: IO[str],
     summary: Summary,
     stop: StopSignal,
-    on_item: Callable[[str, Result], None] | None = None,
+    on_item: Callable[[Result], None] | None = None,
 ) -> Summary:
     """Append one JSONL line per result, flushed at once, in the order the results come.
 
@@ -260,7 +338,7 @@ def write_results(
             else:
                 summary.failed += 1
             if on_item:
-                on_item(result.path, result)
+                on_item(result)
             stop.check()
     except KeyboardInterrupt:
         summary.interrupted = True

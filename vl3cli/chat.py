@@ -35,6 +35,12 @@ class Chat:
         self.history: list[Turn] = []
         self.results: list[Result] = []
         self.visuals = None  # the media as read for the first question, kept for the conversation
+        self._read_s = 0.0  # reading time not yet on a record
+
+    def read(self) -> None:
+        """Read the media now rather than on the first question (errors come early)."""
+        if self.visuals is None and self.media:
+            self.visuals, self._read_s = self.model.runner.prepare(Item(media=self.media), self.options)
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Result:
         """The answer to `question`, given everything said so far."""
@@ -43,14 +49,14 @@ class Chat:
         if self.history:
             item = Item(prompts=(question,), history=tuple(self.history), options=self.options)
         else:  # the media's turn: read now, or as read before a /reset
-            prepared = None if self.visuals is None else (self.visuals, 0.0)
+            prepared = None if self.visuals is None else (self.visuals, self._read_s)
             item = Item(media=self.media, prompts=(question,), options=self.options, prepared=prepared)
         stream = (lambda key, piece: on_text(piece)) if on_text else None
         ((_, result),) = list(self.model.run([item], on_text=stream))
         result.raise_error()
         answer = result.state
         if not self.history:
-            self.visuals = answer.visuals
+            self.visuals, self._read_s = answer.visuals, 0.0
         visuals = self.visuals if not self.history else ()
         self.history += [Turn("user", question, visuals=tuple(visuals)), Turn("assistant", ids=tuple(answer.ids))]
         self.results.append(result)

@@ -213,9 +213,8 @@ class _InOrder:
         self.writer.close()
 
 
-def _answer(media: str, prompts: list[str | None], params: dict) -> None:
-    """describe / ask: one media file, one or more prompts, results to stdout or --out."""
-    from .media import check_file
+def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
+    """describe / ask: some media (or none), one or more prompts, results to stdout or --out."""
     from .outfile import Target, check_replaceable, opened
     from .output import Writer
     from .pipeline import Item
@@ -226,17 +225,17 @@ def _answer(media: str, prompts: list[str | None], params: dict) -> None:
         raise UsageError("--stream prints text to the terminal; it cannot be combined with --format json/jsonl or --out")
     options = _options(params)
     check_replaceable(target, fmt, overwrite)
-    check_file(media)  # before loading the model
+    _check_media(media)  # before loading the model
     with opened(target, replace=overwrite or fmt != "jsonl") as f:
         model = _load(params, options)
         terminal = f.isatty()
         if stream is None:
             stream = fmt == "text" and terminal
         printer = _InOrder(Writer(fmt, f, many=len(prompts) > 1, terminal=terminal), prompts, stream)
-        spinner = _Spinner(f"Reading {media} and answering")
+        spinner = _Spinner(f"Reading {', '.join(media)} and answering" if media else "Answering")
         try:
             on_text = (lambda key, piece: (spinner.stop(), printer.piece(key, piece))) if stream else None
-            for (_, i), result in model.run([Item((media,), tuple(prompts))], on_text=on_text):
+            for (_, i), result in model.run([Item(tuple(media), tuple(prompts))], on_text=on_text):
                 spinner.stop()
                 result.raise_error()
                 printer.done(i, result)
@@ -244,6 +243,35 @@ def _answer(media: str, prompts: list[str | None], params: dict) -> None:
         finally:
             spinner.stop()
             printer.close()
+
+
+def _check_media(media: list[str]) -> None:
+    """Local files must exist and be readable before the model loads (URLs are fetched later)."""
+    from .batch import is_url
+    from .media import check_file
+
+    for path in media:
+        if not is_url(path):
+            check_file(path)
+
+
+def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list[str]]:
+    """`vl3 ask` arguments -> (media, questions): existing files and URLs are media, the rest questions
+    (then those given with -q). A word that looks like a media file name but is missing is an error."""
+    import os
+
+    from .batch import DEFAULT_EXTS, is_url
+    from .errors import MediaError
+
+    media, asked = [], []
+    for arg in args:
+        if is_url(arg) or os.path.exists(arg):
+            media.append(arg)
+        elif not any(c.isspace() for c in arg) and arg.rpartition(".")[2].lower() in DEFAULT_EXTS:
+            raise MediaError(f"{arg}: no such file")
+        else:
+            asked.append(arg)
+    return media, asked + questions
 
 
 def _timings(result) -> str:
@@ -289,7 +317,7 @@ def describe(
     debug: DebugOpt = False,
 ) -> None:
     """Caption an image or a video."""
-    _answer(media, [prompt], locals())
+    _answer([media], [prompt], locals())
 
 
 @app.command(
@@ -297,12 +325,14 @@ def describe(
         "Examples:\n\n"
         "  vl3 ask photo.jpg \"How many people are in the picture?\"\n\n"
         "  vl3 ask clip.mp4 \"What happens first?\" \"What happens last?\" --format jsonl\n\n"
+        "  vl3 ask before.jpg after.jpg -q \"What changed?\"\n\n"
+        "  vl3 ask -q \"What colour is a banana?\"\n\n"
         "  vl3 ask clip.mp4 \"Where is the ball?\" --start 10 --end 20 --fps 4"
     )
 )
 def ask(
-    media: Annotated[str, typer.Argument(help="Image or video file, or an http(s) URL.", show_default=False)],
-    questions: Annotated[list[str], typer.Argument(help="One or more questions; the media is encoded once for all.", show_default=False)],
+    args: Annotated[list[str] | None, typer.Argument(metavar="[MEDIA]... [QUESTION]...", help="Images, videos or URLs (existing files and URLs are media), then questions.", show_default=False)] = None,
+    question: Annotated[list[str] | None, typer.Option("--question", "-q", help="A question (repeatable); the media is read and encoded once for all.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -330,8 +360,169 @@ def ask(
     stream: StreamOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Answer questions about an image or a video; each answer is written as soon as it is done."""
-    _answer(media, list(questions), locals())
+    """Answer questions about images and videos (or none: a text-only prompt); each answer is written as soon as it is done."""
+    media, questions = _split_media(args or [], question or [])
+    if not questions:
+        raise UsageError("give a question (after the media, or with -q); to caption media use `vl3 describe`")
+    _answer(media, questions, locals())
+
+
+CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FILE (the conversation as JSON),
+/help, /exit. Ctrl-C stops an answer (the conversation goes on); Ctrl-D or /exit ends it."""
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  vl3 chat clip.mp4\n\n"
+        "  vl3 chat before.jpg after.jpg --system \"Answer in one sentence.\"\n\n"
+        "  vl3 chat clip.mp4 < questions.txt --format jsonl\n\n"
+        "In a terminal: /reset, /save FILE, /help, /exit; Ctrl-C stops an answer, Ctrl-D ends. "
+        "With stdin not a terminal, each line is a question and each answer is written when done."
+    )
+)
+def chat(
+    media: Annotated[list[str] | None, typer.Argument(help="Images, videos or URLs to talk about (none: text only).", show_default=False)] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    seed: SeedOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    system: SystemOpt = None,
+    fps: FpsOpt = None,
+    min_frames: MinFramesOpt = None,
+    max_frames: MaxFramesOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    max_visual_tokens: MaxVisualTokensOpt = None,
+    prune: PruneOpt = True,
+    prune_threshold: PruneThresholdOpt = 0.1,
+    format: Annotated[Literal["text", "jsonl"], typer.Option("--format", "-f", help="When stdin is not a terminal: text or jsonl (one record per answer).", rich_help_panel=OUTPUT)] = "text",
+    debug: DebugOpt = False,
+) -> None:
+    """Talk about images and videos: follow-up questions see the earlier answers; the media is read once."""
+    media = list(media or [])
+    options = _options(locals())
+    _check_media(media)
+    model_ = _load(locals() | {"model": model}, options)
+    conversation = model_.chat(media, **_as_kwargs(options))
+    if media:
+        with _Spinner(f"Reading {', '.join(media)}"):
+            conversation.read()
+    if sys.stdin.isatty():
+        _chat_terminal(conversation)
+    else:
+        _chat_lines(conversation, format)
+
+
+def _chat_terminal(conversation) -> None:
+    """The interactive loop: readline editing and history, streamed answers, slash commands."""
+    import readline  # noqa: F401 -- line editing and history for input()
+
+    from .errors import ContextError
+
+    about = ", ".join(conversation.media) or "nothing (text only)"
+    print(f"Talking about {about} with {conversation.model.name}. /help for commands, Ctrl-D to end.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _chat_command(conversation, line):
+                return
+            continue
+        printer = _StreamedLine()
+        try:
+            conversation.ask(line, on_text=printer.write)
+            printer.end()
+        except KeyboardInterrupt:
+            printer.end()
+            print("(answer stopped; ask again or go on)", file=sys.stderr)
+        except ContextError as e:
+            printer.end()
+            print(f"Error: the conversation no longer fits the model's context ({e}); /reset starts again with the same media",
+                  file=sys.stderr)  # fmt: skip
+        except Vl3Error as e:
+            printer.end()
+            print(f"Error: {e}", file=sys.stderr)
+
+
+class _StreamedLine:
+    """An answer streamed to the terminal (control characters removed), ended with one newline."""
+
+    def __init__(self):
+        self.started = False
+
+    def write(self, piece: str) -> None:
+        from .output import terminal_safe
+
+        sys.stdout.write(terminal_safe(piece))
+        sys.stdout.flush()
+        self.started = True
+
+    def end(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _chat_command(conversation, line: str) -> bool:
+    """Run a /command; True when the conversation ends."""
+    name, _, arg = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return True
+    if name == "/reset":
+        conversation.reset()
+        print("(the conversation starts again; the media stays)", file=sys.stderr)
+    elif name == "/save":
+        if not arg.strip():
+            print("Error: /save needs a file name, e.g. /save talk.json", file=sys.stderr)
+        else:
+            try:
+                path = conversation.save(arg.strip())
+                print(f"(saved to {path})", file=sys.stderr)
+            except Vl3Error as e:
+                print(f"Error: {e}", file=sys.stderr)
+    elif name == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"Error: unknown command {name} (/help lists them)", file=sys.stderr)
+    return False
+
+
+def _chat_lines(conversation, fmt: str) -> None:
+    """stdin is not a terminal: each line is a question; each answer is written as soon as it is done."""
+    from .output import Writer
+
+    writer = Writer(fmt, sys.stdout, many=True)
+    failed = False
+    for line in sys.stdin:
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            result = conversation.ask(question)
+        except Vl3Error as e:
+            failed = True
+            print(f"Error: {question!r}: {e}", file=sys.stderr)
+            continue
+        writer.write(result)
+    writer.close()
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command(
@@ -340,6 +531,7 @@ def ask(
         "  vl3 batch videos/ photos/*.jpg --out captions.jsonl\n\n"
         "  find /data -name '*.mp4' | vl3 batch --files-from - --out captions.jsonl --question \"Is anyone cooking?\"\n\n"
         "  vl3 batch /data --ext mp4,mkv --shard $SLURM_ARRAY_TASK_ID/16 --out part-$SLURM_ARRAY_TASK_ID.jsonl\n\n"
+        "  vl3 batch --manifest items.jsonl --out results.jsonl\n\n"
         "Re-running the same command resumes: items already in --out with the same prompt, options and model "
         "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
     )
@@ -347,6 +539,7 @@ def ask(
 def batch(
     inputs: Annotated[list[str] | None, typer.Argument(help="Folders (recursive), files, glob patterns or URLs.", show_default=False)] = None,
     files_from: Annotated[str | None, typer.Option(help="Read more paths or URLs from this file, one per line (- = stdin).")] = None,
+    manifest: Annotated[str | None, typer.Option(help="A JSONL file of items instead of INPUTS: {\"id\": ..., \"media\": [...], \"prompt\": ...} per line (- = stdin).")] = None,
     ext: Annotated[list[str] | None, typer.Option(help="Extensions to pick in folders and globs, e.g. mp4,mov (default: common image and video types).")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "--question", "-p", help="The prompt for every file (default: describe the image/video).")] = None,
     shard: Annotated[str | None, typer.Option(help="K/N: process only shard K (0-based) of N; each file lands in exactly one shard.")] = None,
@@ -385,8 +578,10 @@ def batch(
 
     if resume + retry_failed + overwrite > 1:
         raise UsageError("choose one of --resume, --retry-failed, --overwrite")
-    if not inputs and files_from is None:
-        raise UsageError("give folders, files or globs to process, or --files-from FILE")
+    if manifest is not None and (inputs or files_from is not None):
+        raise UsageError("--manifest lists every item: give it without INPUTS or --files-from")
+    if not inputs and files_from is None and manifest is None:
+        raise UsageError("give folders, files or globs to process, --files-from FILE or --manifest FILE")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers < 1:
@@ -395,20 +590,25 @@ def batch(
     options = _options(locals())
     target = Target.of(out)
     shard_kn = b.parse_shard(shard)
-    paths = [p for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext)) if b.in_shard(p, shard_kn)]
-    base = {"options": options.record(prompt), "system": system, "model": model_label(model, revision), "quantize": quantize}
-    plan = b.plan({b.record_key({"path": p, **base}): p for p in paths}, target, mode)
-    summary = b.Summary(total=len(paths), done_before=plan.done, failed_before=plan.failed_before)
+    if manifest is not None:
+        entries = b.read_manifest(manifest, prompt)
+    else:
+        entries = [b.Entry((p,), prompt) for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext))]
+    entries = [e for e in entries if b.in_shard(e.shard_key, shard_kn)]
+    base = {"system": system, "model": model_label(model, revision), "quantize": quantize}
+    keys = {b.record_key({"id": e.id, "media": list(e.media), "options": options.record(e.prompt), **base}): e for e in entries}
+    plan = b.plan(keys, target, mode)
+    summary = b.Summary(total=len(entries), done_before=plan.done, failed_before=plan.failed_before)
     if target.regular and not target.path.exists():
         target.path.touch()  # an empty shard still leaves its (empty) file
     if plan.todo:
-        _run_batch(plan.todo, prompt, options, locals(), target, mode, summary)
+        _run_batch(plan.todo, options, locals(), target, mode, summary)
     print(summary.line(), file=sys.stderr)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 
 
-def _run_batch(todo: list[str], prompt: str | None, options, params: dict, target, mode: str, summary) -> None:
+def _run_batch(todo: list, options, params: dict, target, mode: str, summary) -> None:
     from . import batch as b
     from .outfile import opened
     from .pipeline import Item
@@ -416,15 +616,15 @@ def _run_batch(todo: list[str], prompt: str | None, options, params: dict, targe
     model = _load(params, options)
     progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
-    def on_item(path: str, result) -> None:
+    def on_item(result) -> None:
         for warning in result.warnings:
-            progress.console.print(f"warning: {path}: {warning}", markup=False, highlight=False, soft_wrap=True)
+            progress.console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
         if not result.ok:
             progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
         progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
 
     with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
-        items = (Item((path,), (prompt,)) for path in todo)
+        items = (Item(e.media, (e.prompt,), e.id, prepared=UsageError(e.error) if e.error else None) for e in todo)
         results = (r for _, r in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check))
         b.write_results(results, f, summary, stop, on_item)
 

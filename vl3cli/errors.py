@@ -36,3 +36,7 @@ class ModelNotFoundError(Vl3Error):
 
 class MediaError(Vl3Error):
     """An image or video that cannot be read or used (missing, empty, corrupt, too large, bad shape)."""
+
+
+class ContextError(Vl3Error):
+    """A prompt and its answer need more positions than the model's context holds."""

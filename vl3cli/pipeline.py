@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import UsageError, Vl3Error
+from .errors import ContextError, UsageError, Vl3Error
 from .generate import Request, Scheduler
 from .options import Options
 from .output import Result, StreamDecoder, error_message
@@ -112,6 +112,10 @@ class Runner:
         if options not in self._media:
             self._media[options] = options.media(self.engine.processor)
         return self._media[options]
+
+    def prepare(self, item: Item, options: Options) -> tuple[tuple[VisualInput, ...], float]:
+        """Read an item's media now (as a run would in its worker threads): its visuals and the seconds it took."""
+        return _prepare(item, self.engine.processor, self.media_options(options))
 
     def take_load_s(self) -> float:
         load_s, self._unpaid_load_s = self._unpaid_load_s, 0.0
@@ -360,7 +364,7 @@ def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, c
     if visual_tokens and room > 0:
         advice = (f"pass --max-visual-tokens {room} (frames are made smaller; fewer frames would make each "
                   "one larger), or a shorter --start/--end clip, or lower --max-new-tokens")  # fmt: skip
-    raise Vl3Error(
+    raise ContextError(
         f"the prompt ({prompt_tokens} tokens, {visual_tokens} of them visual) and --max-new-tokens {max_new_tokens} "
         f"need {need} positions, more than the model's {context}: {advice}"
     )

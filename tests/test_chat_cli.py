@@ -1,0 +1,119 @@
+"""`vl3 chat`: lines from a pipe (one question each, answers as they are done) and a real terminal
+(a pty: streaming, Ctrl-C mid-answer keeps the session, /save, /reset, Ctrl-D ends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny
+from media_factory import make_image
+
+import vl3cli
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("chat-cli-ckpt") / "hf", "hf", tied=True, seed=8)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> Path:
+    return make_image(tmp_path_factory.mktemp("chat-cli-media") / "a.png", size=(42, 42))
+
+
+def test_questions_from_a_pipe_equal_the_api(ckpt, image):
+    questions = ["What is it?", "And its colour?", "Again?"]
+    p = subprocess.run(
+        [sys.executable, "-m", "vl3cli", "chat", str(image), "-m", str(ckpt), "--max-new-tokens", "5", "-f", "jsonl"],
+        input="\n".join(questions[:2]) + "\n\n" + questions[2] + "\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in p.stdout.splitlines()]
+    chat = vl3cli.load(str(ckpt), max_new_tokens=5).chat(str(image))
+    alone = [chat.ask(q) for q in questions]
+    assert [(r["prompt"], r["text"], r["prompt_tokens"]) for r in recs] == [(r.prompt, r.text, r.prompt_tokens) for r in alone]
+    assert recs[2]["prompt_tokens"] > recs[1]["prompt_tokens"] > recs[0]["prompt_tokens"]  # each turn sees the earlier ones
+
+
+class Terminal:
+    """A process on a pseudo-terminal: keys in, screen bytes out."""
+
+    def __init__(self, args: list[str], cwd: Path):
+        import pty
+
+        env = {k: v for k, v in os.environ.items() if k != "VL3_DEBUG"} | {"TERM": "dumb", "COLUMNS": "100"}
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C sends SIGINT
+            os.chdir(cwd)
+            os.execvpe(sys.executable, [sys.executable, "-m", "vl3cli", *args], env)
+        self.screen = b""
+        self.seen = 0  # the screen is read up to here
+
+    def read_until(self, marker: bytes, timeout: float = 60) -> bytes:
+        """The screen from where the last read stopped to the end of `marker`."""
+        deadline = time.monotonic() + timeout
+        start = self.seen
+        while marker not in self.screen[start:]:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {marker!r} in {self.screen[start:][-500:]!r}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:
+                    chunk = b""
+                assert chunk, f"the process ended before {marker!r}: {self.screen[-500:]!r}"
+                self.screen += chunk
+        self.seen = self.screen.index(marker, start) + len(marker)
+        return self.screen[start : self.seen]
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.fd, keys)
+
+    def wait(self, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.screen += os.read(self.fd, 4096)
+            except OSError:
+                pass
+        raise AssertionError("the chat did not end")
+
+
+def test_a_terminal_session(ckpt, image, tmp_path):
+    term = Terminal(["chat", str(image), "-m", str(ckpt), "--max-new-tokens", "3500", "--ignore-eos"], tmp_path)
+    term.read_until(b"Talking about")
+    term.read_until(b"> ")
+    term.send(b"What is it?\r")
+    term.read_until(b"What is it?\r\n")  # the echo; then the answer streams
+    deadline = time.monotonic() + 30
+    while len(term.screen) - term.seen < 20 and time.monotonic() < deadline:
+        if select.select([term.fd], [], [], 1)[0]:
+            term.screen += os.read(term.fd, 4096)
+    assert len(term.screen) - term.seen >= 20  # text arrives while the answer is being generated
+    term.send(b"\x03")  # Ctrl-C mid-answer
+    term.read_until(b"answer stopped")
+    term.read_until(b"> ")
+    term.send(b"/save talk.json\r")
+    term.read_until(b"saved to")
+    assert json.loads((tmp_path / "talk.json").read_text())["turns"] == []  # the stopped answer was not kept
+    term.read_until(b"> ")
+    term.send(b"/reset\r")
+    term.read_until(b"starts again")
+    term.read_until(b"> ")
+    term.send(b"/help\r")
+    term.read_until(b"/save FILE")
+    term.read_until(b"> ")
+    term.send(b"\x04")  # Ctrl-D
+    assert term.wait() == 0
