@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from vl3cli import __version__
 from vl3cli.cli import app
 
-HEAVY = ("torch", "transformers", "av", "decord", "safetensors", "tokenizers", "huggingface_hub", "numpy", "PIL")
+HEAVY = ("torch", "transformers", "av", "decord", "safetensors", "tokenizers", "huggingface_hub", "numpy", "PIL", "fastapi", "uvicorn")
 
 runner = CliRunner()
 

@@ -1,0 +1,252 @@
+"""`vl3 serve` through the official `openai` client: real servers on 127.0.0.1 (random ports).
+
+Answers equal the Python API's (greedy, tiny checkpoint); streamed chunks concatenate to the same
+text; histories, stop strings, limits (401 / 400 / 404 / 413) and a client that disconnects
+mid-stream without disturbing the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tiny
+from media_factory import make_image, make_video
+
+import vl3cli
+from vl3cli.pipeline import Item
+from vl3cli.prompt import Turn
+
+openai = pytest.importorskip("openai")
+KEY = "test-key-123"
+N = 8
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("serve-ckpt") / "hf", "hf", tied=True, seed=9)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serve-media")
+    return {"image": make_image(root / "a.png", size=(42, 56)), "video": make_video(root / "b.mp4", seconds=2.0, fps=4, size=(56, 42))}
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return vl3cli.load(str(ckpt), max_new_tokens=N)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, *args: str):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("VL3_DEBUG", "VL3_API_KEY")}
+    p = subprocess.Popen([sys.executable, "-m", "vl3cli", "serve", "-m", str(ckpt), "--port", str(port), *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert p.poll() is None, p.stderr.read()
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return p, url
+        except OSError:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    p, url = start_server(ckpt, "--api-key", KEY, "--allow-local-files", "--max-body-mb", "1", "--max-new-tokens", str(N))
+    yield url
+    p.terminate()
+    p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server, ckpt):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def user(text: str, *media: tuple[str, str]) -> dict:
+    parts = [{"type": kind, kind: {"url": url}} for kind, url in media]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def test_image_and_video_answers_equal_the_api(client, ckpt, files, model):
+    for kind, part, mime in (("image", "image_url", "image/png"), ("video", "video_url", "video/mp4")):
+        expected = model.describe(str(files[kind]), "What is shown?")
+        for url in (data_url(files[kind], mime), files[kind].as_uri()):
+            r = client.chat.completions.create(model=str(ckpt), messages=[user("What is shown?", (part, url))], max_tokens=N)
+            assert r.choices[0].message.content == expected.text and r.choices[0].finish_reason == expected.finish_reason
+            assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (expected.prompt_tokens, expected.generated_tokens)
+
+
+def test_streamed_chunks_concatenate_to_the_same_text(client, ckpt, files, model):
+    expected = model.describe(str(files["image"]), "Describe it.", max_new_tokens=12, ignore_eos=True)
+    stream = client.chat.completions.create(
+        model=str(ckpt), messages=[user("Describe it.", ("image_url", files["image"].as_uri()))], max_tokens=12,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text and len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
+
+
+def test_multi_turn_and_text_only(client, ckpt, files, model):
+    image = str(files["image"])
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user("What is it?", ("image_url", files["image"].as_uri())),
+        {"role": "assistant", "content": "A picture."},
+        {"role": "user", "content": "Which colours?"},
+    ]
+    r = client.chat.completions.create(model=str(ckpt), messages=messages, max_tokens=N)
+    history = (Turn("user", "What is it?", visuals=(image,)), Turn("assistant", "A picture."))
+    ((_, expected),) = list(model.run([Item((), ("Which colours?",), history=history)], system="Be brief."))
+    assert r.choices[0].message.content == expected.text and r.usage.prompt_tokens == expected.prompt_tokens
+    r = client.chat.completions.create(model=str(ckpt), messages=[{"role": "user", "content": "What colour is a banana?"}], max_tokens=N)
+    (expected,) = model.ask([], "What colour is a banana?")
+    assert r.choices[0].message.content == expected.text
+
+
+def test_stop_strings(client, ckpt, files, model):
+    full = model.describe(str(files["image"]), "Go on.", max_new_tokens=30, ignore_eos=True).text
+    stop = full[5:7]
+    assert stop and full.find(stop) >= 3
+    r = client.chat.completions.create(model=str(ckpt), messages=[user("Go on.", ("image_url", files["image"].as_uri()))],
+                                       max_tokens=30, stop=[stop], extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].message.content == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def post(url: str, body, key: str | None = KEY, raw: bytes | None = None):
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=raw if raw is not None else json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_errors_in_openais_format(server, ckpt, files, tmp_path):
+    ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for key in (None, "wrong"):
+        status, body = post(server, ok, key=key)
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+    cases = [
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
+        ({"messages": [user("Hi", ("image_url", "ftp://host/a.png"))]}, 400, "http(s)://"),
+        ({"messages": [user("Hi", ("image_url", "data:image/png;base64,@@@"))]}, 400, "base64"),
+        ({**ok, "model": "gpt-4"}, 404, "not served here"),
+        ({**ok, "max_tokens": 0}, 400, "--max-new-tokens"),
+        ({**ok, "n": 2}, 400, "n=1"),
+    ]
+    for body, status, fragment in cases:
+        got, answer = post(server, body)
+        assert got == status and fragment in answer["error"]["message"], (body, answer)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not media")
+    got, answer = post(server, {"messages": [user("Hi", ("image_url", notes.as_uri()))], "max_tokens": 2})
+    assert got == 400 and "notes.txt" in answer["error"]["message"]
+    for chunked in (False, True):
+        got, answer = post_large(server, 1024 * 1024 + 10, chunked)
+        assert got == 413 and "limit of 1 MB" in answer["error"]["message"]
+    got, answer = post(server, None, raw=b"{not json")
+    assert got == 400 and "not valid JSON" in answer["error"]["message"]
+
+
+def post_large(url: str, size: int, chunked: bool):
+    """A body over the limit: announced by Content-Length (and not sent), or sent in chunks without one."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "application/json")
+    if chunked:
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for _ in range(size // 65536 + 1):
+            conn.send(b"10000\r\n" + b" " * 65536 + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+    else:
+        conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+
+
+def test_local_files_are_refused_unless_allowed(ckpt, files):
+    p, url = start_server(ckpt)
+    try:
+        status, body = post(url, {"messages": [user("Hi", ("image_url", files["image"].as_uri()))]}, key=None)
+        assert status == 400 and "--allow-local-files" in body["error"]["message"]
+        status, body = post(url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, key=None)
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_others(server, ckpt, files, model):
+    import threading
+
+    expected = model.describe(str(files["video"]), "What happens?", max_new_tokens=40, ignore_eos=True).text
+    results = {}
+    before = health(server)
+
+    def steady():
+        c = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+        r = c.chat.completions.create(model=str(ckpt), messages=[user("What happens?", ("video_url", files["video"].as_uri()))],
+                                      max_tokens=40, extra_body={"ignore_eos": True})  # fmt: skip
+        results["steady"] = r.choices[0].message.content
+
+    leaver = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+    stream = leaver.chat.completions.create(model=str(ckpt), messages=[{"role": "user", "content": "Talk."}], max_tokens=3000,
+                                            stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    pieces = 0
+    for c in stream:
+        pieces += 1
+        if pieces == 3:
+            break
+    t = threading.Thread(target=steady)
+    t.start()
+    stream.close()  # the client goes away mid-answer
+    t.join(timeout=120)
+    assert results["steady"] == expected
+    deadline = time.monotonic() + 30
+    while health(server)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = health(server)
+    assert after["in_flight"] == 0  # its row was freed
+    # the leaver was cancelled, not run to its 3000th token: one cancellation, one request served
+    assert (after["cancelled"] - before["cancelled"], after["served"] - before["served"]) == (1, 1)
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/health") as r:
+        return json.loads(r.read())

@@ -1,0 +1,351 @@
+"""`vl3 serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the Python API.
+
+    POST /v1/chat/completions   OpenAI's chat format: text, image_url and video_url parts, histories,
+                                max_tokens, temperature, top_p, seed, stop, stream (server-sent events)
+    GET  /v1/models             the one model served
+    GET  /health                liveness
+
+One engine thread owns the model (`Service`): requests from every client become items of one
+continuous batch (`pipeline.Loop`, the road every vl3 command takes); media is read by the
+loop's worker threads, never on the event loop. A client that disconnects, or an answer that
+reaches a `stop` string, is cancelled at once and frees its row. At most `max_batch` answers
+decode together and `max_queue` more wait; beyond that the server answers 503.
+
+Safety: binds to 127.0.0.1 unless told otherwise; with an API key every /v1 request needs
+`Authorization: Bearer KEY` (401 otherwise); request bodies, media downloads and video lengths
+are limited (413 / 400 with OpenAI's error body); `file://` media only with `allow_local_files`.
+The request format lives in openai_format.py (pure); this module is HTTP and threads, and is
+imported only by `vl3 serve` (FastAPI is the `serve` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .errors import ContextError, MediaError, UsageError, Vl3Error
+from .openai_format import ApiError, ChatRequest, Media, StopText, chunk, completion, new_id, parse_request, usage
+from .pipeline import Item
+from .prompt import Turn
+
+MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
+               "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}  # fmt: skip
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_batch: int = 8
+    max_queue: int = 64
+    allow_local_files: bool = False
+
+
+@dataclass
+class Ticket:
+    """One request inside the engine thread: its item, how to reach its client, its stop strings."""
+
+    id: int
+    item: Item
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    stops: list[str]
+    stop_text: StopText | None = None
+    tmpdir: str | None = None
+    done: bool = False
+
+
+class Busy(Exception):
+    """The queue is full."""
+
+
+class Service:
+    """The engine thread: submissions and cancellations in, text pieces and endings out."""
+
+    def __init__(self, model, limits: Limits, workers: int = 2):
+        self.model, self.limits, self.workers = model, limits, workers
+        self.inbox: queue.Queue = queue.Queue()
+        self.tickets: dict[int, Ticket] = {}  # in flight (engine thread only)
+        self.in_flight = 0  # submitted and not finished (any thread; guarded by the lock)
+        self.served = self.cancelled = 0  # finished requests; requests dropped because their client left
+        self.lock = threading.Lock()
+        self.ids = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="vl3-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None))
+        self.thread.join(timeout=10)
+
+    def submit(self, item: Item, stops: list[str], tmpdir: str | None) -> Ticket:
+        with self.lock:
+            if self.in_flight >= self.limits.max_batch + self.limits.max_queue:
+                raise Busy
+            self.in_flight += 1
+        ticket = Ticket(next(self.ids), item, asyncio.get_running_loop(), asyncio.Queue(), stops, tmpdir=tmpdir)
+        ticket.stop_text = StopText(stops) if stops else None
+        self.inbox.put(("submit", ticket))
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        self.inbox.put(("cancel", ticket))
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        loop = self.model.runner.loop(self.model.defaults, self.limits.max_batch, self.workers)
+        try:
+            while True:
+                try:
+                    command, ticket = self.inbox.get(block=loop.idle, timeout=None)
+                except queue.Empty:
+                    command = None
+                while command is not None:
+                    if command == "stop":
+                        return
+                    if command == "submit":
+                        self.tickets[ticket.id] = ticket
+                        loop.submit(ticket.id, ticket.item, stream=True)
+                    elif command == "cancel" and not ticket.done:
+                        loop.cancel(ticket.id)
+                        self.cancelled += 1
+                        self._end(ticket, None)
+                    try:
+                        command, ticket = self.inbox.get_nowait()
+                    except queue.Empty:
+                        command = None
+                try:
+                    outputs = loop.step()
+                except Exception as e:  # noqa: BLE001 -- a bug must not take the server down with it
+                    for t in list(self.tickets.values()):
+                        loop.cancel(t.id)
+                        self._end(t, ("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")))
+                    continue
+                for (key, _), out in outputs:
+                    ticket = self.tickets.get(key)
+                    if ticket is not None:
+                        self._deliver(loop, ticket, out)
+        finally:
+            loop.close()
+
+    def _deliver(self, loop, ticket: Ticket, out) -> None:
+        if isinstance(out, str):
+            piece = ticket.stop_text.push(out) if ticket.stop_text else out
+            if piece:
+                self._send(ticket, ("text", piece))
+            if ticket.stop_text and ticket.stop_text.stopped:
+                answer = loop.answers.get((ticket.id, 0))
+                generated = len(answer.ids) if answer else 0
+                prompt = len(answer.input_ids) if answer else 0
+                loop.cancel(ticket.id)
+                self._end(ticket, ("done", ticket.stop_text.answer, "stop", usage(prompt, generated)))
+            return
+        if out.error is not None:
+            self._end(ticket, ("error", api_error(out.exception, out.error)))
+            return
+        text = out.text
+        if ticket.stop_text:
+            rest = ticket.stop_text.finish()
+            if rest:
+                self._send(ticket, ("text", rest))
+            text = ticket.stop_text.answer
+        self._end(ticket, ("done", text, out.finish_reason, usage(out.prompt_tokens, out.generated_tokens)))
+
+    def _send(self, ticket: Ticket, event) -> None:
+        ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, event)
+
+    def _end(self, ticket: Ticket, event) -> None:
+        if ticket.done:
+            return
+        ticket.done = True
+        self.tickets.pop(ticket.id, None)
+        with self.lock:
+            self.in_flight -= 1
+            self.served += event is not None
+        if ticket.tmpdir:
+            shutil.rmtree(ticket.tmpdir, ignore_errors=True)
+        if event is not None:
+            self._send(ticket, event)
+
+
+def api_error(exception: BaseException | None, message: str) -> ApiError:
+    """The HTTP face of an item's error: the client's input is at fault unless vl3 itself failed."""
+    if isinstance(exception, ContextError):
+        return ApiError(400, message, "messages", "context_length_exceeded")
+    if isinstance(exception, MediaError) and "too large" in message:
+        return ApiError(413, message, "messages")
+    if isinstance(exception, Vl3Error):
+        return ApiError(400, message, "messages")
+    return ApiError(500, message, kind="server_error")
+
+
+def _item(request: ChatRequest, model) -> tuple[Item, str | None]:
+    """The request as an item; `data:` media are written to a temporary folder (returned, for cleanup)."""
+    tmpdir = None
+
+    def path(media: Media) -> str:
+        nonlocal tmpdir
+        if media.url is not None:
+            return media.url
+        if media.path is not None:
+            return media.path
+        tmpdir = tmpdir or tempfile.mkdtemp(prefix="vl3-serve-")
+        fd, name = tempfile.mkstemp(dir=tmpdir, suffix=MIME_SUFFIX.get(media.mime or "", ""))
+        with os.fdopen(fd, "wb") as f:
+            f.write(media.data)
+        return name
+
+    try:
+        options = model.options(**request.options, system=request.system)
+    except UsageError as e:
+        raise ApiError(400, str(e)) from None
+    history = tuple(Turn(t.role, t.text, t.ids, tuple(path(m) for m in t.visuals)) for t in request.history)
+    item = Item(tuple(path(m) for m in request.media), (request.prompt,), options=options, history=history)
+    return item, tmpdir
+
+
+def create_app(model, limits: Limits, api_key: str | None = None, workers: int = 2):
+    """The FastAPI application; its engine thread starts and stops with the app."""
+    service = Service(model, limits, workers)
+    model_id = model.name
+
+    @asynccontextmanager
+    async def lifespan(app):
+        service.start()
+        yield
+        service.stop()
+
+    app = FastAPI(title="vl3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    def error(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", kind="authentication_error"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            return error(_too_large(limits.max_body_bytes))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "in_flight": service.in_flight, "served": service.served,
+                "cancelled": service.cancelled}  # fmt: skip
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "vl3"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            body = await _read_body(request, limits.max_body_bytes)
+            parsed = parse_request(body, allow_local_files=limits.allow_local_files)
+            if body.get("model") not in (None, model_id):
+                raise ApiError(404, f"model {body.get('model')!r} is not served here (this server serves {model_id!r})", "model", "model_not_found")
+            item, tmpdir = _item(parsed, model)
+            try:
+                ticket = service.submit(item, parsed.stop, tmpdir)
+            except Busy:
+                if tmpdir:
+                    shutil.rmtree(tmpdir, ignore_errors=True)
+                raise ApiError(503, "the server is busy: too many requests in flight; retry later", kind="server_busy") from None
+        except ApiError as e:
+            return error(e)
+        request_id = new_id()
+        if parsed.stream:
+            return StreamingResponse(_stream(service, ticket, request_id, model_id, parsed.include_usage),
+                                     media_type="text/event-stream")  # fmt: skip
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        service.cancel(ticket)
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if event[0] == "done":
+                    return completion(request_id, model_id, event[1], event[2], event[3])
+                if event[0] == "error":
+                    return error(event[1])
+        except asyncio.CancelledError:
+            service.cancel(ticket)
+            raise
+
+    return app
+
+
+async def _stream(service: Service, ticket: Ticket, request_id: str, model_id: str, include_usage: bool):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    created = int(time.time())
+
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    finished = False
+    try:
+        yield sse(chunk(request_id, model_id, created, {"role": "assistant", "content": ""}))
+        while True:
+            event = await ticket.events.get()
+            if event[0] == "text":
+                yield sse(chunk(request_id, model_id, created, {"content": event[1]}))
+                continue
+            finished = True
+            if event[0] == "error":
+                yield sse(event[1].body())
+            else:
+                yield sse(chunk(request_id, model_id, created, {}, event[2]))
+                if include_usage:
+                    yield sse(chunk(request_id, model_id, created, usage_=event[3]))
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        if not finished:  # the client went away: free its row now
+            service.cancel(ticket)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than the server's limit of {limit // (1024 * 1024)} MB", kind="request_too_large")
+
+
+async def _read_body(request, limit: int):
+    """The JSON body, read in pieces and refused (413) as soon as it passes `limit` bytes."""
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > limit:
+            raise _too_large(limit)
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+
+
+def serve(model, host: str, port: int, limits: Limits, api_key: str | None, workers: int, log_level: str = "warning") -> None:
+    """Run the server until interrupted (the caller loaded `model`)."""
+    import uvicorn
+
+    app = create_app(model, limits, api_key, workers)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
