@@ -186,3 +186,34 @@ class StreamDecoder:
 def error_message(error: BaseException) -> str:
     """An error as a record states it: vl3's own messages as they are, others with their type."""
     return str(error) if type(error).__module__.startswith("vl3cli") else f"{type(error).__name__}: {error}"
+
+
+def timecode(seconds: float, separator: str = ".") -> str:
+    """HH:MM:SS.mmm (WebVTT, text) or HH:MM:SS,mmm (SRT), rounded to the millisecond."""
+    ms = max(0, round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{separator}{ms:03d}"
+
+
+def cue_text(text: str, width: int = 42, vtt: bool = False) -> str:
+    """An answer as subtitle lines: wrapped at `width` characters, no blank line (it would end the
+    cue), no `-->`; for WebVTT `&`, `<` and `>` escaped."""
+    import textwrap
+
+    lines = []
+    for paragraph in text.replace("-->", "->").splitlines():
+        if paragraph.strip():
+            lines += textwrap.wrap(paragraph.strip(), width=width, break_long_words=True) or [""]
+    body = "\n".join(lines) or "..."
+    if vtt:
+        body = body.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return body
+
+
+def subtitle_cue(number: int, start: float, end: float, text: str, fmt: str) -> str:
+    """One numbered cue of an SRT or WebVTT file, with its trailing blank line."""
+    if fmt == "srt":
+        return f"{number}\n{timecode(start, ',')} --> {timecode(end, ',')}\n{cue_text(text)}\n\n"
+    return f"{number}\n{timecode(start)} --> {timecode(end)}\n{cue_text(text, vtt=True)}\n\n"

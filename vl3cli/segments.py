@@ -1,0 +1,78 @@
+"""Long videos cut into timed segments: fixed windows or shots -> (start, end) spans. Pure arithmetic.
+
+- `windows(duration, seconds)`: consecutive windows of `seconds` covering the clip; the last one
+  may be shorter (a tail shorter than 1% of a window, or than a millisecond, joins the one before).
+- `scene_spans(cuts, duration, min_segment, max_segment)`: the shots between detected cuts; a shot
+  shorter than `min_segment` merges into its shorter neighbour (repeatedly, shortest first), one
+  longer than `max_segment` is split into equal parts no longer than it.
+- `parse_segments(text)`: the `--segments` value: a number of seconds, or "scenes".
+
+Spans are `(start, end)` in seconds from the start of the file, sorted, contiguous and covering
+`[clip start, clip end)`; each becomes one request, sampled with the usual fps / frame-bound rules
+inside its own window.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import UsageError
+
+EPS = 1e-3  # seconds: spans shorter than this are not worth a request
+
+
+def parse_segments(text: str | None) -> float | str | None:
+    """`--segments 30` -> 30.0; `--segments scenes` -> "scenes"; None stays None."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("scene", "scenes"):
+        return "scenes"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(f"--segments takes a number of seconds or 'scenes' (got {text!r})") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(f"--segments must be a positive number of seconds (got {text})")
+    return seconds
+
+
+def windows(duration: float, seconds: float, start: float = 0.0, end: float | None = None) -> list[tuple[float, float]]:
+    """Windows of `seconds` over `[start, end)` (end: the duration); the last may be shorter."""
+    end = duration if end is None else min(end, duration)
+    count = max(1, math.ceil((end - start) / seconds - 1e-9))
+    bounds = [start + k * seconds for k in range(count)] + [end]  # each from k, not by adding: no drift
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < max(EPS, 0.01 * seconds):
+        spans[-2:] = [(spans[-2][0], spans[-1][1])]
+    return spans
+
+
+def scene_spans(
+    cuts: list[float], duration: float, min_segment: float = 0.0, max_segment: float | None = None,
+    start: float = 0.0, end: float | None = None,
+) -> list[tuple[float, float]]:  # fmt: skip
+    """Shots between `cuts` (times where a new shot starts) within `[start, end)`, merged and split."""
+    end = duration if end is None else min(end, duration)
+    if max_segment is not None and min_segment > max_segment:
+        raise UsageError(f"--min-segment ({min_segment:g}s) is above --max-segment ({max_segment:g}s)")
+    bounds = [start, *sorted(c for c in set(cuts) if start + EPS < c < end - EPS), end]
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    while len(spans) > 1:
+        i = min(range(len(spans)), key=lambda k: spans[k][1] - spans[k][0])
+        if spans[i][1] - spans[i][0] >= min_segment:
+            break
+        if i == 0:
+            j = 1
+        elif i == len(spans) - 1:
+            j = i - 1
+        else:  # the shorter neighbour absorbs it
+            j = i - 1 if spans[i - 1][1] - spans[i - 1][0] <= spans[i + 1][1] - spans[i + 1][0] else i + 1
+        a, b = sorted((i, j))
+        spans[a : b + 1] = [(spans[a][0], spans[b][1])]
+    if max_segment is None:
+        return spans
+    out = []
+    for s, e in spans:
+        parts = max(1, math.ceil((e - s) / max_segment - 1e-9))
+        out += [(s + (e - s) * k / parts, s + (e - s) * (k + 1) / parts) for k in range(parts)]
+    return out
