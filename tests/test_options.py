@@ -31,6 +31,10 @@ from vl3cli.preprocess import ProcessorConfig
         ({"max_visual_tokens": 0}, "--max-visual-tokens"),
         ({"prune_threshold": -0.1}, "--prune-threshold"),
         ({"colour": "red"}, "unknown option(s) colour"),
+        ({"fps": "2"}, "--fps must be a number"),
+        ({"max_frames": 2.5}, "--max-frames must be a whole number"),
+        ({"prune": 1}, "--prune must be true or false"),
+        ({"system": 3}, "--system must be text"),
     ],
 )
 def test_bad_options_name_the_command_line_option(kwargs, message):
@@ -52,6 +56,11 @@ def test_frame_bounds_follow_each_other():
     assert (m.min_frames, m.max_frames) == (200, 200)
     m = Options(fps=2.5, min_frames=2, max_frames=8).media(processor)
     assert (m.fps, m.min_frames, m.max_frames) == (2.5, 2, 8)
+
+
+def test_one_spelling_per_value():
+    assert Options(fps=2).record(None) == Options(fps=2.0).record(None)
+    assert isinstance(Options(temperature=1).temperature, float)
 
 
 def test_record_is_the_request():

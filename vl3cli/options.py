@@ -22,6 +22,9 @@ from .decoding import DecodingParams
 from .errors import UsageError
 
 
+_KIND_NAMES = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
+
+
 @dataclass(frozen=True)
 class Options:
     max_new_tokens: int = 512
@@ -42,6 +45,14 @@ class Options:
     prune_threshold: float = 0.1
 
     def __post_init__(self):
+        for f in fields(self):  # one spelling per value (2 and 2.0 are one fps), so records and resume agree
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            kind = {"float": float, "int": int, "bool": bool, "str": str}[f.type.split(" | ")[0]]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+                raise UsageError(f"--{f.name.replace('_', '-')} must be {_KIND_NAMES[kind]} (got {value!r})")
+            object.__setattr__(self, f.name, kind(value))
         self.decoding  # noqa: B018 -- DecodingParams checks the decoding values
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise UsageError(f"--fps must be a positive number (got {self.fps:g})")
