@@ -27,6 +27,7 @@ from .hub import resolve_model
 from .output import Result, StreamDecoder, error_result
 from .preprocess import MediaOptions, ProcessorConfig, VisualInput, prepare_visual
 from .prompt import build_input_ids, default_prompt
+from .sampling import resolve_frame_bounds
 
 Check = Callable[[], None]
 OnText = Callable[[str], None]
@@ -256,4 +257,8 @@ def media_options(processor, overrides: dict) -> MediaOptions:
     for name in PROCESSOR_DEFAULTS:
         if name not in values and getattr(processor, name, None) is not None:
             values[name] = getattr(processor, name)
+    values["min_frames"], values["max_frames"] = resolve_frame_bounds(
+        overrides.get("min_frames"), overrides.get("max_frames"),
+        values.get("min_frames", MediaOptions.min_frames), values.get("max_frames", MediaOptions.max_frames),
+    )  # fmt: skip  # a lone --max-frames 1 lowers the default minimum with it
     return MediaOptions(**values)

@@ -54,15 +54,15 @@ class MediaOptions:
         """Raise UsageError for impossible values."""
         check_bounds(self.fps, self.min_frames, self.max_frames)
         if self.start is not None and not (math.isfinite(self.start) and self.start >= 0):
-            raise UsageError(f"start must be >= 0 seconds, got {self.start!r}")
+            raise UsageError(f"--start must be >= 0 seconds, got {self.start!r}")
         if self.end is not None and not (math.isfinite(self.end) and self.end > 0):
-            raise UsageError(f"end must be > 0 seconds, got {self.end!r}")
+            raise UsageError(f"--end must be > 0 seconds, got {self.end!r}")
         if self.start is not None and self.end is not None and self.end <= self.start:
-            raise UsageError(f"end ({self.end:g}s) must be after start ({self.start:g}s)")
+            raise UsageError(f"--end ({self.end:g}s) must be after --start ({self.start:g}s)")
         if self.max_visual_tokens is not None and self.max_visual_tokens < 1:
-            raise UsageError(f"max_visual_tokens must be at least 1, got {self.max_visual_tokens}")
+            raise UsageError(f"--max-visual-tokens must be at least 1, got {self.max_visual_tokens}")
         if not (math.isfinite(self.prune_threshold) and self.prune_threshold >= 0):
-            raise UsageError(f"prune_threshold must be >= 0, got {self.prune_threshold!r}")
+            raise UsageError(f"--prune-threshold must be >= 0, got {self.prune_threshold!r}")
 
 
 @dataclass(frozen=True)
@@ -227,14 +227,14 @@ def resized_size(
         per_frame = max_tokens // frames
         if per_frame < 1:
             raise UsageError(
-                f"max_visual_tokens {max_tokens} is below one token per frame for {frames} frames; "
-                "raise it or sample fewer frames"
+                f"--max-visual-tokens {max_tokens} is below one token per frame for {frames} frames; "
+                "raise it or sample fewer frames (--max-frames)"
             )
         hi = min(hi, per_frame * factor * factor)
     h, w = smart_resize(height, width, factor, min(min_pixels, hi), hi)
     if max_tokens is not None and frames * (h // factor) * (w // factor) > max_tokens:
         raise UsageError(
-            f"max_visual_tokens {max_tokens} is too small for a {width}x{height} input "
+            f"--max-visual-tokens {max_tokens} is too small for a {width}x{height} input "
             f"(needs {frames * (h // factor) * (w // factor)} at the smallest size)"
         )
     return h, w
