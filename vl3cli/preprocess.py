@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -164,14 +164,15 @@ class VisualInput:
     grid_thw: tuple[int, int, int]  # in patches
     merge_size: int
     keep: torch.Tensor | None  # (t*(h/m)*(w/m),) bool over merged tokens; None = keep all
-    timestamps: list[float]  # video: seconds of each used frame; image: []
-    source_width: int
+    timestamps: list[float]  # video: presentation time of each used frame (s); image: []
+    source_width: int  # as displayed (EXIF orientation, a video's display matrix)
     source_height: int
-    duration: float | None
+    duration: float | None  # video: what could be read, in seconds
     fps: float | None
     resized_width: int
     resized_height: int
     decoder: str = ""  # "pillow" | "decord" | "pyav": accounting only
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. a video cut short; without the path
 
     @property
     def visual_tokens(self) -> int:
@@ -302,7 +303,7 @@ def prepare_visual(path, config: ProcessorConfig, options: MediaOptions, *, deco
     """Decode, sample, resize, normalise, patchify and prune one image or video.
 
     ``decoder`` forces a video backend ("decord" or "pyav"); "auto" picks decord when it
-    can read the codec and falls back to PyAV.
+    can read the file and falls back to PyAV.
     """
     options.validate()
     path = os.fspath(path)
@@ -342,5 +343,5 @@ def prepare_visual(path, config: ProcessorConfig, options: MediaOptions, *, deco
         keep=keep, timestamps=[float(x) for x in video.timestamps],
         source_width=video.meta.width, source_height=video.meta.height,
         duration=video.meta.duration, fps=video.meta.fps, resized_width=w, resized_height=h,
-        decoder=video.backend,
+        decoder=video.backend, warnings=list(video.warnings),
     )  # fmt: skip
