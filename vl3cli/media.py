@@ -3,9 +3,11 @@
 Contract:
 
 - ``detect_kind(path)`` says "image" or "video" from the content, never the extension: the
-  file's signature first (``container.signature``: MP4/MOV and Matroska/WebM are videos), then
-  Pillow (animated GIF / WebP / PNG are videos), then PyAV.
-- ``load_image(path)`` returns an RGB ``PIL.Image`` with EXIF orientation applied.
+  file's signature first (``container.signature``: HEIC/HEIF/AVIF stills by their 'ftyp' brand,
+  other MP4/MOV brands and Matroska/WebM are videos), then Pillow (animated GIF / WebP / PNG /
+  AVIF are videos), then PyAV.
+- ``load_image(path)`` returns an RGB ``PIL.Image`` with EXIF orientation applied. HEIC/HEIF
+  pictures go through pillow-heif (registered on first use), AVIF through Pillow's own plugin.
   Transparency is composited onto white (as transformers' ``convert_to_rgb`` does); 16-bit
   and float modes are scaled to 8 bits (Pillow would clip them); every other mode goes
   through ``Image.convert("RGB")``. Pillow's decompression-bomb limit
@@ -23,6 +25,7 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -36,7 +39,7 @@ from vl3cli.container import fail as _fail
 from vl3cli.errors import MediaError, UsageError, Vl3Error
 from vl3cli.sampling import frame_index
 
-ANIMATED_FORMATS = {"GIF", "WEBP", "PNG"}
+ANIMATED_FORMATS = {"GIF", "WEBP", "PNG", "AVIF"}
 GIF_MIN_DURATION_MS = 10  # GIF frames this short play at 100 ms in browsers; so do we
 VIDEO_SIGNATURES = ("mp4", "matroska")
 
@@ -60,6 +63,16 @@ def check_file(path) -> None:
         raise _fail(path, "permission denied")
     if os.path.getsize(path) == 0:
         raise _fail(path, "empty file (0 bytes): not an image or video")
+
+
+@functools.cache
+def _heif_registered() -> bool:
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def native_logging(debug: bool) -> None:
@@ -88,7 +101,9 @@ def native_logging(debug: bool) -> None:
 
 
 def _open_pil(path) -> Image.Image:
-    """Image.open with the decompression-bomb limit as a hard error."""
+    """Image.open with the decompression-bomb limit as a hard error; HEIF support on demand."""
+    if signature(path) == "heif" and not _heif_registered():
+        raise _fail(path, "HEIC/HEIF pictures need the pillow-heif package: pip install pillow-heif")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -130,11 +145,22 @@ def load_image(path) -> Image.Image:
                 im = ImageOps.exif_transpose(im)
             return to_rgb(im)
     except UnidentifiedImageError as e:
-        raise _fail(path, "not an image Pillow can read") from e
+        raise _fail(path, _unreadable_picture(path)) from e
     except MediaError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise _fail(path, f"corrupt or truncated image ({e})") from e
+
+
+def _unreadable_picture(path) -> str:
+    kind = signature(path)
+    if kind == "avif":
+        from PIL import features
+
+        if not features.check("avif"):
+            return "this Pillow has no AVIF support: install Pillow >= 11.3 (its wheels read AVIF)"
+        return "corrupt or unsupported AVIF picture"
+    return "corrupt or unsupported HEIF picture" if kind == "heif" else "not an image Pillow can read"
 
 
 def detect_kind(path) -> str:
@@ -148,8 +174,9 @@ def detect_kind(path) -> str:
             return "video" if _is_animated(im) else "image"
     except MediaError:
         raise
-    except Exception:  # noqa: BLE001 - Pillow raises many types for non-images
-        pass
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
+        if kind is not None:  # a HEIF / AVIF picture Pillow cannot read
+            raise _fail(path, _unreadable_picture(path)) from e
     with container.av_open(path) as c:  # raises MediaError "not an image or video" when PyAV cannot open it
         if not c.streams.video:
             raise _fail(path, "no video stream (audio-only or not a video)")
