@@ -2,6 +2,8 @@
 
 Contract:
 
+- ``check_input(source)`` is the cheap check before any model work: a URL's syntax
+  (``fetch.check_url``), or that a local file exists, is a readable regular file, not empty.
 - ``detect_kind(path)`` says "image" or "video" from the content, never the extension: the
   file's signature first (``container.signature``: HEIC/HEIF/AVIF stills by their 'ftyp' brand,
   other MP4/MOV brands and Matroska/WebM are videos), then Pillow (animated GIF / WebP / PNG /
@@ -33,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vl3cli import container, video
+from vl3cli import container, fetch, video
 from vl3cli.container import Plan, VideoMeta, signature
 from vl3cli.container import fail as _fail
 from vl3cli.errors import MediaError, UsageError, Vl3Error
@@ -63,6 +65,14 @@ def check_file(path) -> None:
         raise _fail(path, "permission denied")
     if os.path.getsize(path) == 0:
         raise _fail(path, "empty file (0 bytes): not an image or video")
+
+
+def check_input(source) -> None:
+    """Cheap checks before any model work: a URL's syntax, or a local file's presence."""
+    if fetch.is_url(os.fspath(source)):
+        fetch.check_url(os.fspath(source))
+    else:
+        check_file(source)
 
 
 @functools.cache
