@@ -134,7 +134,8 @@ def test_json_record_schema(ckpt, media, tmp_path):
     rec = json.loads(out.read_text())
     assert list(rec) == [
         "path", "kind", "prompt", "text", "model", "width", "height", "duration", "frames", "timestamps", "resized",
-        "visual_tokens", "visual_tokens_kept", "prompt_tokens", "generated_tokens", "finish_reason", "timings", "error",
+        "visual_tokens", "visual_tokens_kept", "prompt_tokens", "generated_tokens", "finish_reason", "timings",
+        "warnings", "error",
     ]  # fmt: skip
     assert rec["path"] == str(media["video"]) and rec["kind"] == "video" and rec["model"] == str(ckpt["original"])
     assert (rec["width"], rec["height"], rec["duration"]) == (64, 48, pytest.approx(3.0, abs=0.1))
@@ -142,6 +143,7 @@ def test_json_record_schema(ckpt, media, tmp_path):
     assert len(rec["resized"]) == 2 and all(x % 28 == 0 for x in rec["resized"])
     assert 0 < rec["visual_tokens_kept"] <= rec["visual_tokens"] < rec["prompt_tokens"]
     assert rec["generated_tokens"] == 5 and rec["finish_reason"] == "length" and rec["error"] is None
+    assert rec["warnings"] == []
     assert list(rec["timings"]) == list(TIMING_KEYS) and all(v >= 0 for v in rec["timings"].values())
     t = rec["timings"]
     assert t["total_s"] == pytest.approx(sum(t[k] for k in TIMING_KEYS[:-1]), abs=1e-3) and t["load_s"] > 0

@@ -23,7 +23,7 @@ from vl3cli.tokenizer import Tokenizer
 SCHEMA = [
     "path", "kind", "prompt", "text", "model", "width", "height", "duration", "frames", "timestamps",
     "resized", "visual_tokens", "visual_tokens_kept", "prompt_tokens", "generated_tokens",
-    "finish_reason", "timings", "error",
+    "finish_reason", "timings", "warnings", "error",
 ]
 
 

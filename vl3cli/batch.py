@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import IO
 
 from .errors import UsageError
+from .fetch import is_url
 from .output import Result, error_result, to_json
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
 DEFAULT_EXTS = IMAGE_EXTS + VIDEO_EXTS
 MODES = ("resume", "retry-failed", "overwrite")
@@ -60,7 +61,9 @@ def expand_inputs(inputs: Iterable[str], files_from: str | None, exts: frozenset
     """The sorted, de-duplicated list of files to process. An input matching nothing is a UsageError."""
     found: set[str] = set()
     for item in inputs:
-        if os.path.isdir(item):
+        if is_url(item):
+            found.add(item)
+        elif os.path.isdir(item):
             found.update(_walk(item, exts))
         elif os.path.isfile(item):
             found.add(item)
@@ -77,7 +80,7 @@ def expand_inputs(inputs: Iterable[str], files_from: str | None, exts: frozenset
         except OSError as e:
             raise UsageError(f"cannot read --files-from {files_from}: {e.strerror}") from e
         found.update(line.strip() for line in lines if line.strip())
-    return sorted({os.path.normpath(p) for p in found})
+    return sorted({p if is_url(p) else os.path.normpath(p) for p in found})  # normpath would mangle URLs
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:

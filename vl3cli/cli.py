@@ -131,9 +131,18 @@ def _print(text: str) -> None:
     sys.stdout.flush()
 
 
+def _warn(lines, console=None) -> None:
+    """`warning: ...` lines on stderr (through the progress bar's console while it shows)."""
+    for line in lines:
+        if console is None:
+            print(f"warning: {line}", file=sys.stderr)
+        else:
+            console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Path | None, stream: bool | None, debug: bool) -> None:
     """describe / ask: one media file, one or more questions, results to stdout or --out."""
-    from .media import check_file
+    from .media import check_input, native_logging
     from .output import write_results
     from .pipeline import Pipeline
 
@@ -141,12 +150,14 @@ def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Pa
         raise UsageError("--stream prints text to the terminal; it cannot be combined with --format json/jsonl or --out")
     if stream is None:
         stream = fmt == "text" and out is None and sys.stdout.isatty()
-    check_file(media)  # before loading the model
+    check_input(media)  # a URL's syntax or a local file's presence, before loading the model
+    native_logging(debug or _env_debug())
     with _status(f"Loading {settings.model}"):
         pipeline = Pipeline(settings).load()
     _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
     with _status(f"Reading {media}"):
         encoded = pipeline.encode(media)
+    _warn(f"{media}: {w}" for w in encoded.visual.warnings)
     results = []
     for i, question in enumerate(questions):
         if stream and len(questions) > 1:  # the same layout as output.write_text
@@ -171,7 +182,7 @@ def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Pa
     )
 )
 def describe(
-    media: Annotated[str, typer.Argument(help="Image or video file.", show_default=False)],
+    media: Annotated[str, typer.Argument(help="Image or video file, or an http(s) URL.", show_default=False)],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Instead of \"Describe this image/video in detail.\"")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
@@ -212,7 +223,7 @@ def describe(
     )
 )
 def ask(
-    media: Annotated[str, typer.Argument(help="Image or video file.", show_default=False)],
+    media: Annotated[str, typer.Argument(help="Image or video file, or an http(s) URL.", show_default=False)],
     questions: Annotated[list[str], typer.Argument(help="One or more questions; the media is encoded once for all.", show_default=False)],
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
@@ -320,13 +331,16 @@ def batch(
 
 def _run_batch(plan, settings, prompt: str | None, out: Path | None, summary, debug: bool, batch_size: int, workers: int):
     from . import batch as b
+    from .media import native_logging
     from .pipeline import Pipeline
 
+    native_logging(debug or _env_debug())
     pipeline = Pipeline(settings).load()
     _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
     progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
     def on_item(path: str, result) -> None:
+        _warn((f"{path}: {w}" for w in result.warnings), progress.console)
         if not result.ok:
             progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
         progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)

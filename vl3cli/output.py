@@ -47,6 +47,7 @@ class Result:
     generated_tokens: int | None = None
     finish_reason: str | None = None  # "stop" | "length"
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
+    warnings: list[str] = field(default_factory=list)  # e.g. a video cut short: only part of it was read
     error: str | None = None
 
     @property

@@ -243,6 +243,7 @@ class Pipeline:
             generated_tokens=len(ids),
             finish_reason="length" if len(ids) >= settings.decoding.max_new_tokens else "stop",
             timings={"prefill_s": prefill_s, "decode_s": decode_s},
+            warnings=list(visual.warnings),
         )
 
 
