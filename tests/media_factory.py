@@ -1,14 +1,21 @@
 """Synthetic media for tests: tiny videos encoded with PyAV, images written with Pillow.
 
     make_video(path, codec="h264", seconds=2.0, fps=10, size=(W, H), static=False) -> Path
+    make_clip(path, pictures, pts, rate, codec="h264") -> Path   # any pictures, any presentation times
+    make_vfr_clip(path, codec="h264") -> Path   # 30 fps for 5 s, then 5 fps for 5 s
     make_image(path, size=(W, H), mode="RGB", fmt="PNG", exif_orientation=None) -> Path
     make_animated(path, fmt="GIF", durations_ms=(100,) * 10, size=(W, H)) -> Path
+    marked_picture(size) -> array       # black, with a white block in the top-left corner
+    set_track_matrix(path, (a, b, c, d)) -> Path   # write a display matrix into an MP4/MOV
+    faststart_copy(src, dst) -> Path    # the same packets, index at the front
+    cut(src, dst, fraction) -> Path     # the first `fraction` of the bytes
     encoder_for(codec) -> str | None      # the PyAV encoder that writes `codec`, if any
     require_encoder(codec) -> str         # same, or pytest.skip with the reason
 
 Frame i of a moving clip shows a gradient plus a bright square that moves each frame and
 a colour that changes with i, so every frame differs from the one before it; a static
-clip repeats frame 0.
+clip repeats frame 0. Frame k of the VFR clip is uniformly grey at ``second_level(s)``,
+s being the second it is shown in.
 """
 
 from __future__ import annotations
@@ -80,6 +87,14 @@ def make_video(
     """Encode a clip of ``frames`` (default ``round(seconds * fps)``) frames; returns the path.
 
     The container follows the path's suffix (.mp4, .mkv, .webm, .mov, .gif)."""
+    n = frames if frames is not None else max(1, round(seconds * fps))
+    pictures = (frame_pixels(i, size, static) for i in range(n))
+    return make_clip(path, pictures, range(n), Fraction(fps).limit_denominator(1000), codec, static, gop)
+
+
+def make_clip(path, pictures, pts, rate: Fraction, codec: str = "h264", lossless: bool = False, gop: int | None = None) -> Path:
+    """Encode ``pictures`` ((H, W, 3) uint8 each, all one size) shown at ``pts`` (in units of
+    1/rate, increasing): any frame rate, variable ones included. The container follows the suffix."""
     import av
 
     path = Path(path)
@@ -90,28 +105,112 @@ def make_video(
         if encoder is None:
             raise RuntimeError(f"no PyAV encoder for {codec}")
         options = dict(_ENCODERS[codec][2]) | _AV1_OPTIONS.get(encoder, {})
-        if static:
+        if lossless:
             options |= _LOSSLESS.get(encoder, {})
         pix_fmt = "yuv420p"
-    n = frames if frames is not None else max(1, round(seconds * fps))
-    rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(encoder, rate=rate, options=options)
-        stream.width, stream.height = size
         stream.pix_fmt = pix_fmt
         if gop:
             stream.codec_context.gop_size = gop
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(frame_pixels(i, size, static), format="rgb24")
+        for k, (picture, t) in enumerate(zip(pictures, pts, strict=True)):
+            if k == 0:
+                stream.height, stream.width = picture.shape[:2]
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             if pix_fmt != "rgb24":
                 frame = frame.reformat(format=pix_fmt)
-            frame.pts = i
+            frame.pts = t
             frame.time_base = 1 / rate
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def second_level(second: int) -> int:
+    """Grey level of the VFR clip's frames shown during ``second`` (0..9)."""
+    return 20 + 20 * second
+
+
+def make_vfr_clip(path, codec: str = "h264") -> Path:
+    """10 s: 30 fps for 5 s, then 5 fps for 5 s; each frame grey at ``second_level`` of its second."""
+    pts = [*range(150), *range(150, 300, 6)]  # units of 1/30 s
+    pictures = (np.full((48, 64, 3), second_level(t // 30), np.uint8) for t in pts)
+    return make_clip(path, pictures, pts, Fraction(30), codec)
+
+
+def marked_picture(size: tuple[int, int] = (64, 48), side: int = 16) -> np.ndarray:
+    """(H, W, 3) black picture with a white ``side`` x ``side`` block in its top-left corner."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:side, :side] = 255
+    return img
+
+
+def _boxes(data: bytes, start: int, end: int):
+    """(type, start, payload start, end) of the ISO-BMFF boxes in data[start:end]."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind, body = int.from_bytes(data[pos : pos + 4], "big"), bytes(data[pos + 4 : pos + 8]), pos + 8
+        if size == 1:
+            size, body = int.from_bytes(data[pos + 8 : pos + 16], "big"), pos + 16
+        elif size == 0:
+            size = end - pos
+        yield kind, pos, body, pos + size
+        pos += size
+
+
+def set_track_matrix(path, abcd: tuple[int, int, int, int]) -> Path:
+    """Write the display matrix [a b 0; c d 0; x y 1] into the 'tkhd' box of the video track.
+
+    ISO/IEC 14496-12 / QuickTime: a displayed point is (a*p + c*q + x, b*p + d*q + y) for a
+    coded point (p, q), y pointing down; a..d, x, y are 16.16 fixed point, the last column
+    2.30. The translation (x, y) keeps the picture at the origin, as cameras write it.
+    """
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    a, b, c, d = abcd
+    for kind, _, body, end in _boxes(data, 0, len(data)):
+        if kind != b"moov":
+            continue
+        for kind, _, trak, trak_end in _boxes(data, body, end):
+            if kind != b"trak":
+                continue
+            children = {k: (s, e) for k, _, s, e in _boxes(data, trak, trak_end)}
+            mdia = {k: (s, e) for k, _, s, e in _boxes(data, *children[b"mdia"])}
+            if data[mdia[b"hdlr"][0] + 8 : mdia[b"hdlr"][0] + 12] != b"vide":
+                continue
+            tkhd = children[b"tkhd"][0]
+            at = tkhd + 4 + (32 if data[tkhd] == 1 else 20) + 16  # version/flags, times, reserved..volume
+            w = int.from_bytes(data[at + 36 : at + 40], "big") >> 16
+            h = int.from_bytes(data[at + 40 : at + 44], "big") >> 16
+            xs = [a * p + c * q for p in (0, w) for q in (0, h)]
+            ys = [b * p + d * q for p in (0, w) for q in (0, h)]
+            values = [a << 16, b << 16, 0, c << 16, d << 16, 0, -min(xs) << 16, -min(ys) << 16, 1 << 30]
+            data[at : at + 36] = b"".join((v & 0xFFFFFFFF).to_bytes(4, "big") for v in values)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def faststart_copy(src, dst) -> Path:
+    """Remux ``src`` with the index ('moov') before the data, as streaming sites serve MP4s."""
+    import av
+
+    with av.open(str(src)) as i, av.open(str(dst), "w", options={"movflags": "faststart"}) as o:
+        s = o.add_stream_from_template(i.streams.video[0])
+        for p in i.demux(i.streams.video[0]):
+            if p.dts is not None:
+                p.stream = s
+                o.mux(p)
+    return Path(dst)
+
+
+def cut(src, dst, fraction: float) -> Path:
+    """A copy of ``src`` holding only its first ``fraction`` of bytes (a download cut short)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[: int(len(data) * fraction)])
+    return Path(dst)
 
 
 def make_image(

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vl3cli.errors import UsageError
-from vl3cli.sampling import EPS, frame_index, sample_timestamps
+from vl3cli.options import Options
+from vl3cli.preprocess import ProcessorConfig
+from vl3cli.sampling import EPS, frame_index, resolve_frame_bounds, sample_timestamps
 
 SETTINGS = settings(max_examples=200, deadline=None)
 
@@ -39,12 +41,13 @@ def test_whole_clip_rule(count, source_fps, fps, min_frames, extra):
     if count == 1:
         assert ts == [0.0]
         return
-    # candidates k / fps, keeping the first one that shows each source frame
+    # candidates k / fps, keeping the first one that shows each source frame, reported at
+    # the time that frame starts
     candidates, seen = [], set()
     for k in range(math.ceil(duration * fps - EPS)):
         if frame_index(times, k / fps) not in seen:
             seen.add(frame_index(times, k / fps))
-            candidates.append(k / fps)
+            candidates.append(times[frame_index(times, k / fps)])
     n = len(candidates)
     expected = max_frames if n > max_frames else max(n, min(min_frames, count))
     assert len(ts) == expected <= count
@@ -76,8 +79,15 @@ def test_window_rule(count, start_frac, len_frac, fps):
     assert all(start - EPS <= t < end for t in ts)
     assert 1 <= len(ts) <= 180
     n = math.ceil((end - start) * fps - EPS)
-    if 4 <= n <= 180:
-        assert ts == pytest.approx([start + k / fps for k in range(n)])
+    if 4 <= n <= 180 and fps <= source_fps:
+        # one frame per candidate start + k / fps: the frame shown then, reported at its own
+        # start time (the window's start for the frame already showing when it opens)
+        assert len(ts) == n
+        for k, t in enumerate(ts):
+            c = start + k / fps
+            assert t in times or (k == 0 and t == start)
+            assert t <= c + EPS
+            assert frame_index(times, t) == frame_index(times, c)
 
 
 def test_examples():
@@ -116,3 +126,15 @@ def test_impossible_options(kwargs):
 def test_frame_index():
     times = [0.0, 0.1, 0.3]
     assert [frame_index(times, t) for t in (0.0, 0.05, 0.1, 0.29, 0.3, 9.0, -1.0)] == [0, 0, 1, 1, 2, 2, 0]
+
+
+def test_frame_bounds_rule():
+    """The user's bound wins; the default one yields (defaults: 4 and 180)."""
+    table = {
+        (None, None): (4, 180), (None, 1): (1, 1), (None, 10): (4, 10), (2, None): (2, 180),
+        (300, None): (300, 300), (2, 3): (2, 3), (5, 3): (5, 3), (None, 0): (1, 0),
+    }  # fmt: skip
+    for (lo, hi), expected in table.items():
+        assert resolve_frame_bounds(lo, hi, 4, 180) == expected, (lo, hi)
+    assert Options(max_frames=1).media(ProcessorConfig()).min_frames == 1
+    assert Options().media(ProcessorConfig()).min_frames == 4

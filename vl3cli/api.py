@@ -21,6 +21,7 @@ server and the Ray engine are thin callers of this module: `Model.run` is the on
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -53,8 +54,10 @@ def load(
     """
     from .config import ModelConfig
     from .engine import Engine
+    from .media import native_logging
 
     defaults = Options.from_kwargs(**options)
+    native_logging(os.environ.get("VL3_DEBUG", "") not in ("", "0"))  # decoders' own log lines: only when debugging
     start = time.perf_counter()
     path = resolve_model(model, revision, on_config=lambda folder: check_budget(ModelConfig.from_dir(folder), defaults))
     engine = Engine.load(path, device=device, dtype=dtype, **({"quantize": quantize} if quantize else {}))

@@ -34,10 +34,11 @@ from pathlib import Path
 from typing import IO
 
 from .errors import UsageError
+from .fetch import is_url
 from .outfile import Target, read_records, rewrite_without
 from .output import Result, to_json
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
 DEFAULT_EXTS = IMAGE_EXTS + VIDEO_EXTS
 MODES = ("resume", "retry-failed", "overwrite")
@@ -51,10 +52,6 @@ def parse_exts(values: Iterable[str] | None) -> frozenset[str]:
 
 def _has_ext(name: str, exts: frozenset[str]) -> bool:
     return name.rpartition(".")[2].lower() in exts and "." in name
-
-
-def is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
 
 
 def _walk(folder: str, exts: frozenset[str]) -> Iterable[str]:

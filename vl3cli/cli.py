@@ -238,6 +238,8 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
             for (_, i), result in model.run([Item(tuple(media), tuple(prompts))], on_text=on_text):
                 spinner.stop()
                 result.raise_error()
+                if i == 0:
+                    _warn(result.warnings)
                 printer.done(i, result)
                 _debug_line(f"timings: {_timings(result)} tokens={result.generated_tokens} ({result.finish_reason})")
         finally:
@@ -246,13 +248,11 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
 
 
 def _check_media(media: list[str]) -> None:
-    """Local files must exist and be readable before the model loads (URLs are fetched later)."""
-    from .batch import is_url
-    from .media import check_file
+    """Local files must exist and be readable, URLs be well formed, before the model loads."""
+    from .media import check_input
 
     for path in media:
-        if not is_url(path):
-            check_file(path)
+        check_input(path)
 
 
 def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list[str]]:
@@ -260,8 +260,9 @@ def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list
     (then those given with -q). A word that looks like a media file name but is missing is an error."""
     import os
 
-    from .batch import DEFAULT_EXTS, is_url
+    from .batch import DEFAULT_EXTS
     from .errors import MediaError
+    from .fetch import is_url
 
     media, asked = [], []
     for arg in args:
@@ -272,6 +273,15 @@ def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list
         else:
             asked.append(arg)
     return media, asked + questions
+
+
+def _warn(lines, console=None) -> None:
+    """`warning: ...` lines on stderr (through the progress bar's console while it shows)."""
+    for line in lines:
+        if console is None:
+            print(f"warning: {line}", file=sys.stderr)
+        else:
+            console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _timings(result) -> str:
@@ -683,10 +693,7 @@ def _run_batch(todo: list, options, params: dict, target, mode: str, summary) ->
     progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
     def on_item(result) -> None:
-        for warning in result.warnings:
-            progress.console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
-        if not result.ok:
-            progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
+        _warn(result.warnings if result.ok else [result.error], progress.console)
         progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
 
     with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
@@ -698,6 +705,7 @@ def _run_batch(todo: list, options, params: dict, target, mode: str, summary) ->
 def main() -> None:
     """Console entry point: one-line errors, exit codes, tracebacks only when debugging."""
     debug = "--debug" in sys.argv[1:] or _env_debug()
+    before = os.environ.get("VL3_DEBUG")
     if debug:
         os.environ["VL3_DEBUG"] = "1"  # the library's quiet-by-default parts (Hub retries, decoder logs) read it
     try:
@@ -729,6 +737,11 @@ def main() -> None:
             traceback.print_exc()
         print(f"Error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if before is None:
+            os.environ.pop("VL3_DEBUG", None)
+        else:
+            os.environ["VL3_DEBUG"] = before
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -94,15 +94,10 @@ class Options:
     def media(self, processor):
         """`MediaOptions` for a checkpoint's processor config (its fps / frame bounds fill the gaps)."""
         from .preprocess import MediaOptions
+        from .sampling import resolve_frame_bounds
 
         fps = self.fps if self.fps is not None else processor.fps
-        lo, hi = self.min_frames, self.max_frames
-        if lo is None and hi is None:
-            lo, hi = processor.min_frames, processor.max_frames
-        elif lo is None:
-            lo = min(processor.min_frames, hi)
-        elif hi is None:
-            hi = max(processor.max_frames, lo)
+        lo, hi = resolve_frame_bounds(self.min_frames, self.max_frames, processor.min_frames, processor.max_frames)
         return MediaOptions(
             fps=fps, min_frames=lo, max_frames=hi, start=self.start, end=self.end,
             max_visual_tokens=self.max_visual_tokens, prune=self.prune, prune_threshold=self.prune_threshold,

@@ -55,7 +55,7 @@ class Result:
     finish_reason: str | None = None  # "stop" | "length"
     options: dict | None = None  # the request: Options.record(prompt as given)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMING_KEYS, 0.0))
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. "clip.mp4: only the first 41.2 s could be read"
     error: str | None = None
     # Not written: the error as raised, and how the answer came about (pipeline.Answer: prompt
     # ids, generated ids, visuals) for callers that continue the conversation.

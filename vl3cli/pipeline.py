@@ -303,7 +303,7 @@ class Loop:
                 record.media_info = info
             record.visual_tokens = sum(v.visual_tokens for v in visuals)
             record.visual_tokens_kept = sum(v.visual_tokens_kept for v in visuals)
-            record.warnings = [w for v in visuals for w in getattr(v, "warnings", [])]
+            record.warnings = [f"{v.path}: {w}" for v in visuals for w in v.warnings]
         return record
 
     def _record(self, answer: Answer, reason: str) -> Result:

@@ -1,4 +1,4 @@
-"""Pre-processing: a file path -> model-ready ``VisualInput`` (pixel values, grid, keep-mask).
+"""Pre-processing: a file path or URL -> model-ready ``VisualInput`` (pixel values, grid, keep-mask).
 
 Contract:
 
@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vl3cli import media
+from vl3cli import fetch, media
 from vl3cli.config import read_json
-from vl3cli.errors import ConfigError, MediaError, UsageError
+from vl3cli.errors import ConfigError, MediaError, UsageError, Vl3Error
 from vl3cli.pruning import prune_mask
 from vl3cli.sampling import check_bounds, sample_timestamps
 
@@ -54,15 +54,15 @@ class MediaOptions:
         """Raise UsageError for impossible values."""
         check_bounds(self.fps, self.min_frames, self.max_frames)
         if self.start is not None and not (math.isfinite(self.start) and self.start >= 0):
-            raise UsageError(f"start must be >= 0 seconds, got {self.start!r}")
+            raise UsageError(f"--start must be >= 0 seconds, got {self.start!r}")
         if self.end is not None and not (math.isfinite(self.end) and self.end > 0):
-            raise UsageError(f"end must be > 0 seconds, got {self.end!r}")
+            raise UsageError(f"--end must be > 0 seconds, got {self.end!r}")
         if self.start is not None and self.end is not None and self.end <= self.start:
-            raise UsageError(f"end ({self.end:g}s) must be after start ({self.start:g}s)")
+            raise UsageError(f"--end ({self.end:g}s) must be after --start ({self.start:g}s)")
         if self.max_visual_tokens is not None and self.max_visual_tokens < 1:
-            raise UsageError(f"max_visual_tokens must be at least 1, got {self.max_visual_tokens}")
+            raise UsageError(f"--max-visual-tokens must be at least 1, got {self.max_visual_tokens}")
         if not (math.isfinite(self.prune_threshold) and self.prune_threshold >= 0):
-            raise UsageError(f"prune_threshold must be >= 0, got {self.prune_threshold!r}")
+            raise UsageError(f"--prune-threshold must be >= 0, got {self.prune_threshold!r}")
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,15 @@ class VisualInput:
     grid_thw: tuple[int, int, int]  # in patches
     merge_size: int
     keep: torch.Tensor | None  # (t*(h/m)*(w/m),) bool over merged tokens; None = keep all
-    timestamps: list[float]  # video: seconds of each used frame; image: []
-    source_width: int
+    timestamps: list[float]  # video: presentation time of each used frame (s); image: []
+    source_width: int  # as displayed (EXIF orientation, a video's display matrix)
     source_height: int
-    duration: float | None
+    duration: float | None  # video: what could be read, in seconds
     fps: float | None
     resized_width: int
     resized_height: int
     decoder: str = ""  # "pillow" | "decord" | "pyav": accounting only
+    warnings: list[str] = field(default_factory=list)  # one line each, e.g. a video cut short; without the path
 
     @property
     def visual_tokens(self) -> int:
@@ -227,14 +228,14 @@ def resized_size(
         per_frame = max_tokens // frames
         if per_frame < 1:
             raise UsageError(
-                f"max_visual_tokens {max_tokens} is below one token per frame for {frames} frames; "
-                "raise it or sample fewer frames"
+                f"--max-visual-tokens {max_tokens} is below one token per frame for {frames} frames; "
+                "raise it or sample fewer frames (--max-frames)"
             )
         hi = min(hi, per_frame * factor * factor)
     h, w = smart_resize(height, width, factor, min(min_pixels, hi), hi)
     if max_tokens is not None and frames * (h // factor) * (w // factor) > max_tokens:
         raise UsageError(
-            f"max_visual_tokens {max_tokens} is too small for a {width}x{height} input "
+            f"--max-visual-tokens {max_tokens} is too small for a {width}x{height} input "
             f"(needs {frames * (h // factor) * (w // factor)} at the smallest size)"
         )
     return h, w
@@ -298,14 +299,22 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
     return plan
 
 
-def prepare_visual(path, config: ProcessorConfig, options: MediaOptions, *, decoder: str = "auto") -> VisualInput:
+def prepare_visual(
+    path, config: ProcessorConfig, options: MediaOptions, *, decoder: str = "auto", name: str | None = None
+) -> VisualInput:
     """Decode, sample, resize, normalise, patchify and prune one image or video.
 
-    ``decoder`` forces a video backend ("decord" or "pyav"); "auto" picks decord when it
-    can read the codec and falls back to PyAV.
+    ``path`` is a file or an http(s) URL; a URL is downloaded to a temporary file
+    (``fetch.local_copy``: size and time limits) deleted afterwards. ``VisualInput.path`` and
+    errors name ``name`` (default: ``path``, the URL for a URL). ``decoder``
+    forces a video backend ("decord" or "pyav"); "auto" picks decord when it can read the
+    file and falls back to PyAV.
     """
     options.validate()
     path = os.fspath(path)
+    if fetch.is_url(path):
+        return _prepare_url(path, config, options, decoder)
+    name = path if name is None else name
     if media.detect_kind(path) == "image":
         image = media.load_image(path)
         m = config.image_merge_size
@@ -316,19 +325,19 @@ def prepare_visual(path, config: ProcessorConfig, options: MediaOptions, *, deco
                 max_tokens=options.max_visual_tokens,
             )  # fmt: skip
         except MediaError as e:
-            raise _with_path(path, e) from None
+            raise _with_path(name, e) from None
         resized = image if image.size == (w, h) else image.resize((w, h), Image.Resampling.BICUBIC)
         frame = np.asarray(resized, dtype=np.uint8)[None]  # (1, h, w, 3)
         p = config.patch_size
         return VisualInput(
-            path=path, kind="image", pixel_values=to_pixel_values(frame, config, m),
+            path=name, kind="image", pixel_values=to_pixel_values(frame, config, m),
             grid_thw=(1, h // p, w // p), merge_size=m, keep=None, timestamps=[],
             source_width=image.width, source_height=image.height, duration=None, fps=None,
             resized_width=w, resized_height=h, decoder="pillow",
         )  # fmt: skip
 
     m = config.video_merge_size
-    video = media.read_video(path, plan_video(path, config, options), backend=decoder)
+    video = media.read_video(path, plan_video(name, config, options), backend=decoder)
     frames, video.frames = video.frames, None  # the uint8 frames die with this function
     t, h, w, _ = frames.shape
     p = config.patch_size
@@ -338,9 +347,17 @@ def prepare_visual(path, config: ProcessorConfig, options: MediaOptions, *, deco
     if options.prune and config.use_token_compression:
         keep = prune_mask(pixel_values, grid, m, threshold=options.prune_threshold)
     return VisualInput(
-        path=path, kind="video", pixel_values=pixel_values, grid_thw=grid, merge_size=m,
+        path=name, kind="video", pixel_values=pixel_values, grid_thw=grid, merge_size=m,
         keep=keep, timestamps=[float(x) for x in video.timestamps],
         source_width=video.meta.width, source_height=video.meta.height,
         duration=video.meta.duration, fps=video.meta.fps, resized_width=w, resized_height=h,
-        decoder=video.backend,
+        decoder=video.backend, warnings=list(video.warnings),
     )  # fmt: skip
+
+
+def _prepare_url(url: str, config: ProcessorConfig, options: MediaOptions, decoder: str) -> VisualInput:
+    with fetch.local_copy(url) as local:
+        try:
+            return prepare_visual(local, config, options, decoder=decoder, name=url)
+        except Vl3Error as e:  # name the URL, not the temporary file
+            raise type(e)(str(e).replace(str(local), url)) from e

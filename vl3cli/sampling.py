@@ -4,9 +4,11 @@ Contract (vl3's rule, see shared/VIDEOLLAMA3.md):
 
 - The window is ``[start, end)`` in seconds, ``start`` defaulting to 0 and ``end`` to the
   clip's duration (an ``end`` past the duration is clamped to it).
-- Candidates are ``start + k / fps`` for k = 0, 1, ... while inside the window; when the
-  source frame times are known, a candidate showing the same source frame as an earlier
-  one is dropped (fps above the clip's own gives each source frame once).
+- Candidates are ``start + k / fps`` for k = 0, 1, ... while inside the window. When the
+  source frame times are known (the frames' presentation times, so variable frame rates
+  are honoured), each candidate becomes the source frame shown at that time, reported at
+  that frame's own start (clipped to ``start``), and a candidate showing the same source
+  frame as an earlier one is dropped (fps above the clip's own gives each source frame once).
 - More than ``max_frames`` candidates -> ``max_frames`` of them, evenly spaced: candidate
   ``floor(i * n / max_frames)`` for i = 0..max_frames-1 (the first one is always kept).
 - Fewer than ``min_frames`` candidates -> ``min_frames`` frames evenly spaced over the
@@ -17,7 +19,9 @@ Contract (vl3's rule, see shared/VIDEOLLAMA3.md):
   one-frame video gives exactly one frame.
 
 ``frame_index`` maps a timestamp to the source frame shown at that time (the last frame
-starting at or before it).
+starting at or before it). ``resolve_frame_bounds`` is the one rule that combines the user's
+``--min-frames`` / ``--max-frames`` with the checkpoint's defaults. Messages name the command
+line options (``--fps``, ``--min-frames``, ``--max-frames``, ``--start``, ``--end``).
 """
 
 from __future__ import annotations
@@ -35,13 +39,31 @@ EPS = 1e-6
 def check_bounds(fps: float, min_frames: int, max_frames: int) -> None:
     """Raise UsageError for sampling options that cannot be satisfied."""
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
-        raise UsageError(f"fps must be a positive number, got {fps!r}")
+        raise UsageError(f"--fps must be a positive number, got {fps!r}")
     if min_frames < 1:
-        raise UsageError(f"min_frames must be at least 1, got {min_frames}")
+        raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
     if max_frames < 1:
-        raise UsageError(f"max_frames must be at least 1, got {max_frames}")
+        raise UsageError(f"--max-frames must be at least 1, got {max_frames}")
     if max_frames < min_frames:
-        raise UsageError(f"max_frames ({max_frames}) is smaller than min_frames ({min_frames})")
+        raise UsageError(f"--max-frames ({max_frames}) is smaller than --min-frames ({min_frames})")
+
+
+def resolve_frame_bounds(
+    min_frames: int | None, max_frames: int | None, default_min: int, default_max: int
+) -> tuple[int, int]:
+    """``(min_frames, max_frames)`` from the user's values (None: not given) and the defaults.
+
+    A bound the user gives is used as given; a default bound yields to it. So ``--max-frames 1``
+    alone lowers the default minimum (4) to 1, and ``--min-frames 300`` alone raises the default
+    maximum (180) to 300. When both are given they are both kept, and ``check_bounds`` refuses
+    a maximum below the minimum.
+    """
+    if min_frames is None:
+        cap = default_max if max_frames is None else max(max_frames, 1)
+        min_frames = min(default_min, cap)
+    if max_frames is None:
+        max_frames = max(default_max, min_frames)
+    return min_frames, max_frames
 
 
 def resolve_window(duration: float, start: float | None, end: float | None) -> tuple[float, float]:
@@ -49,11 +71,11 @@ def resolve_window(duration: float, start: float | None, end: float | None) -> t
     s = 0.0 if start is None else float(start)
     e = duration if end is None else min(float(end), duration)
     if s < 0:
-        raise UsageError(f"start must be >= 0 seconds, got {s:g}")
+        raise UsageError(f"--start must be >= 0 seconds, got {s:g}")
     if end is not None and float(end) <= s:
-        raise UsageError(f"end ({float(end):g}s) must be after start ({s:g}s)")
+        raise UsageError(f"--end ({float(end):g}s) must be after --start ({s:g}s)")
     if s >= duration:
-        raise UsageError(f"start ({s:g}s) is at or past the end of the video ({duration:.3f}s)")
+        raise UsageError(f"--start ({s:g}s) is at or past the end of the video ({duration:.3f}s)")
     return s, e
 
 
@@ -107,7 +129,7 @@ def sample_timestamps(
             i = frame_index(frame_times, t)
             if i not in seen:
                 seen.add(i)
-                distinct.append(t)
+                distinct.append(max(float(frame_times[i]), s))  # the time of the frame used
         candidates = distinct
     n = len(candidates)
 

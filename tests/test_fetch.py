@@ -1,0 +1,136 @@
+"""URLs: a local HTTP server on 127.0.0.1 (random port) serves files, errors and slow bodies.
+
+A URL's pixels must equal the local file's; every failure is one line naming the URL; no
+temporary file outlives the call; limits and timeouts are small test parameters, so nothing
+here waits more than a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from http_server import serve
+from media_factory import make_image, make_video
+
+from vl3cli import fetch
+from vl3cli.errors import MediaError, UsageError
+from vl3cli.preprocess import MediaOptions, ProcessorConfig, prepare_visual
+
+CONFIG = ProcessorConfig()
+
+
+@pytest.fixture(scope="module")
+def media_files(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("served")
+    noise = d / "noise.bin"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    return {
+        "cat.png": make_image(d / "cat.png", size=(80, 60)),
+        "clip.mp4": make_video(d / "clip.mp4", seconds=2.0, fps=10),
+        "noise.bin": noise,
+    }
+
+
+@pytest.fixture(scope="module")
+def server(media_files):
+    types = {"cat.png": "image/png", "clip.mp4": "video/mp4", "noise.bin": "application/octet-stream"}
+    with serve({f"/{name}": (types[name], path.read_bytes()) for name, path in media_files.items()}) as base:
+        yield base
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """The folder tempfile uses, to check that downloads leave nothing behind."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+@pytest.mark.parametrize("name,route", [("cat.png", "/cat.png"), ("clip.mp4", "/clip.mp4"), ("cat.png", "/redirect")])
+def test_url_equals_local_file(server, media_files, temp_root, name, route):
+    url = server + route
+    remote = prepare_visual(url, CONFIG, MediaOptions())
+    local = prepare_visual(media_files[name], CONFIG, MediaOptions())
+    assert remote.path == url and remote.kind == local.kind
+    assert torch.equal(remote.pixel_values, local.pixel_values)
+    assert (remote.grid_thw, remote.timestamps, remote.source_width) == (
+        local.grid_thw,
+        local.timestamps,
+        local.source_width,
+    )
+    assert list(temp_root.iterdir()) == []  # the temporary copy is gone
+
+
+def test_url_that_is_not_media_names_the_url(server, temp_root):
+    url = server + "/noise.bin"
+    with pytest.raises(MediaError) as info:
+        prepare_visual(url, CONFIG, MediaOptions())
+    assert str(info.value).startswith(f"{url}: not an image or video") and str(temp_root) not in str(info.value)
+    assert list(temp_root.iterdir()) == []  # deleted on error too
+
+
+@pytest.mark.parametrize(
+    "route,limits,fragment",
+    [
+        ("/missing", {}, "HTTP 404 Not Found"),
+        ("/page", {}, "not media: the server sent a web page (text/html)"),
+        ("/big", {"max_bytes": 1000}, "too large: 931.3 GiB"),
+        ("/chunked", {"max_bytes": 64 * 1024}, "too large: more than 64.0 KiB"),
+        ("/stall", {"timeout": 0.2}, "timed out: no data for 0.2 s"),
+        ("/trickle", {"total_timeout": 0.3}, "timed out: the download took more than 0.3 s"),
+        ("/short", {}, "closed the connection after 100 bytes"),
+        ("/loop", {}, "too many redirects"),
+        ("/to-ftp", {}, "which is not http(s)"),
+    ],
+)  # fmt: skip
+def test_download_errors_are_one_line(server, tmp_path, route, limits, fragment):
+    url = server + route
+    start = time.monotonic()
+    with pytest.raises(MediaError) as info:
+        fetch.download(url, tmp_path, **limits)
+    message = str(info.value)
+    assert message.startswith(f"{url}: ") and fragment in message and "\n" not in message, message
+    assert time.monotonic() - start < 2  # the limits ended it, not the server nor a default timeout
+    assert list(tmp_path.iterdir()) == []  # no partial file left
+
+
+def test_unreachable_host(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(MediaError, match=rf"^http://127\.0\.0\.1:{port}/x\.jpg: cannot connect \(.*refused"):
+        fetch.download(f"http://127.0.0.1:{port}/x.jpg", tmp_path)
+
+
+def test_limits_from_the_environment(server, monkeypatch, temp_root):
+    monkeypatch.setenv("VL3_MAX_DOWNLOAD_MB", "0.001")  # 1 KiB: the clip is larger
+    with pytest.raises(MediaError, match="too large.*VL3_MAX_DOWNLOAD_MB"):
+        prepare_visual(server + "/clip.mp4", CONFIG, MediaOptions())
+    assert list(temp_root.iterdir()) == []
+    monkeypatch.setenv("VL3_MAX_DOWNLOAD_MB", "lots")
+    with pytest.raises(UsageError, match="VL3_MAX_DOWNLOAD_MB must be a positive number"):
+        prepare_visual(server + "/clip.mp4", CONFIG, MediaOptions())
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [("s3://bucket/cat.jpg", "s3:// URLs are not supported"), ("ftp://host/cat.jpg", "ftp:// URLs"),
+     ("https:///cat.jpg", "no host name"), ("http://host:99999/cat.jpg", "malformed URL")],
+)  # fmt: skip
+def test_check_url(text, fragment):
+    assert fetch.is_url(text)
+    with pytest.raises(MediaError, match=fragment):
+        fetch.check_url(text)
+
+
+def test_is_url():
+    assert fetch.is_url("https://example.com/cat.jpg") and fetch.is_url("HTTP://example.com/a.mp4")
+    for path in ("cat.jpg", "/data/a:b.mp4", "C:\\videos\\a.mp4", "dir/https://x"):
+        assert not fetch.is_url(path)
+    fetch.check_url("https://example.com:8443/videos/cat.mp4?x=1")  # fine as it is

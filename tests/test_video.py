@@ -1,0 +1,245 @@
+"""Container videos as phones and the web make them: rotated, variable frame rate, cut short.
+
+References are independent of vl3's reading code: the display matrix is written into the
+file's 'tkhd' box by hand (ISO/IEC 14496-12 semantics applied to the picture's corners give
+where a viewer sees the marker); the VFR clip's frames carry the second they belong to as
+their grey level; a cut file's decodable frames are listed by a plain PyAV decode.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import numpy as np
+import pytest
+from media_factory import (
+    cut,
+    faststart_copy,
+    frame_pixels,
+    make_clip,
+    make_vfr_clip,
+    make_video,
+    marked_picture,
+    second_level,
+    set_track_matrix,
+)
+from PIL import Image
+
+from vl3cli import container, media
+from vl3cli.errors import MediaError
+from vl3cli.preprocess import MediaOptions, ProcessorConfig, plan_video, prepare_visual
+
+CONFIG = ProcessorConfig()
+
+# (a, b, c, d) of the display matrix: a coded pixel (p, q) is shown at (a*p + c*q, b*p + d*q).
+MATRICES = {
+    "identity": (1, 0, 0, 1),
+    "90 clockwise (phone held upright)": (0, 1, -1, 0),
+    "180": (-1, 0, 0, -1),
+    "90 counter-clockwise": (0, -1, 1, 0),
+    "mirrored": (-1, 0, 0, 1),
+    "transposed": (0, 1, 1, 0),
+}
+
+
+def shown(abcd, size: tuple[int, int], side: int = 16) -> tuple[str, tuple[int, int]]:
+    """Which corner of the displayed picture holds the coded top-left block, and the displayed
+    (width, height): the matrix applied to the block's centre and to the frame's corners."""
+    a, b, c, d = abcd
+    w, h = size
+    corners = [(a * p + c * q, b * p + d * q) for p in (0, w) for q in (0, h)]
+    xs, ys = [x for x, _ in corners], [y for _, y in corners]
+    width, height = max(xs) - min(xs), max(ys) - min(ys)
+    x = a * side / 2 + c * side / 2 - min(xs)
+    y = b * side / 2 + d * side / 2 - min(ys)
+    return ("top" if y < height / 2 else "bottom") + "-" + ("left" if x < width / 2 else "right"), (width, height)
+
+
+def bright_corner(frame: np.ndarray, side: int = 8) -> str:
+    corners = {
+        "top-left": frame[:side, :side], "top-right": frame[:side, -side:],
+        "bottom-left": frame[-side:, :side], "bottom-right": frame[-side:, -side:],
+    }  # fmt: skip
+    means = {k: float(v.mean()) for k, v in corners.items()}
+    best = max(means, key=means.get)
+    assert means[best] > 200 and sorted(means.values())[-2] < 50, means  # one marker, clearly
+    return best
+
+
+@pytest.mark.parametrize("a,b,c,d", [(1, 0, 0, 1), (0, 1, -1, 0), (0, -1, 1, 0), (-1, 0, 0, -1),
+                                     (-1, 0, 0, 1), (1, 0, 0, -1), (0, 1, 1, 0), (0, -1, -1, 0)])  # fmt: skip
+def test_orientation_of_every_axis_aligned_matrix(a, b, c, d):
+    """The PIL operation chosen for a matrix moves every pixel where the matrix sends it."""
+    w, h = 5, 3
+    coded = np.arange(w * h, dtype=np.uint8).reshape(h, w)  # each pixel its own value
+    op = container.orientation([a << 16, b << 16, 0, c << 16, d << 16, 0, 0, 0, 1 << 30])  # FFmpeg's 16.16 layout
+    shown_ = np.asarray(Image.fromarray(coded).transpose(op) if op is not None else Image.fromarray(coded))
+    xs = [a * p + c * q for p in range(w) for q in range(h)]
+    ys = [b * p + d * q for p in range(w) for q in range(h)]
+    for p in range(w):
+        for q in range(h):
+            assert shown_[b * p + d * q - min(ys), a * p + c * q - min(xs)] == coded[q, p]
+
+
+def test_orientation_rounds_to_quarter_turns():
+    deg30 = [round(65536 * x) for x in (0.866, 0.5, 0, -0.5, 0.866, 0)] + [0, 0, 1 << 30]
+    assert container.orientation(deg30) is None  # nearest quarter turn: none
+    deg80 = [round(65536 * x) for x in (0.174, 0.985, 0, -0.985, 0.174, 0)] + [0, 0, 1 << 30]
+    assert container.orientation(deg80) == Image.Transpose.ROTATE_270  # nearest: 90 degrees clockwise
+
+
+@pytest.fixture(scope="module", params=["mp4", "mov"])
+def rotated(request, tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp(f"rotated-{request.param}")
+    out = {}
+    for i, (name, abcd) in enumerate(MATRICES.items()):
+        path = make_clip(d / f"clip{i}.{request.param}", [marked_picture((64, 48))] * 10, range(10), Fraction(10))
+        out[name] = set_track_matrix(path, abcd)
+    return out
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+def test_rotated_videos_are_upright(rotated, name):
+    path, abcd = rotated[name], MATRICES[name]
+    corner, (width, height) = shown(abcd, (64, 48))
+    with av.open(str(path)) as c:  # FFmpeg sees a display matrix in the file
+        assert (next(c.decode(video=0)).rotation != 0) == (abcd != (1, 0, 0, 1))
+    for backend in ("auto", "pyav"):
+        v = prepare_visual(path, CONFIG, MediaOptions(prune=False), decoder=backend)
+        assert (v.source_width, v.source_height) == (width, height)
+        assert (v.resized_width > v.resized_height) == (width > height)  # the budget is planned upright
+        decoded = media.read_video(path, lambda meta: ([0.0, 0.5], (meta.width, meta.height)), backend=backend)
+        assert decoded.frames.shape == (2, height, width, 3)
+        assert [bright_corner(f) for f in decoded.frames] == [corner, corner], name
+    if abcd != (1, 0, 0, 1):
+        assert v.decoder == "pyav"  # decord 0.6 rotates 90/270-degree videos wrongly: never used for them
+        with pytest.raises(MediaError, match="rotated"):
+            media.read_video(path, lambda meta: ([0.0], (meta.width, meta.height)), backend="decord")
+
+
+@pytest.fixture(scope="module")
+def vfr(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("vfr")
+    return {ext: make_vfr_clip(d / f"vfr.{ext}") for ext in ("mp4", "mkv")}
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("ext", ["mp4", "mkv"])
+def test_variable_frame_rate_uses_presentation_times(vfr, ext, backend):
+    """30 fps for 5 s then 5 fps: at 2 fps, frames come from the seconds they are reported at,
+    and the reported times are those of the frames used (the 5 fps frames start every 0.2 s)."""
+    options = MediaOptions(fps=2, prune=False)
+    v = media.read_video(vfr[ext], plan_video(vfr[ext], CONFIG, options), backend=backend)
+    assert v.backend == backend
+    expected = [k / 2 for k in range(10)] + [s + x for s in range(5, 10) for x in (0.0, 0.4)]
+    assert v.timestamps == pytest.approx(expected, abs=1e-6)
+    levels = [float(f.mean()) for f in v.frames]
+    assert levels == pytest.approx([second_level(int(t + 1e-6)) for t in v.timestamps], abs=4)
+    assert v.meta.frame_count == 175 and v.meta.duration == pytest.approx(10.0, abs=0.2)
+
+
+CUTS = (0.3, 0.6, 0.9)
+
+
+@pytest.fixture(scope="module")
+def cut_files(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("cut")
+    full = {
+        "index-at-end.mp4": make_video(d / "full.mp4", seconds=4.0, fps=10, gop=10),
+        "mkv": make_video(d / "full.mkv", seconds=4.0, fps=10, gop=10),
+        "webm": make_video(d / "full.webm", "vp9", seconds=4.0, fps=10, gop=10),
+    }
+    full["faststart.mp4"] = faststart_copy(full["index-at-end.mp4"], d / "faststart.mp4")
+    return {
+        (kind, f): cut(path, d / f"cut{int(f * 100)}-{kind.replace('.', '-')}{path.suffix}", f)
+        for kind, path in full.items()
+        for f in CUTS
+    }
+
+
+def decodable_frames(path) -> list[int]:
+    """Frame numbers (pts * 10 fps) a plain PyAV decode gets out of the file, damaged packets skipped."""
+    got = []
+    try:
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            for packet in c.demux(s):
+                try:
+                    got += [round(float(f.pts * s.time_base) * 10) for f in packet.decode()]
+                except av.FFmpegError:
+                    pass
+    except av.FFmpegError:
+        pass
+    return got
+
+
+def frame_number(frame: np.ndarray) -> int:
+    """The frame number a media_factory picture carries in its blue channel (i * 37 mod 256)."""
+    blue = float(np.median(frame[..., 2]))
+    return min(range(40), key=lambda i: abs(int(frame_pixels(i, (64, 48))[0, 0, 2]) - blue))
+
+
+@pytest.mark.parametrize("fraction", CUTS)
+def test_truncated_mp4_without_index_fails_in_one_line(cut_files, fraction):
+    path = cut_files[("index-at-end.mp4", fraction)]
+    with pytest.raises(MediaError) as info:
+        prepare_visual(path, CONFIG, MediaOptions())
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: truncated video") and "'moov'" in message
+    assert isinstance(info.value.__cause__, av.FFmpegError)  # --debug shows the decoder's own error
+
+
+@pytest.mark.parametrize("fraction", CUTS)
+@pytest.mark.parametrize("kind", ["faststart.mp4", "mkv", "webm"])
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+def test_truncated_video_captions_what_decodes(cut_files, kind, fraction, backend):
+    path = cut_files[(kind, fraction)]
+    readable = decodable_frames(path)
+    try:
+        v = media.read_video(path, plan_video(path, CONFIG, MediaOptions()), backend=backend)
+    except MediaError as e:
+        assert not readable, f"{len(readable)} frames decode, yet: {e}"  # failing is for files with nothing to show
+        assert "\n" not in str(e) and str(e).startswith(f"{path}: ")
+        return
+    numbers = [frame_number(f) for f in v.frames]
+    assert numbers == [round(t * 10) for t in v.timestamps]  # the frame each timestamp names, none repeated
+    assert max(numbers) <= max(readable)
+    assert v.timestamps[-1] < v.meta.duration <= (max(readable) + 1) / 10 + 1e-6 < 4.0
+    (warning,) = v.warnings
+    assert "truncated" in warning and f"{v.meta.duration:.1f} s of 4.0 s" in warning
+
+
+QUIET = """
+import sys
+from vl3cli import container, media
+from vl3cli.errors import MediaError
+if sys.argv[1] != "untouched":
+    media.native_logging(sys.argv[1] == "debug")
+for path in sys.argv[2:]:
+    for decoder in ("pyav", "decord"):
+        try:
+            media.read_video(path, lambda meta: ([0.0, meta.duration / 2], (64, 48)), backend=decoder)
+        except MediaError:
+            pass
+print("done")
+"""
+
+
+def test_native_libraries_are_quiet_unless_debugging(cut_files):
+    """Cut files through both decoders: nothing on the process's stderr (fd 2) unless debugging."""
+    files = [
+        str(cut_files[k]) for k in (("webm", 0.3), ("mkv", 0.6), ("faststart.mp4", 0.6), ("index-at-end.mp4", 0.6))
+    ]
+
+    def stderr(mode: str) -> str:
+        p = subprocess.run([sys.executable, "-c", QUIET, mode, *files], capture_output=True, text=True, timeout=120)
+        assert p.stdout == "done\n", p.stderr
+        return p.stderr
+
+    assert "Read error" in stderr("untouched")  # decord's own libav talks by default
+    assert stderr("quiet") == ""
+    loud = stderr("debug")
+    assert "Read error" in loud and "moov atom not found" in loud  # decord's libav and PyAV's

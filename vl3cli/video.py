@@ -1,0 +1,203 @@
+"""Decoding the sampled frames of a container video (MP4, MOV, MKV, WebM, AVI, ...).
+
+Contract: ``decode(path, meta, timestamps, size, backend)`` (``meta`` from ``container.probe``)
+returns the frame shown at each timestamp (the last frame starting at or before it), upright
+and resized to ``size`` (PIL bicubic), as (t, h, w, 3) uint8, and how far decoding got.
+decord (``get_batch`` on small chunks) is used only for files it reads correctly: a known
+codec, no display matrix (decord 0.6 rotates by itself and gets 90/270 degrees wrong) and
+nothing cut; PyAV reads everything else, seeking to the keyframe before a wanted frame when
+that skips decoding, skipping damaged packets. When decoding ends before the last timestamp,
+only the frames before that point come back: frames are never repeated past the real end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from vl3cli.container import VideoMeta, av_open
+from vl3cli.sampling import EPS, frame_index
+
+# Codecs decord 0.6 decodes reliably; anything else (AV1 above all) goes to PyAV.
+DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg"}
+DECORD_CHUNK = 4  # full-size frames fetched per get_batch call (4 x 1080p RGB = 25 MB)
+SEEK_MIN_GAP = 2.0  # seconds: closer targets are reached by decoding on, not seeking
+
+
+def upright(im: Image.Image, op: Image.Transpose | None) -> Image.Image:
+    return im if op is None else im.transpose(op)
+
+
+def resize(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    if im.size != size:
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def _read_decord(path, meta: VideoMeta, timestamps, size) -> np.ndarray:
+    import decord
+
+    if meta.orientation is not None:
+        raise RuntimeError("decord 0.6 mis-decodes videos with a display matrix (rotated videos); use PyAV")
+    vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
+    n = len(vr)
+    if n != meta.frame_count:
+        raise RuntimeError(f"decord sees {n} frames where the container has {meta.frame_count}")
+    wanted: dict[int, list[int]] = {}  # source frame -> positions in the output
+    for j, t in enumerate(timestamps):
+        wanted.setdefault(frame_index(meta.frame_times, t), []).append(j)
+    unique = sorted(wanted)
+    out = np.empty((len(timestamps), size[1], size[0], 3), np.uint8)  # (t, h, w, 3)
+    for i in range(0, len(unique), DECORD_CHUNK):
+        chunk = unique[i : i + DECORD_CHUNK]
+        batch = vr.get_batch(chunk).asnumpy()  # (len(chunk), H, W, 3) full size
+        for idx, frame in zip(chunk, batch):
+            out[wanted[idx]] = resize(Image.fromarray(frame), size)
+        del batch
+    return out
+
+
+def _keyframe_times(stream, start_pts: int) -> list[float]:
+    """Keyframe times (s) from the container's index, [] when it has none (e.g. WebM)."""
+    tb = float(stream.time_base)
+    try:
+        return [(e.timestamp - start_pts) * tb for e in stream.index_entries if e.is_keyframe]
+    except Exception:  # noqa: BLE001 - an optional optimisation
+        return []
+
+
+class _Cursor:
+    """Sequential PyAV decoding with one frame of lookahead, restartable by a seek."""
+
+    def __init__(self, container, stream, fps: float | None):
+        self.c, self.s = container, stream
+        self.tb = float(stream.time_base)
+        self.start_pts = stream.start_time or 0
+        self.fps = fps or 1.0
+        self.frames = None  # decode iterator
+        self.cur = self.cur_t = None  # last frame at or before the target, and its time
+        self.nxt = self.nxt_t = None  # a frame decoded past the target, kept for the next one
+        self.exhausted = False  # the iterator has no more frames
+        self.count = 0
+
+    def _decode(self):
+        """Frames from here on; a damaged packet loses its own frame, not the rest."""
+        import av
+
+        for packet in self.c.demux(self.s):
+            if packet.is_corrupt:  # cut by the end of the file: the decoder would choke on it
+                continue
+            try:
+                yield from packet.decode()
+            except av.FFmpegError:
+                continue
+
+    def position(self) -> float | None:
+        return self.nxt_t if self.nxt is not None else self.cur_t
+
+    def restart(self, t: float | None) -> None:
+        """Seek to the keyframe at or before ``t`` (None: the start of the file)."""
+        if t is None:
+            if self.frames is not None:
+                self.c.seek(self.start_pts, stream=self.s, backward=True)
+        else:
+            target = int(max(t, 0.0) / self.tb) + self.start_pts
+            self.c.seek(target, stream=self.s, backward=True, any_frame=False)
+        self.frames = self._decode()
+        self.cur = self.cur_t = self.nxt = self.nxt_t = None
+        self.exhausted = False
+
+    def advance(self, t: float) -> None:
+        """Decode until the next frame starts after ``t``; ``cur`` is then the frame shown at t."""
+        import av
+
+        while True:
+            if self.nxt is None:
+                try:
+                    self.nxt = next(self.frames, None)
+                except av.FFmpegError:
+                    self.nxt = None  # a read error: the end of what can be decoded
+                if self.nxt is None:
+                    self.exhausted = True
+                    return
+                pts = self.nxt.pts
+                self.nxt_t = (pts - self.start_pts) * self.tb if pts is not None else self.count / self.fps
+                self.count += 1
+            if self.nxt_t > t + EPS:
+                return
+            self.cur, self.cur_t, self.nxt = self.nxt, self.nxt_t, None
+
+
+def _next_frame_time(meta: VideoMeta, t: float) -> float:
+    """Start of the frame after the one shown at ``t`` (the end of the clip after the last)."""
+    i = frame_index(meta.frame_times, t) + 1
+    return meta.frame_times[i] if i < len(meta.frame_times) else meta.duration
+
+
+def _read_pyav(path, meta: VideoMeta, timestamps, size) -> tuple[np.ndarray, float | None]:
+    """The frames for ``timestamps``, and None; or, when decoding ends before the last one,
+    the frames before that point and the time where decodable content ends."""
+    out = np.empty((len(timestamps), size[1], size[0], 3), np.uint8)  # (t, h, w, 3)
+    with av_open(path) as c:
+        s = c.streams.video[0]
+        s.thread_type = "AUTO"
+        cur = _Cursor(c, s, meta.fps)
+        keys = _keyframe_times(s, cur.start_pts)
+        gop = 0.0  # largest keyframe gap inferred so far when the file has no index
+        can_seek = True
+        last = last_t = None
+        for j, t in enumerate(timestamps):
+            pos = cur.position()
+            if cur.frames is None and (not can_seek or t <= SEEK_MIN_GAP):
+                cur.restart(None)
+            elif cur.frames is None or (can_seek and t - pos > SEEK_MIN_GAP):
+                if keys:  # seek only when a keyframe lies between here and t
+                    want = cur.frames is None or keys[frame_index(keys, t)] > pos + EPS
+                else:
+                    want = cur.frames is None or t - pos > gop
+                if want:
+                    cur.restart(t)
+                    cur.advance(t)
+                    landed = cur.cur_t if cur.cur is not None else cur.nxt_t
+                    if landed is not None and pos is not None and landed <= pos + EPS:
+                        gop = max(gop, t - landed)  # the seek did not get us past pos
+                    if cur.cur is None and cur.nxt is not None and cur.nxt_t > t + 0.5:
+                        can_seek = False  # imprecise seeking in this container: read on
+                        cur.restart(None)
+            cur.advance(t)
+            shown = meta.frame_times[frame_index(meta.frame_times, t)]
+            if cur.exhausted and cur.nxt is None and (cur.cur is None or cur.cur_t < shown - EPS):
+                # The frame shown at t cannot be decoded: what decodes ends with the last frame seen.
+                seen = cur.cur_t if cur.cur is not None else last_t
+                return out[:j].copy(), (0.0 if seen is None else _next_frame_time(meta, seen))
+            frame = cur.cur if cur.cur is not None else cur.nxt
+            if frame is last:
+                out[j] = out[j - 1]
+            else:
+                out[j] = resize(upright(frame.to_image(), meta.orientation), size)
+                last, last_t = frame, (cur.cur_t if frame is cur.cur else cur.nxt_t)
+    return out, None
+
+
+def uses_decord(meta: VideoMeta, backend: str) -> bool:
+    """Whether ``decode`` tries decord first for this video."""
+    if backend != "auto":
+        return backend == "decord"
+    return meta.codec in DECORD_CODECS and meta.orientation is None and not meta.truncated
+
+
+def decode(
+    path, meta: VideoMeta, timestamps: list[float], size: tuple[int, int], backend: str
+) -> tuple[np.ndarray, str, float | None]:
+    """(frames, backend used, end): ``end`` is None when every timestamp was decoded; otherwise
+    ``frames`` holds the first ones only and ``end`` is where decodable content stops (s)."""
+    if uses_decord(meta, backend):
+        try:
+            return _read_decord(path, meta, timestamps, size), "decord", None
+        except Exception:  # noqa: BLE001 - ImportError, DECORDError, crashes in reading
+            if backend == "decord":
+                raise
+    frames, end = _read_pyav(path, meta, timestamps, size)
+    return frames, "pyav", end
