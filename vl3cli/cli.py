@@ -377,12 +377,12 @@ def batch(
     max_visual_tokens: MaxVisualTokensOpt = None,
     prune: PruneOpt = True,
     prune_threshold: PruneThresholdOpt = 0.1,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from, or a .parquet file (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Caption or question many files into a JSONL file, resumably."""
+    """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from . import batch as b
-    from .outfile import Target
+    from .outfile import Target, create_empty
 
     if resume + retry_failed + overwrite > 1:
         raise UsageError("choose one of --resume, --retry-failed, --overwrite")
@@ -400,8 +400,7 @@ def batch(
     base = {"options": options.record(prompt), "system": system, "model": model_label(model, revision), "quantize": quantize}
     plan = b.plan({b.record_key({"path": p, **base}): p for p in paths}, target, mode)
     summary = b.Summary(total=len(paths), done_before=plan.done, failed_before=plan.failed_before)
-    if target.regular and not target.path.exists():
-        target.path.touch()  # an empty shard still leaves its (empty) file
+    create_empty(target)  # an empty shard still leaves its (empty) file
     if plan.todo:
         _run_batch(plan.todo, prompt, options, locals(), target, mode, summary)
     print(summary.line(), file=sys.stderr)
