@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import typer
@@ -42,6 +43,7 @@ MODEL = "Model"
 DECODING = "Decoding"
 MEDIA = "Media"
 OUTPUT = "Output"
+RAY = "Ray (--engine ray)"
 
 ModelOpt = Annotated[
     str,
@@ -341,6 +343,7 @@ def ask(
         "  vl3 batch videos/ photos/*.jpg --out captions.jsonl\n\n"
         "  find /data -name '*.mp4' | vl3 batch --files-from - --out captions.jsonl --question \"Is anyone cooking?\"\n\n"
         "  vl3 batch /data --ext mp4,mkv --shard $SLURM_ARRAY_TASK_ID/16 --out part-$SLURM_ARRAY_TASK_ID.jsonl\n\n"
+        "  vl3 batch /data --engine ray --actors 8 --out captions.parquet\n\n"
         "Re-running the same command resumes: items already in --out with the same prompt, options and model "
         "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
     )
@@ -379,6 +382,10 @@ def batch(
     prune_threshold: PruneThresholdOpt = 0.1,
     out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from, or a .parquet file (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
     debug: DebugOpt = False,
+    engine: Annotated[Literal["local", "ray"], typer.Option(help="local: this process; ray: a Ray cluster, files read in CPU tasks, answered by --actors model replicas (pip install 'vl3cli[ray]').", rich_help_panel=RAY)] = "local",
+    actors: Annotated[int, typer.Option(help="Model replicas (Ray actors), e.g. one per GPU.", rich_help_panel=RAY)] = 1,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor (default: 1 when the cluster has GPUs and --device is not cpu, else 0).", show_default=False, rich_help_panel=RAY)] = None,
+    ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join: auto, ray://HEAD:10001, ... (default: start or join a local Ray).", show_default=False, rich_help_panel=RAY)] = None,
 ) -> None:
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from . import batch as b
@@ -392,6 +399,15 @@ def batch(
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers < 1:
         raise UsageError(f"--workers must be at least 1 (got {workers})")
+    ray_settings = None
+    if engine == "ray":
+        from .distributed import RaySettings
+
+        ray_settings = RaySettings(ray_address, actors, gpus_per_actor, batch_size, debug or _env_debug())
+    else:
+        ray_only = {"--actors": actors != 1, "--gpus-per-actor": gpus_per_actor is not None, "--ray-address": ray_address is not None}
+        if given := [name for name, used in ray_only.items() if used]:
+            raise UsageError(f"{given[0]} is for --engine ray")
     mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
     options = _options(locals())
     target = Target.of(out)
@@ -411,22 +427,43 @@ def batch(
 def _run_batch(todo: list[str], prompt: str | None, options, params: dict, target, mode: str, summary) -> None:
     from . import batch as b
     from .outfile import opened
+
+    with _engine(params, options) as results:
+        progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
+
+        def on_item(path: str, result) -> None:
+            for warning in result.warnings:
+                progress.console.print(f"warning: {path}: {warning}", markup=False, highlight=False, soft_wrap=True)
+            if not result.ok:
+                progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
+            progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
+
+        with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
+            b.write_results(results(todo, prompt, stop), f, summary, stop, on_item)
+
+
+@contextmanager
+def _engine(params: dict, options):
+    """What answers a batch: `results(todo, prompt, stop)` -> Results, from the model loaded in this
+    process (`--engine local`) or from actors on a Ray cluster (`--engine ray`, distributed.py)."""
+    if params["ray_settings"] is not None:
+        from .distributed import RayEngine
+
+        with _Spinner("Starting Ray"):
+            engine = RayEngine.start(**{k: params[k] for k in LOAD_KEYS}, options=options, settings=params["ray_settings"])
+        with engine:
+            yield engine.results
+        return
     from .pipeline import Item
 
     model = _load(params, options)
-    progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
-    def on_item(path: str, result) -> None:
-        for warning in result.warnings:
-            progress.console.print(f"warning: {path}: {warning}", markup=False, highlight=False, soft_wrap=True)
-        if not result.ok:
-            progress.console.print(f"warning: {result.error}", markup=False, highlight=False, soft_wrap=True)
-        progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
-
-    with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
+    def results(todo: list[str], prompt: str | None, stop):
         items = (Item((path,), (prompt,)) for path in todo)
-        results = (r for _, r in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check))
-        b.write_results(results, f, summary, stop, on_item)
+        for _, result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
+            yield result
+
+    yield results
 
 
 def main() -> None:
