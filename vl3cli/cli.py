@@ -382,7 +382,7 @@ def batch(
     prune_threshold: PruneThresholdOpt = 0.1,
     out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from, or a .parquet file (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
     debug: DebugOpt = False,
-    engine: Annotated[Literal["local", "ray"], typer.Option(help="local: this process; ray: a Ray cluster, files read in CPU tasks, answered by --actors model replicas (pip install 'vl3cli[ray]').", rich_help_panel=RAY)] = "local",
+    engine: Annotated[Literal["local", "ray"], typer.Option(help="local: this process; ray: a Ray cluster, files read in CPU tasks, answered by --actors model replicas (pip install 'vl3cli\\[ray]').", rich_help_panel=RAY)] = "local",
     actors: Annotated[int, typer.Option(help="Model replicas (Ray actors), e.g. one per GPU.", rich_help_panel=RAY)] = 1,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor (default: 1 when the cluster has GPUs and --device is not cpu, else 0).", show_default=False, rich_help_panel=RAY)] = None,
     ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join: auto, ray://HEAD:10001, ... (default: start or join a local Ray).", show_default=False, rich_help_panel=RAY)] = None,

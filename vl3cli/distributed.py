@@ -98,9 +98,8 @@ class RayEngine:
     """A connection to Ray and a model resolved for it (a context manager: leaving it disconnects,
     and stops the local Ray this process started). `results()` runs one dataset."""
 
-    def __init__(self, ray, load: dict, options: Options, processor, gpus: float, settings: RaySettings, owned: bool):
-        self.ray, self.load, self.options, self.processor = ray, load, options, processor
-        self.media = options.media(processor)
+    def __init__(self, ray, load: dict, options: Options, processor, media, gpus: float, settings: RaySettings, owned: bool):
+        self.ray, self.load, self.options, self.processor, self.media = ray, load, options, processor, media
         self.gpus, self.settings, self.owned = gpus, settings, owned
 
     @classmethod
@@ -114,7 +113,7 @@ class RayEngine:
         ray = _import_ray()
         folder = resolve_model(model, revision, on_config=lambda f: check_budget(ModelConfig.from_dir(f), options))
         processor = ProcessorConfig.from_dir(folder)
-        options.media(processor)  # bad media options fail here, once
+        media = options.media(processor)
         local = Path(model).expanduser().is_dir()
         load = {
             "model": str(folder.resolve()) if local else model, "revision": None if local else revision,
@@ -127,7 +126,7 @@ class RayEngine:
             if owned:
                 ray.shutdown()
             raise
-        return cls(ray, load, options, processor, gpus, settings, owned)
+        return cls(ray, load, options, processor, media, gpus, settings, owned)
 
     def __enter__(self) -> RayEngine:
         return self
