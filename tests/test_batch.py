@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from vl3cli.batch import (
     write_results,
 )  # fmt: skip
 from vl3cli.errors import UsageError
-from vl3cli.outfile import Target
+from vl3cli.outfile import Sink, Target
 from vl3cli.output import Result
 
 
@@ -173,24 +174,24 @@ def results(paths, interrupt_at=None, stop=None):
 
 
 def test_write_results_error_records_and_summary():
-    sink = io.StringIO()
+    sink = Sink(io.StringIO(), "memory")
     s = write_results(results(["a", "b", "c"]), sink, Summary(total=3, done_before=0, failed_before=0), StopSignal())
-    assert [r["path"] for r in records(sink.getvalue())] == ["a", "b", "c"]
+    assert [r["path"] for r in records(sink.stream.getvalue())] == ["a", "b", "c"]
     assert (s.ok, s.failed, s.exit_code) == (2, 1, 1)
     assert "3 items: 2 ok, 1 failed" in s.line()
     assert Summary(total=1, done_before=0, failed_before=0, ok=1).line().startswith("Done: 1 item: 1 ok")
 
 
 def test_write_results_interrupt_abandons_the_rest():
-    sink = io.StringIO()
+    sink = Sink(io.StringIO(), "memory")
     s = write_results(results(["a", "b", "c"], interrupt_at="b"), sink, Summary(3, 0, 0), StopSignal())
-    assert [r["path"] for r in records(sink.getvalue())] == ["a"]
+    assert [r["path"] for r in records(sink.stream.getvalue())] == ["a"]
     assert s.interrupted and s.exit_code == 130
     assert "Interrupted" in s.line() and "2 left" in s.line()
 
 
 def test_stop_signal_first_sigint_stops_at_next_check():
-    sink = io.StringIO()
+    sink = Sink(io.StringIO(), "memory")
     with StopSignal() as stop:
 
         def on_item(result):
@@ -198,8 +199,19 @@ def test_stop_signal_first_sigint_stops_at_next_check():
                 os.kill(os.getpid(), signal.SIGINT)  # handled: sets the flag, raises nothing
 
         s = write_results(results(["a", "b", "c"], stop=stop), sink, Summary(3, 0, 0), stop, on_item=on_item)
-    assert [r["path"] for r in records(sink.getvalue())] == ["a"] and s.interrupted
+    assert [r["path"] for r in records(sink.stream.getvalue())] == ["a"] and s.interrupted
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_stop_signal_while_waiting_stops_at_once():
+    """A driver blocked on others' work (the Ray engine) is interrupted by the first signal."""
+    with StopSignal() as stop:
+        with pytest.raises(KeyboardInterrupt), stop.waiting():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # not reached: the handler raises
+        assert stop.requested and not stop.blocked
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()  # and the run stops at its next check
 
 
 def test_exit_codes():

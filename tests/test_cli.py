@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from vl3cli import __version__
 from vl3cli.cli import app
 
-HEAVY = ("torch", "transformers", "av", "decord", "safetensors", "tokenizers", "huggingface_hub", "numpy", "PIL", "fastapi", "uvicorn")
+HEAVY = ("torch", "transformers", "av", "decord", "safetensors", "tokenizers", "huggingface_hub", "numpy", "PIL", "fastapi", "uvicorn", "ray", "pyarrow")
 
 runner = CliRunner()
 
@@ -138,11 +138,27 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["batch", ".", "--stream"], "--stream"),
         (["batch", ".", "--batch-size", "0"], "--batch-size"),
         (["batch", ".", "--workers", "0"], "--workers"),
+        (["batch", ".", "--actors", "2"], "--actors is for --engine ray"),
+        (["batch", ".", "--gpus-per-actor", "1"], "--gpus-per-actor is for --engine ray"),
+        (["batch", ".", "--ray-address", "auto"], "--ray-address is for --engine ray"),
+        (["batch", ".", "--engine", "ray", "--actors", "0"], "--actors must be at least 1"),
+        (["batch", ".", "--engine", "ray", "--gpus-per-actor", "-1"], "--gpus-per-actor must be 0 or more"),
+        (["batch", ".", "--engine", "spark"], "--engine"),
+        (["describe", "a.png", "--out", "r.parquet"], "Parquet output is for `vl3 batch`"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, fragment):
     (tmp_path / "a.png").write_bytes(b"x")
     one_line_error(vl3(*args, cwd=tmp_path), 2, fragment)
+
+
+def test_engine_ray_without_ray_installed_is_one_line(tmp_path):
+    """Before any model or Ray work: the extra to install, exit 1."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    code = ("import sys; sys.modules['ray'] = None; from vl3cli.cli import main; "
+            "sys.argv = ['vl3', 'batch', 'a.png', '--engine', 'ray', '-m', './no-model']; main()")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    one_line_error(p, 1, "--engine ray needs Ray: pip install 'vl3cli[ray]'")
 
 
 def test_decoding_option_errors_exit_2(tmp_path):

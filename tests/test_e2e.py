@@ -16,15 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import tiny
 import torch
+from interrupt import interrupt_after_first_record
 from media_factory import make_image, make_video
 from typer.testing import CliRunner
 
@@ -273,14 +272,8 @@ def test_batch_sigint_then_resume_gives_one_record_per_item(ckpt, media, tmp_pat
     out = tmp_path / "r.jsonl"
     args = ["batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 200, "--ignore-eos"]
     p = vl3_process(*args)
-    deadline = time.monotonic() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 1):
-        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    sent = time.monotonic()
-    _, stderr = p.communicate(timeout=30)
-    assert time.monotonic() - sent < 5  # the item in progress is abandoned, not finished
+    stderr, seconds = interrupt_after_first_record(p, out)
+    assert seconds < 5  # the item in progress is abandoned, not finished
     assert p.returncode == 130, stderr
     assert "Interrupted" in stderr
     first = read_jsonl(out)

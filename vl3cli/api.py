@@ -42,15 +42,18 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     quantize: str | None = None,
+    name: str | None = None,
     **options,
 ) -> Model:
     """Load a checkpoint (a local folder or a Hub repo id, either format) once.
 
     `device`: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps". `dtype`:
     "auto" (the checkpoint's dtype where the hardware runs it natively), "bfloat16", "float16",
-    "float32". `quantize`: None, "int8" or "int4" (weights of the language model). Other keyword
-    options become the model's defaults; they are checked against the checkpoint's config before
-    any weight is downloaded or read.
+    "float32". `quantize`: None, "int8" or "int4" (weights of the language model). `name`: how
+    records name the model (default: `model`, with `@revision` for a Hub revision), for a caller
+    that loads the checkpoint by another path than the user gave (a Ray actor loads a folder by its
+    absolute path). Other keyword options become the model's defaults; they are checked against
+    the checkpoint's config before any weight is downloaded or read.
     """
     from .config import ModelConfig
     from .engine import Engine
@@ -62,7 +65,7 @@ def load(
     path = resolve_model(model, revision, on_config=lambda folder: check_budget(ModelConfig.from_dir(folder), defaults))
     engine = Engine.load(path, device=device, dtype=dtype, **({"quantize": quantize} if quantize else {}))
     label = Label(
-        model=model_label(model, revision),
+        model=name or model_label(model, revision),
         dtype=str(engine.dtype).removeprefix("torch."),
         device=str(engine.device),
         quantize=quantize,

@@ -16,7 +16,8 @@
   A stream (`--out -`, a FIFO) is written to and never read: no resume.
 - SIGINT / SIGTERM: the first one stops at the next check (between tokens, between items),
   abandoning the unfinished items, which the next run redoes; a second one stops at once,
-  except while a line is being written. The file is always valid JSONL.
+  except while a line is being written; while the run only waits (for records from a Ray
+  cluster, `StopSignal.waiting`) the first one stops at once. The output is always valid.
 """
 
 from __future__ import annotations
@@ -28,15 +29,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from .errors import UsageError
 from .fetch import is_url
-from .outfile import Target, read_records, rewrite_without
-from .output import Result, to_json
+from .outfile import Sink, Target, read_records, rewrite_without
+from .output import Result
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
@@ -252,12 +254,15 @@ class StopSignal:
 
     The first signal sets `requested`; `check()` (called by the pipeline between tokens and
     stages) then raises KeyboardInterrupt. A second signal raises at once unless a line is
-    being written (`writing`), so the output never holds half a record.
+    being written (`writing`), so the output never holds half a record. Inside `waiting()` (a
+    caller blocked on others' work, such as the Ray engine waiting for records) the first
+    signal raises at once too.
     """
 
     def __init__(self):
         self.requested = False
         self.writing = False
+        self.blocked = False  # inside waiting()
         self._previous: dict = {}
 
     def __enter__(self):
@@ -270,7 +275,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and not self.writing:
+        if (self.requested or self.blocked) and not self.writing:
+            self.requested = True
             raise KeyboardInterrupt
         if not self.requested:
             print("\nStopping: the current item is abandoned (press Ctrl-C again to stop at once).", file=sys.stderr)
@@ -279,6 +285,16 @@ class StopSignal:
     def check(self) -> None:
         if self.requested and not self.writing:
             raise KeyboardInterrupt
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A block in which the caller only waits: a signal raises KeyboardInterrupt there at once."""
+        self.check()
+        self.blocked = True
+        try:
+            yield
+        finally:
+            self.blocked = False
 
 
 @dataclass
@@ -313,12 +329,12 @@ class Summary:
 
 def write_results(
     results: Iterable[Result],
-    sink: IO[str],
+    sink: Sink,
     summary: Summary,
     stop: StopSignal,
     on_item: Callable[[Result], None] | None = None,
 ) -> Summary:
-    """Append one JSONL line per result, flushed at once, in the order the results come.
+    """Append one record per result (a JSONL line flushed at once, or a Parquet row), in the order the results come.
 
     KeyboardInterrupt (from `stop.check()` inside the producer, or a second Ctrl-C) abandons the
     unfinished items and ends the loop; every line written is whole.
@@ -327,8 +343,7 @@ def write_results(
     try:
         for result in results:
             stop.writing = True
-            sink.write(to_json(result) + "\n")
-            sink.flush()
+            sink.write_record(result)
             stop.writing = False
             if result.ok:
                 summary.ok += 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import typer
@@ -42,6 +43,7 @@ MODEL = "Model"
 DECODING = "Decoding"
 MEDIA = "Media"
 OUTPUT = "Output"
+RAY = "Ray (--engine ray)"
 
 ModelOpt = Annotated[
     str,
@@ -608,6 +610,7 @@ def serve(
         "  find /data -name '*.mp4' | vl3 batch --files-from - --out captions.jsonl --question \"Is anyone cooking?\"\n\n"
         "  vl3 batch /data --ext mp4,mkv --shard $SLURM_ARRAY_TASK_ID/16 --out part-$SLURM_ARRAY_TASK_ID.jsonl\n\n"
         "  vl3 batch --manifest items.jsonl --out results.jsonl\n\n"
+        "  vl3 batch /data --engine ray --actors 8 --out captions.parquet\n\n"
         "Re-running the same command resumes: items already in --out with the same prompt, options and model "
         "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
     )
@@ -645,12 +648,16 @@ def batch(
     max_visual_tokens: MaxVisualTokensOpt = None,
     prune: PruneOpt = True,
     prune_threshold: PruneThresholdOpt = 0.1,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from, or a .parquet file (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
     debug: DebugOpt = False,
+    engine: Annotated[Literal["local", "ray"], typer.Option(help="local: this process; ray: a Ray cluster, files read in CPU tasks, answered by --actors model replicas (pip install 'vl3cli\\[ray]').", rich_help_panel=RAY)] = "local",
+    actors: Annotated[int, typer.Option(help="Model replicas (Ray actors), e.g. one per GPU.", rich_help_panel=RAY)] = 1,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor (default: 1 when the cluster has GPUs and --device is not cpu, else 0).", show_default=False, rich_help_panel=RAY)] = None,
+    ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join: auto, ray://HEAD:10001, ... (default: start or join a local Ray).", show_default=False, rich_help_panel=RAY)] = None,
 ) -> None:
-    """Caption or question many files into a JSONL file, resumably."""
+    """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from . import batch as b
-    from .outfile import Target
+    from .outfile import Target, create_empty
 
     if resume + retry_failed + overwrite > 1:
         raise UsageError("choose one of --resume, --retry-failed, --overwrite")
@@ -662,6 +669,15 @@ def batch(
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     if workers < 1:
         raise UsageError(f"--workers must be at least 1 (got {workers})")
+    ray_settings = None
+    if engine == "ray":
+        from .distributed import RaySettings
+
+        ray_settings = RaySettings(ray_address, actors, gpus_per_actor, batch_size, debug or _env_debug())
+    else:
+        ray_only = {"--actors": actors != 1, "--gpus-per-actor": gpus_per_actor is not None, "--ray-address": ray_address is not None}
+        if given := [name for name, used in ray_only.items() if used]:
+            raise UsageError(f"{given[0]} is for --engine ray")
     mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
     options = _options(locals())
     target = Target.of(out)
@@ -675,8 +691,7 @@ def batch(
     keys = {b.record_key({"id": e.id, "media": list(e.media), "options": options.record(e.prompt), **base}): e for e in entries}
     plan = b.plan(keys, target, mode)
     summary = b.Summary(total=len(entries), done_before=plan.done, failed_before=plan.failed_before)
-    if target.regular and not target.path.exists():
-        target.path.touch()  # an empty shard still leaves its (empty) file
+    create_empty(target)  # an empty shard still leaves its (empty) file
     if plan.todo:
         _run_batch(plan.todo, options, locals(), target, mode, summary)
     print(summary.line(), file=sys.stderr)
@@ -687,19 +702,40 @@ def batch(
 def _run_batch(todo: list, options, params: dict, target, mode: str, summary) -> None:
     from . import batch as b
     from .outfile import opened
+
+    with _engine(params, options) as results:
+        progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
+
+        def on_item(result) -> None:
+            _warn(result.warnings if result.ok else [result.error], progress.console)
+            progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
+
+        with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
+            b.write_results(results(todo, stop), f, summary, stop, on_item)
+
+
+@contextmanager
+def _engine(params: dict, options):
+    """What answers a batch: `results(todo, stop)` -> Results (one per batch.Entry), from the model loaded in this
+    process (`--engine local`) or from actors on a Ray cluster (`--engine ray`, distributed.py)."""
+    if params["ray_settings"] is not None:
+        from .distributed import RayEngine
+
+        with _Spinner("Starting Ray"):
+            engine = RayEngine.start(**{k: params[k] for k in LOAD_KEYS}, options=options, settings=params["ray_settings"])
+        with engine:
+            yield engine.results
+        return
     from .pipeline import Item
 
     model = _load(params, options)
-    progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
-    def on_item(result) -> None:
-        _warn(result.warnings if result.ok else [result.error], progress.console)
-        progress.update(task, advance=1, ok=summary.ok, failed=summary.failed)
-
-    with opened(target, replace=mode == "overwrite") as f, b.StopSignal() as stop, progress:
+    def results(todo: list, stop):
         items = (Item(e.media, (e.prompt,), e.id, prepared=UsageError(e.error) if e.error else None) for e in todo)
-        results = (r for _, r in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check))
-        b.write_results(results, f, summary, stop, on_item)
+        for _, result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
+            yield result
+
+    yield results
 
 
 def main() -> None:

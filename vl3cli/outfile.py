@@ -11,6 +11,9 @@
   user asks for `--overwrite`.
 - `read_records` reads line by line with a bounded line length, so a large file that is not
   ours (a video passed as `--out` by a shell glob) is refused after its first line, never read whole.
+- `--out x.parquet` (batch only) writes Parquet instead (parquet.py): a regular file only; it is
+  ours when empty or when it is Parquet with the record's columns; it is only ever replaced
+  whole, by a rename at the end of the run (`opened`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import IO
 
 from .errors import UsageError, Vl3Error
+from .output import Result, to_json
 
 RECORD_FIELDS = ("path", "text", "error")
 RECORD_START = (b'{"id": ', b'{"path": ')  # how a record line begins (ours: json.dumps of Result.to_dict())
@@ -42,6 +46,10 @@ class Target:
         if out is None or str(out) == "-":
             return cls(None, False)
         path = Path(out)
+        if _is_parquet(path):
+            from .parquet import require_pyarrow
+
+            require_pyarrow()
         try:
             mode = path.stat().st_mode
         except FileNotFoundError:
@@ -52,7 +60,13 @@ class Target:
             raise UsageError(f"--out {out}: {e.strerror}") from None
         if stat.S_ISDIR(mode):
             raise UsageError(f"--out {out} is a folder; give a file name")
+        if _is_parquet(path) and not stat.S_ISREG(mode):
+            raise UsageError(f"--out {out}: Parquet needs a regular file (use JSONL to write to a stream)")
         return cls(path, stat.S_ISREG(mode))
+
+    @property
+    def parquet(self) -> bool:
+        return self.path is not None and _is_parquet(self.path)
 
     @property
     def name(self) -> str:
@@ -60,6 +74,10 @@ class Target:
 
     def exists_nonempty(self) -> bool:
         return self.regular and self.path.exists() and self.path.stat().st_size > 0
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
 
 
 def not_ours(path: Path) -> UsageError:
@@ -77,11 +95,15 @@ def _is_record(line: bytes) -> dict | None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The records of a vl3 JSONL file; refuses (UsageError) a file that is not one.
+    """The records of a vl3 JSONL (or Parquet) file; refuses (UsageError) a file that is not one.
 
     A last line without its newline is mended: a whole record gets its newline; a half record
     (a crash mid-write: it begins like a record) is cut off. Every other line must be a record.
     """
+    if _is_parquet(path):
+        from . import parquet
+
+        return parquet.read_records(path)
     records: list[dict] = []
     cut = newline = None
     with open(path, "rb") as f:
@@ -106,6 +128,8 @@ def read_records(path: Path) -> list[dict]:
 def check_replaceable(target: Target, fmt: str, overwrite: bool) -> None:
     """describe / ask: may results in `fmt` go to `target`? JSONL appends to a vl3 file; text and
     JSON replace a file, which needs --overwrite unless it is empty."""
+    if target.parquet:
+        raise UsageError(f"--out {target.path}: Parquet output is for `vl3 batch`; describe and ask write text, JSON or JSONL")
     if overwrite or not target.exists_nonempty():
         return
     if fmt == "jsonl":
@@ -129,6 +153,11 @@ class Sink:
     def isatty(self) -> bool:
         return self.stream.isatty()
 
+    def write_record(self, result: Result) -> None:
+        """One JSONL line, flushed at once."""
+        self.write(to_json(result) + "\n")
+        self.flush()
+
     def _guard(self, call, *args) -> None:
         try:
             call(*args)
@@ -141,9 +170,16 @@ class Sink:
 @contextmanager
 def opened(target: Target, replace: bool) -> Iterator[Sink]:
     """The stream for `target`: stdout; a stream opened for writing; a regular file appended to
-    (`replace`: emptied first). The caller has checked the file is ours."""
+    (`replace`: emptied first); a Parquet file rewritten with its records so far and the new
+    ones, renamed over the target on the way out. The caller has checked the file is ours."""
     if target.path is None:
         yield Sink(sys.stdout, "stdout")
+        return
+    if target.parquet:
+        from .parquet import ParquetSink
+
+        with ParquetSink(target.path, keep=not replace) as sink:
+            yield sink
         return
     mode = "w" if replace and target.regular else "a"
     try:
@@ -157,8 +193,26 @@ def opened(target: Target, replace: bool) -> Iterator[Sink]:
         sink._guard(f.close)
 
 
+def create_empty(target: Target) -> None:
+    """An output file with no records yet (an empty shard still leaves its file, a valid one)."""
+    if not (target.regular and not target.path.exists()):
+        return
+    if target.parquet:
+        from .parquet import ParquetSink
+
+        with ParquetSink(target.path, keep=False):
+            pass
+    else:
+        target.path.touch()
+
+
 def rewrite_without(path: Path, drop) -> None:
     """Rewrite vl3 file `path` without the records for which `drop(record)` is true (atomically)."""
+    if _is_parquet(path):
+        from . import parquet
+
+        parquet.rewrite_without(path, drop)
+        return
     tmp = path.with_name(f".{path.name}.vl3-tmp")
     with open(path, "rb") as src, open(tmp, "wb") as dst:
         for line in src:

@@ -115,7 +115,7 @@ class Runner:
 
     def prepare(self, item: Item, options: Options) -> tuple[tuple[VisualInput, ...], float]:
         """Read an item's media now (as a run would in its worker threads): its visuals and the seconds it took."""
-        return _prepare(item, self.engine.processor, self.media_options(options))
+        return read_media(item, self.engine.processor, self.media_options(options))
 
     def take_load_s(self) -> float:
         load_s, self._unpaid_load_s = self._unpaid_load_s, 0.0
@@ -198,7 +198,7 @@ class Loop:
         except Vl3Error as e:
             self.ready += self._failed(key, item, options, e)
             return
-        future = self.pool.submit(_prepare, item, self.engine.processor, media)
+        future = self.pool.submit(read_media, item, self.engine.processor, media)
         self.preparing[key] = (item, options, stream, future)
 
     def cancel(self, key) -> None:
@@ -340,8 +340,9 @@ def _placed(item: Item, read) -> tuple[list[Turn], tuple]:
     return history, tuple(it)
 
 
-def _prepare(item: Item, processor, media) -> tuple[tuple[VisualInput, ...], float]:
-    """Worker-thread stage: decode and pre-process every medium of an item, in prompt order."""
+def read_media(item: Item, processor, media) -> tuple[tuple[VisualInput, ...], float]:
+    """Decode and pre-process every medium of an item, in prompt order (a worker thread's stage,
+    or a Ray task's): its visuals and the seconds it took."""
     if isinstance(item.prepared, BaseException):
         raise item.prepared
     if item.prepared is not None:

@@ -1,0 +1,166 @@
+"""`vl3 batch --engine ray` on a real local Ray (2 CPUs, started here) against the local engine.
+
+One Ray for the module; 2 actors on a tiny checkpoint; a folder of 4 good files (images and
+videos) and 2 broken ones. The reference is `vl3 batch` with the local engine on the same folder:
+the Ray engine must give every path exactly one record, error records for the broken files, and
+the same records (texts, token counts, sizes, errors; timings aside). Ctrl-C then resume, Parquet
+output and the resource check are covered too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tiny
+from interrupt import interrupt_after_first_record
+from media_factory import make_image, make_video
+from typer.testing import CliRunner
+
+from vl3cli.cli import app
+from vl3cli.errors import UsageError
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'vl3cli[ray]'; the test extra has it)")
+pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'ray[data]')")
+
+runner = CliRunner()
+N = 6  # max new tokens
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray of 2 CPUs for the module; runs in this process reuse its connection. Yields its address."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("ray-ckpt") / "hf", "hf", tied=False, seed=5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ray-media")
+    make_image(d / "a.png", size=(56, 42))
+    make_image(d / "c.jpg", size=(30, 70), fmt="JPEG", seed=4)
+    make_video(d / "b.mp4", seconds=2.0, fps=6, size=(56, 42))
+    make_video(d / "e.mp4", seconds=1.0, fps=6, size=(42, 56), static=True)
+    (d / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (d / "broken.png").write_bytes(b"not a png")
+    return d
+
+
+def paths(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def batch(*args):
+    return runner.invoke(app, ["batch", *[str(a) for a in args]])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")  # whole lines only
+    return [json.loads(x) for x in text.splitlines()]
+
+
+def untimed(records: list[dict]) -> dict[str, dict]:
+    """Records by path, timings aside (they are measurements); each path must appear once."""
+    out = {}
+    for record in records:
+        assert record["path"] not in out, f"{record['path']} has two records"
+        out[record["path"]] = {k: v for k, v in record.items() if k != "timings"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(ckpt, folder, tmp_path_factory) -> dict[str, dict]:
+    """The reference: the local engine's records for the folder."""
+    out = tmp_path_factory.mktemp("ray-local") / "local.jsonl"
+    r = batch(folder, "-m", ckpt, "--max-new-tokens", N, "--out", out)
+    assert r.exit_code == 1, r.output  # the two broken files
+    records = untimed(read_jsonl(out))
+    assert sorted(records) == paths(folder)
+    assert [p for p, rec in records.items() if rec["error"]] == [str(folder / "broken.mp4"), str(folder / "broken.png")]
+    return records
+
+
+def test_ray_batch_equals_the_local_batch(cluster, ckpt, folder, local, tmp_path):
+    out = tmp_path / "ray.jsonl"
+    r = batch(folder, "-m", ckpt, "--max-new-tokens", N, "--out", out, "--engine", "ray", "--actors", 2, "--batch-size", 2)
+    assert r.exit_code == 1, r.output
+    assert "Done: 6 items: 4 ok, 2 failed" in r.stderr
+    records = untimed(read_jsonl(out))
+    assert sorted(records) == paths(folder)  # every path exactly once
+    assert records == local  # texts, token counts, sizes, prompts, options, error messages
+    assert {p for p, rec in records.items() if rec["text"] is None and rec["error"]} == {
+        str(folder / "broken.mp4"), str(folder / "broken.png")
+    }
+    assert all(rec["generated_tokens"] > 0 for rec in records.values() if not rec["error"])
+
+
+def test_parquet_output_holds_the_same_records(cluster, ckpt, folder, local, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "ray.parquet"
+    common = [folder, "-m", ckpt, "--max-new-tokens", N, "--out", out, "--engine", "ray", "--actors", 2]
+    r = batch(*common)
+    assert r.exit_code == 1, r.output
+    assert untimed(pq.read_table(out).to_pylist()) == local
+    assert not list(tmp_path.glob(".*vl3-tmp"))
+    before = out.read_bytes()
+    r = batch(*common)  # resume: nothing left to do, the file is left as it is
+    assert r.exit_code == 1 and "4 already done, 2 failed earlier" in r.stderr, r.output
+    assert out.read_bytes() == before
+
+
+def vl3_process(*args) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "VL3_DEBUG"}
+    return subprocess.Popen([sys.executable, "-m", "vl3cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+
+
+def test_ctrl_c_then_resume_gives_one_record_per_path(cluster, ckpt, folder, tmp_path):
+    """A run joined to the cluster (--ray-address) is interrupted after its first records; the
+    next run keeps those lines byte for byte and adds exactly the missing paths."""
+    out = tmp_path / "r.jsonl"
+    slow = ["-m", ckpt, "--max-new-tokens", 40, "--ignore-eos", "--out", out, "--engine", "ray", "--batch-size", 1]
+    p = vl3_process("batch", folder, *slow, "--ray-address", cluster, "--actors", 2)
+    stderr, seconds = interrupt_after_first_record(p, out)
+    assert p.returncode == 130, stderr
+    assert seconds < 20, "the unfinished items are abandoned, not finished"
+    assert "Interrupted" in stderr and "Traceback" not in stderr
+    first = out.read_bytes()
+    done = read_jsonl(out)
+    assert 1 <= len(done) < 6
+
+    r = batch(folder, *slow, "--actors", 2)  # the same request, in this process's Ray: resumes
+    assert r.exit_code == 1, r.output
+    ok_before = sum(1 for rec in done if not rec["error"])
+    assert not ok_before or f"{ok_before} already done" in r.stderr, r.stderr
+    assert out.read_bytes().startswith(first)  # the earlier lines, byte for byte
+    records = read_jsonl(out)
+    assert sorted(rec["path"] for rec in records) == paths(folder)  # each path exactly once
+    assert all(rec["generated_tokens"] == 40 for rec in records if not rec["error"])
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--actors", 4], "need 0 GPUs and 3 CPUs"),  # 4 x 0.5 CPU + one reading task > 2 CPUs
+        (["--gpus-per-actor", 1], "need 1 GPUs"),
+    ],
+)
+def test_a_pool_the_cluster_cannot_hold_is_refused(cluster, ckpt, folder, tmp_path, args, fragment):
+    """Ray would wait forever for actors it cannot place: one line, exit 2, nothing written."""
+    out = tmp_path / "r.jsonl"
+    r = batch(folder, "-m", ckpt, "--out", out, "--engine", "ray", *args)
+    assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2, r.output
+    assert fragment in str(r.exception) and "the Ray cluster has 0 GPUs and 2 CPUs" in str(r.exception)
+    assert out.read_text() == ""

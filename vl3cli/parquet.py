@@ -1,0 +1,152 @@
+"""Parquet output for `vl3 batch --out results.parquet`: the JSONL records as typed columns.
+
+- Schema (`schema()`): one column per record field (output.SCHEMA, in order), typed from the
+  `Result` and `Options` annotations; `options` is a struct of `Options.record()`'s fields,
+  `timings` a struct of output.TIMING_KEYS and `media_info` a list of structs (MEDIA_INFO), so `pyarrow.parquet.read_table(path).to_pylist()`
+  gives back the records a JSONL file holds.
+- Ours: an empty file, or a Parquet file whose columns include the record's `path`, `text` and
+  `error`. Anything else is refused (UsageError) and never opened for writing.
+- Writing (`ParquetSink`): a hidden temporary file beside the target (`.NAME.vl3-tmp`) gets the
+  target's records so far (unless the run replaces them), then the new ones in row groups;
+  `close()` -- at the end of a run, after Ctrl-C, after an error -- completes it and renames it
+  over the target. The target is therefore always a whole Parquet file, the old one or the new
+  one; a run killed outright (SIGKILL, power loss) leaves the old one, and the next run redoes
+  the items it lost. For very long runs that may be killed, JSONL keeps every finished line.
+
+pyarrow is imported here only (the `parquet` and `ray` extras install it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import Vl3Error
+from .options import Options
+from .outfile import RECORD_FIELDS, not_ours
+from .output import SCHEMA, TIMING_KEYS, Result
+
+ROW_GROUP = 1000  # records buffered before they are written as one row group
+# An entry of `media_info` (pipeline.visual_info), one per medium of a record with several.
+MEDIA_INFO = {"path": "str", "kind": "str", "width": "int", "height": "int", "duration": "float", "frames": "int",
+              "timestamps": "list[float]", "resized": "list[int]", "visual_tokens": "int", "visual_tokens_kept": "int"}  # fmt: skip
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise Vl3Error("--out *.parquet needs pyarrow: pip install 'vl3cli[parquet]' (or write JSONL)") from None
+    return pa, pq
+
+
+def require_pyarrow() -> None:
+    _pyarrow()
+
+
+def _arrow_type(annotation: str):
+    """The Arrow type of a dataclass field annotation such as "int | None" or "list[float] | None"."""
+    pa, _ = _pyarrow()
+    name = annotation.removesuffix(" | None")
+    scalars = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+    if name in scalars:
+        return scalars[name]
+    if name.startswith("list[") and name.endswith("]"):
+        return pa.list_(_arrow_type(name[5:-1]))
+    raise TypeError(f"no Parquet column type for a field of type {annotation!r}")
+
+
+@lru_cache(maxsize=1)
+def schema():
+    pa, _ = _pyarrow()
+    request = [pa.field("prompt", pa.string())]
+    request += [pa.field(f.name, _arrow_type(f.type)) for f in fields(Options) if f.name != "system"]
+    medium = pa.struct([pa.field(name, _arrow_type(kind)) for name, kind in MEDIA_INFO.items()])
+    structs = {"options": pa.struct(request), "timings": pa.struct([pa.field(k, pa.float64()) for k in TIMING_KEYS]),
+               "media_info": pa.list_(medium)}  # fmt: skip
+    types = {f.name: f.type for f in fields(Result)}
+    return pa.schema([pa.field(name, structs.get(name) or _arrow_type(types[name])) for name in SCHEMA])
+
+
+def _open(path: Path):
+    """The `pyarrow.parquet.ParquetFile` of a vl3 Parquet file; refuses anything else."""
+    pa, pq = _pyarrow()
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError):
+        raise not_ours(path) from None
+    if not set(RECORD_FIELDS) <= set(file.schema_arrow.names):
+        raise not_ours(path)
+    return file
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a vl3 Parquet file (an empty file has none); refuses (UsageError) anything else."""
+    if path.stat().st_size == 0:
+        return []
+    return _open(path).read().to_pylist()
+
+
+def rewrite_without(path: Path, drop) -> None:
+    """Rewrite vl3 Parquet file `path` without the records for which `drop(record)` is true (atomically)."""
+    records = [r for r in read_records(path) if not drop(r)]
+    with ParquetSink(path, keep=False) as sink:
+        sink.add(records)
+
+
+class ParquetSink:
+    """Records written to a temporary Parquet file that `close()` renames over the target."""
+
+    def __init__(self, path: Path, keep: bool):
+        pa, pq = _pyarrow()
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.vl3-tmp")
+        self.rows: list[dict] = []
+        old = _open(path) if keep and path.exists() and path.stat().st_size > 0 else None
+        try:
+            self.writer = pq.ParquetWriter(self.tmp, schema())
+        except OSError as e:
+            raise Vl3Error(f"cannot write to {self.tmp}: {e}") from e
+        if old is not None:
+            for batch in old.iter_batches():
+                self.add(batch.to_pylist())
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def isatty(self) -> bool:
+        return False
+
+    def write_record(self, result: Result) -> None:
+        self.add([result.to_dict()])
+
+    def add(self, records: list[dict]) -> None:
+        self.rows += records
+        if len(self.rows) >= ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        pa, _ = _pyarrow()
+        if self.rows:
+            table = pa.Table.from_pylist(self.rows, schema=schema())
+            self.rows = []
+            try:
+                self.writer.write_table(table)
+            except OSError as e:
+                raise Vl3Error(f"cannot write to {self.tmp}: {e}") from e
+
+    def close(self) -> None:
+        """Complete the file and put it in the target's place (the target is untouched until then)."""
+        try:
+            self._flush()
+            self.writer.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
