@@ -132,7 +132,7 @@ def test_json_record_schema(ckpt, media, tmp_path):
     assert r.exit_code == 0 and r.stdout == ""
     rec = json.loads(out.read_text())
     assert list(rec) == [
-        "id", "path", "media", "kind", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
+        "id", "path", "media", "kind", "segment_start", "segment_end", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
         "height", "duration", "frames", "timestamps", "resized", "media_info", "visual_tokens", "visual_tokens_kept",
         "prompt_tokens", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
     ]  # fmt: skip

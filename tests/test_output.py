@@ -14,7 +14,7 @@ from vl3cli.output import TIMING_KEYS, Result, StreamDecoder, Writer, terminal_s
 from vl3cli.tokenizer import Tokenizer
 
 SCHEMA = [
-    "id", "path", "media", "kind", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
+    "id", "path", "media", "kind", "segment_start", "segment_end", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
     "height", "duration", "frames", "timestamps", "resized", "media_info", "visual_tokens", "visual_tokens_kept",
     "prompt_tokens", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
 ]  # fmt: skip

@@ -125,12 +125,31 @@ class Model:
         prompts = tuple([questions] if questions is None or isinstance(questions, str) else questions)
         if not prompts:
             raise UsageError("ask needs at least one question")
+        if options.get("segments") is not None:
+            raise UsageError("with segments there is one answer per segment: use model.segments(...)")
         results: list[Result | None] = [None] * len(prompts)
         stream = (lambda key, piece: on_text(key[1], piece)) if on_text else None
         for (_, i), result in self.run([Item(media, prompts)], on_text=stream, **options):
             result.raise_error()
             results[i] = result
         return results
+
+    def segments(
+        self, media: str, questions: str | None | Sequence[str | None] = None, *, segments: float | str = 30.0, **options
+    ) -> Iterator[Result]:
+        """Answers about each segment of a long video, in time order (each question on each segment):
+        `segments` seconds per window, or "scenes" (shot boundaries; `min_segment`, `max_segment`,
+        `scene_threshold`). The file is decoded once; each answer comes as soon as it and every
+        earlier one are done."""
+        prompts = tuple([questions] if questions is None or isinstance(questions, str) else questions)
+        done: dict[int, Result] = {}
+        next_index = 0
+        for (_, i), result in self.run([Item((media,), prompts)], segments=segments, **options):
+            result.raise_error()
+            done[i] = result
+            while next_index in done:
+                yield done.pop(next_index)
+                next_index += 1
 
     def chat(self, media: str | Sequence[str] = (), **options) -> Chat:
         """A conversation about some images and/or videos (none: text only); see chat.py."""

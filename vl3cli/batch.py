@@ -249,6 +249,34 @@ def plan(items: dict[str, object], target: Target, mode: str) -> Plan:
     return Plan([item for k, item in items.items() if k not in status], done=len(done), failed_before=len(failed))
 
 
+def plan_segments(items: dict[str, object], target: Target, mode: str) -> Plan:
+    """`plan` for a run that cuts videos into segments: records are per segment, so an item is
+    never done as a whole (its segments are only known once its file is read). `todo` holds
+    (item, segments to skip) pairs: the (start, end) windows that already have a record (with
+    `retry-failed`, a successful one; their error records are dropped). An item whose file failed
+    as a whole (a record without a segment) counts as failed earlier, unless `retry-failed`."""
+    if not target.regular or mode == "overwrite" or not target.path.exists():
+        return Plan([(item, frozenset()) for item in items.values()])
+    done: dict[str, set] = {k: set() for k in items}
+    failed: dict[str, set] = {k: set() for k in items}
+    for record in read_records(target.path):
+        key = record_key({**record, "segment_start": None, "segment_end": None})
+        if key in items:
+            span = (record.get("segment_start"), record.get("segment_end"))
+            (done if record.get("error") is None else failed)[key].add(span)
+    whole = (None, None)  # a record without a segment: an image, or a file that failed before any segment
+    if mode == "retry-failed":
+        retried = {k for k, spans in failed.items() if spans}
+        if retried:
+            rewrite_without(target.path, lambda r: r.get("error") is not None
+                            and record_key({**r, "segment_start": None, "segment_end": None}) in retried)  # fmt: skip
+        todo = [(item, frozenset(done[k] - {whole})) for k, item in items.items() if whole not in done[k]]
+        return Plan(todo, done=sum(len(v) for v in done.values()))
+    todo = [(item, frozenset((done[k] | failed[k]) - {whole})) for k, item in items.items()
+            if whole not in done[k] | failed[k]]  # fmt: skip
+    return Plan(todo, done=sum(len(v) for v in done.values()), failed_before=sum(len(v) for v in failed.values()))
+
+
 class StopSignal:
     """SIGINT/SIGTERM handling for the batch loop (a context manager).
 
@@ -306,6 +334,7 @@ class Summary:
     failed: int = 0
     interrupted: bool = False
     seconds: float = 0.0
+    segments: bool = False  # records are per segment: counts are of segments, the total is of files
 
     @property
     def exit_code(self) -> int:
@@ -314,7 +343,7 @@ class Summary:
         return 1 if self.failed or self.failed_before else 0
 
     def line(self) -> str:
-        left = self.total - self.done_before - self.failed_before - self.ok - self.failed
+        left = 0 if self.segments else self.total - self.done_before - self.failed_before - self.ok - self.failed
         parts = [f"{self.ok} ok", f"{self.failed} failed"]
         if self.done_before:
             parts.append(f"{self.done_before} already done")
@@ -324,6 +353,8 @@ class Summary:
             parts.append(f"{left} left")
         head = "Interrupted" if self.interrupted else "Done"
         items = "item" if self.total == 1 else "items"
+        if self.segments:
+            items += ", segments"
         return f"{head}: {self.total} {items}: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
 
 
@@ -358,7 +389,7 @@ def write_results(
     return summary
 
 
-def progress_bar(total: int, completed: int):
+def progress_bar(total: int | None, completed: int):
     """A Rich progress bar on stderr (a terminal only; logs get the summary line): counts,
     ok/failed, elapsed and ETA."""
     from rich.console import Console

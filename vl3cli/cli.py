@@ -42,6 +42,7 @@ app = typer.Typer(
 MODEL = "Model"
 DECODING = "Decoding"
 MEDIA = "Media"
+SEGMENTS = "Segments"
 OUTPUT = "Output"
 RAY = "Ray (--engine ray)"
 
@@ -78,7 +79,11 @@ EndOpt = Annotated[float | None, typer.Option(help="Video clip end, in seconds."
 MaxVisualTokensOpt = Annotated[int | None, typer.Option(help="Cap the visual tokens (frames are resized smaller to fit).", rich_help_panel=MEDIA)]
 PruneOpt = Annotated[bool, typer.Option("--prune/--no-prune", help="Drop video tokens that barely change from the previous frame.", rich_help_panel=MEDIA)]
 PruneThresholdOpt = Annotated[float, typer.Option(help="Pruning threshold: mean absolute change x 255 of a token.", rich_help_panel=MEDIA)]
-FormatOpt = Annotated[Literal["text", "json", "jsonl"], typer.Option("--format", "-f", help="text, json (one object; an array for several answers) or jsonl (one object per line).", rich_help_panel=OUTPUT)]
+SegmentsOpt = Annotated[str | None, typer.Option(help="Cut videos into segments and answer each: SECONDS per window, or 'scenes' (shot boundaries).", show_default=False, rich_help_panel=SEGMENTS)]
+MinSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: shorter shots merge with a neighbour (default 2 s).", show_default=False, rich_help_panel=SEGMENTS)]
+MaxSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: longer shots are split into equal parts (default 60 s).", show_default=False, rich_help_panel=SEGMENTS)]
+SceneThresholdOpt = Annotated[float, typer.Option(help="Scenes: how different two frames must be to make a cut (FFmpeg scdet score, 0-100).", rich_help_panel=SEGMENTS)]
+FormatOpt = Annotated[Literal["text", "json", "jsonl", "srt", "vtt"], typer.Option("--format", "-f", help="text, json (one object; an array for several answers), jsonl (one object per line), srt or vtt (subtitles, one cue per answer).", rich_help_panel=OUTPUT)]
 OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Write results to this file (- = stdout).", rich_help_panel=OUTPUT)]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (jsonl otherwise appends to a vl3 file).", rich_help_panel=OUTPUT)]
 StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", help="Print text token by token (default: when stdout is a terminal).", show_default=False, rich_help_panel=OUTPUT)]
@@ -108,7 +113,7 @@ def _options(params: dict):
 
     from .options import Options
 
-    return Options.from_kwargs(**{f.name: params[f.name] for f in fields(Options)})
+    return Options.from_kwargs(**{f.name: params[f.name] for f in fields(Options) if f.name in params})
 
 
 def _env_debug() -> bool:
@@ -182,7 +187,7 @@ class _InOrder:
 
     def _head(self) -> None:
         if not self.headed:
-            self._out(self.writer.header(self.prompts[self.next]))
+            self._out(self.writer.header(self.prompts[self.next % len(self.prompts)]))
             self.headed = True
 
     def piece(self, key, piece: str) -> None:
@@ -224,24 +229,29 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
     fmt, stream, overwrite = params["format"], params["stream"], params["overwrite"]
     target = Target.of(params["out"])
     if stream and (fmt != "text" or target.path is not None):
-        raise UsageError("--stream prints text to the terminal; it cannot be combined with --format json/jsonl or --out")
+        raise UsageError("--stream prints text to the terminal; it cannot be combined with --format json/jsonl/srt/vtt or --out")
     options = _options(params)
+    if stream and options.segments is not None:
+        raise UsageError("--stream shows one answer as it grows; with --segments each segment's line is printed when it is done")
     check_replaceable(target, fmt, overwrite)
     _check_media(media)  # before loading the model
     with opened(target, replace=overwrite or fmt != "jsonl") as f:
         model = _load(params, options)
         terminal = f.isatty()
         if stream is None:
-            stream = fmt == "text" and terminal
-        printer = _InOrder(Writer(fmt, f, many=len(prompts) > 1, terminal=terminal), prompts, stream)
+            stream = fmt == "text" and terminal and options.segments is None
+        many = len(prompts) > 1 or options.segments is not None
+        printer = _InOrder(Writer(fmt, f, many=many, terminal=terminal, questions=len(prompts) > 1), prompts, stream)
         spinner = _Spinner(f"Reading {', '.join(media)} and answering" if media else "Answering")
         try:
             on_text = (lambda key, piece: (spinner.stop(), printer.piece(key, piece))) if stream else None
             for (_, i), result in model.run([Item(tuple(media), tuple(prompts))], on_text=on_text):
                 spinner.stop()
                 result.raise_error()
-                if i == 0:
+                if i % len(prompts) == 0:
                     _warn(result.warnings)
+                if fmt in ("srt", "vtt") and result.kind != "video":
+                    raise UsageError(f"--format {fmt} writes subtitles for a video; {result.path or 'this prompt'} is not one")
                 printer.done(i, result)
                 _debug_line(f"timings: {_timings(result)} tokens={result.generated_tokens} ({result.finish_reason})")
         finally:
@@ -322,6 +332,10 @@ def describe(
     max_visual_tokens: MaxVisualTokensOpt = None,
     prune: PruneOpt = True,
     prune_threshold: PruneThresholdOpt = 0.1,
+    segments: SegmentsOpt = None,
+    min_segment: MinSegmentOpt = None,
+    max_segment: MaxSegmentOpt = None,
+    scene_threshold: SceneThresholdOpt = 10.0,
     format: FormatOpt = "text",
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -366,6 +380,10 @@ def ask(
     max_visual_tokens: MaxVisualTokensOpt = None,
     prune: PruneOpt = True,
     prune_threshold: PruneThresholdOpt = 0.1,
+    segments: SegmentsOpt = None,
+    min_segment: MinSegmentOpt = None,
+    max_segment: MaxSegmentOpt = None,
+    scene_threshold: SceneThresholdOpt = 10.0,
     format: FormatOpt = "text",
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -648,6 +666,10 @@ def batch(
     max_visual_tokens: MaxVisualTokensOpt = None,
     prune: PruneOpt = True,
     prune_threshold: PruneThresholdOpt = 0.1,
+    segments: SegmentsOpt = None,
+    min_segment: MinSegmentOpt = None,
+    max_segment: MaxSegmentOpt = None,
+    scene_threshold: SceneThresholdOpt = 10.0,
     out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from, or a .parquet file (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
     debug: DebugOpt = False,
     engine: Annotated[Literal["local", "ray"], typer.Option(help="local: this process; ray: a Ray cluster, files read in CPU tasks, answered by --actors model replicas (pip install 'vl3cli\\[ray]').", rich_help_panel=RAY)] = "local",
@@ -689,8 +711,11 @@ def batch(
     entries = [e for e in entries if b.in_shard(e.shard_key, shard_kn)]
     base = {"system": system, "model": model_label(model, revision), "quantize": quantize}
     keys = {b.record_key({"id": e.id, "media": list(e.media), "options": options.record(e.prompt), **base}): e for e in entries}
-    plan = b.plan(keys, target, mode)
-    summary = b.Summary(total=len(entries), done_before=plan.done, failed_before=plan.failed_before)
+    segmented = options.segments is not None
+    plan = b.plan_segments(keys, target, mode) if segmented else b.plan(keys, target, mode)
+    if not segmented:
+        plan.todo = [(e, frozenset()) for e in plan.todo]
+    summary = b.Summary(total=len(entries), done_before=plan.done, failed_before=plan.failed_before, segments=segmented)
     create_empty(target)  # an empty shard still leaves its (empty) file
     if plan.todo:
         _run_batch(plan.todo, options, locals(), target, mode, summary)
@@ -699,12 +724,13 @@ def batch(
         raise typer.Exit(summary.exit_code)
 
 
-def _run_batch(todo: list, options, params: dict, target, mode: str, summary) -> None:
+def _run_batch(todo: list[tuple], options, params: dict, target, mode: str, summary) -> None:
     from . import batch as b
     from .outfile import opened
 
     with _engine(params, options) as results:
-        progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
+        total = None if summary.segments else summary.total  # segments: how many is known file by file
+        progress, task = b.progress_bar(total, summary.done_before + summary.failed_before)
 
         def on_item(result) -> None:
             _warn(result.warnings if result.ok else [result.error], progress.console)
@@ -716,7 +742,8 @@ def _run_batch(todo: list, options, params: dict, target, mode: str, summary) ->
 
 @contextmanager
 def _engine(params: dict, options):
-    """What answers a batch: `results(todo, stop)` -> Results (one per batch.Entry), from the model loaded in this
+    """What answers a batch: `results(todo, stop)` -> Results (one per (batch.Entry, segments to skip) pair, or one
+    per segment when segmenting), from the model loaded in this
     process (`--engine local`) or from actors on a Ray cluster (`--engine ray`, distributed.py)."""
     if params["ray_settings"] is not None:
         from .distributed import RayEngine
@@ -731,7 +758,8 @@ def _engine(params: dict, options):
     model = _load(params, options)
 
     def results(todo: list, stop):
-        items = (Item(e.media, (e.prompt,), e.id, prepared=UsageError(e.error) if e.error else None) for e in todo)
+        items = (Item(e.media, (e.prompt,), e.id, skip=skip, prepared=UsageError(e.error) if e.error else None)
+                 for e, skip in todo)  # fmt: skip
         for _, result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
             yield result
 

@@ -136,23 +136,28 @@ class RayEngine:
         if self.owned:
             self.ray.shutdown()
 
-    def results(self, todo: list[Entry], stop: StopSignal) -> Iterator[Result]:
-        """One Result per entry of `todo`, in the order they finish (the local engine's records)."""
+    def results(self, todo: list[tuple[Entry, frozenset]], stop: StopSignal) -> Iterator[Result]:
+        """One Result per entry of `todo` (one per segment when segmenting; the frozenset: segments
+        already answered), in the order they finish (the local engine's records)."""
         ray = self.ray
-        rows = [{"index": i, "entry": entry} for i, entry in enumerate(todo)]
+        rows = [{"index": i, "entry": entry, "skip": skip} for i, (entry, skip) in enumerate(todo)]
         ds = ray.data.from_items(rows).map_batches(
             _read, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-            fn_kwargs={"processor": self.processor, "media": self.media},
+            fn_kwargs={"processor": self.processor, "media": self.media, "options": self.options},
         ).map_batches(
             _Answerer, batch_size=BATCH_FACTOR * self.settings.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.settings.actors), num_cpus=ACTOR_CPUS, num_gpus=self.gpus,
             fn_constructor_kwargs={"load": self.load, "options": self.options, "batch_size": self.settings.batch_size},
         )  # fmt: skip
-        pending = dict(enumerate(todo))
+        pending = {i: entry for i, (entry, _) in enumerate(todo)}
+        seen: set[tuple] = set()  # (index, segment): a retried task may repeat a record; keep the first
         with self._quiet_data_context():
             for row in _rows(ds, stop):
-                if pending.pop(int(row["index"]), None) is not None:  # a retried task may repeat a record: keep the first
-                    yield Result.from_dict(json.loads(row["record"]))
+                record = json.loads(row["record"])
+                if (mark := (int(row["index"]), record.get("segment_start"))) not in seen:
+                    seen.add(mark)
+                    pending.pop(mark[0], None)
+                    yield Result.from_dict(record)
         for entry in pending.values():
             yield Result(
                 id=entry.id, path=entry.media[0] if len(entry.media) == 1 else None, media=list(entry.media),
@@ -238,29 +243,48 @@ def _absolute(path: str) -> str:
     return path if is_url(path) else os.path.abspath(path)
 
 
-def _read(batch, processor, media):
-    """CPU task: read every medium of each item -> (visuals, seconds), or the error reading raised,
-    made portable (a vl3 error naming the files as the user spelled them)."""
+def _read(batch, processor, media, options: Options):
+    """CPU task: read every medium of each item -> (visuals, seconds), one row per part (a long
+    video cut into segments gives one per segment), or the error reading raised, made portable (a
+    vl3 error naming the files as the user spelled them)."""
     import numpy as np
 
-    from .pipeline import Item, read_media
+    from .pipeline import Item, read_parts
 
-    prepared = []
-    for entry in batch["entry"]:
+    index, entries, prepared = [], [], []
+    for i, entry, skip in zip(batch["index"], batch["entry"], batch["skip"]):
         if entry.error is not None:
-            prepared.append(UsageError(entry.error))
-            continue
-        try:
-            prepared.append(read_media(Item(tuple(_absolute(m) for m in entry.media), (entry.prompt,)), processor, media))
-        except Exception as e:  # noqa: BLE001 -- a file that cannot be read is its item's error record
-            message = error_message(e)
-            for m in entry.media:
-                message = message.replace(_absolute(m), m)
-            prepared.append(type(e)(message) if isinstance(e, Vl3Error) else Vl3Error(message))
-    column = np.empty(len(prepared), dtype=object)  # one Python object per row, whatever its shape
-    for i, value in enumerate(prepared):
+            parts = [UsageError(entry.error)]
+        else:
+            item = Item(tuple(_absolute(m) for m in entry.media), (entry.prompt,), skip=skip)
+            try:
+                parts = [_spelled(part, entry) for part in read_parts(item, processor, media, options)]
+            except Exception as e:  # noqa: BLE001 -- a file that cannot be read is its item's error record
+                message = error_message(e)
+                for m in entry.media:
+                    message = message.replace(_absolute(m), m)
+                parts = [type(e)(message) if isinstance(e, Vl3Error) else Vl3Error(message)]
+        index += [i] * len(parts)
+        entries += [entry] * len(parts)
+        prepared += parts
+    return {"index": np.array(index, dtype=np.int64), "entry": _objects(entries), "prepared": _objects(prepared)}
+
+
+def _spelled(part, entry: Entry):
+    """A part read from absolute paths, its visuals naming the files as the user spelled them."""
+    visuals, seconds = part
+    names = {_absolute(m): m for m in entry.media}
+    return tuple(replace(v, path=names.get(v.path, v.path)) for v in visuals), seconds
+
+
+def _objects(values: list):
+    """One Python object per row, whatever its shape (numpy would unpack tuples)."""
+    import numpy as np
+
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
         column[i] = value
-    return {"index": batch["index"], "entry": batch["entry"], "prepared": column}
+    return column
 
 
 class _Answerer:

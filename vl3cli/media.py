@@ -227,6 +227,19 @@ def _read_animated(path, meta: VideoMeta, timestamps, size) -> np.ndarray:
     return out
 
 
+def is_animated_image(path) -> bool:
+    """An animated GIF / WebP / PNG / AVIF (read with Pillow), rather than a video container."""
+    if signature(path) in VIDEO_SIGNATURES:
+        return False
+    try:
+        with _open_pil(path) as im:
+            return _is_animated(im)
+    except MediaError:
+        raise
+    except Exception:  # noqa: BLE001 - not an image: a video container
+        return False
+
+
 def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
     """Decode the frames ``plan(meta)`` asks for, at the size it asks for.
 
@@ -236,17 +249,8 @@ def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
     if backend not in ("auto", "decord", "pyav"):
         raise UsageError(f"unknown video decoder {backend!r}: use auto, decord or pyav")
     check_file(path)
-    animated = False
-    if signature(path) not in VIDEO_SIGNATURES:
-        try:
-            with _open_pil(path) as im:
-                animated = _is_animated(im)
-        except MediaError:
-            raise
-        except Exception:  # noqa: BLE001 - not an image: a video container
-            pass
     try:
-        if animated:
+        if is_animated_image(path):
             meta = _animated_meta(path)
             timestamps, size = plan(meta)
             return DecodedVideo(meta, timestamps, _read_animated(path, meta, timestamps, size), "pillow")
@@ -264,11 +268,11 @@ def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
     if end is not None:  # decoding stopped early: keep what was read
         meta = replace(meta, duration=end, truncated=True)
         timestamps = timestamps[: len(frames)]
-    notes = [_truncation_note(meta, len(frames))] if meta.truncated else []
+    notes = [truncation_note(meta, len(frames))] if meta.truncated else []
     return DecodedVideo(meta, timestamps, frames, backend, notes)
 
 
-def _truncation_note(meta: VideoMeta, frames: int) -> str:
+def truncation_note(meta: VideoMeta, frames: int) -> str:
     announced = meta.header_duration
     of = f" of {announced:.1f} s" if announced and announced > meta.duration + 0.05 else ""
     return (

@@ -43,8 +43,16 @@ class Options:
     max_visual_tokens: int | None = None
     prune: bool = True
     prune_threshold: float = 0.1
+    segments: str | None = None  # "30.0" (seconds per window) or "scenes"; None: the whole clip at once
+    min_segment: float | None = None  # scenes: shorter shots merge (default MIN_SEGMENT)
+    max_segment: float | None = None  # scenes: longer shots split (default MAX_SEGMENT)
+    scene_threshold: float = 10.0  # scenes: FFmpeg scdet's score (0-100) that makes a cut
 
     def __post_init__(self):
+        from .segments import parse_segments
+
+        if self.segments is not None and not isinstance(self.segments, bool):  # 30, "30", "30.0" -> "30.0"
+            object.__setattr__(self, "segments", str(parse_segments(str(self.segments))))
         for f in fields(self):  # one spelling per value (2 and 2.0 are one fps), so records and resume agree
             value = getattr(self, f.name)
             if value is None:
@@ -70,6 +78,16 @@ class Options:
             raise UsageError(f"--end ({self.end:g}s) must be after --start ({self.start:g}s)")
         if not (math.isfinite(self.prune_threshold) and self.prune_threshold >= 0):
             raise UsageError(f"--prune-threshold must be 0 or more (got {self.prune_threshold:g})")
+        for name in ("min_segment", "max_segment"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds (got {value:g})")
+            if value is not None and self.segments != "scenes":
+                raise UsageError(f"--{name.replace('_', '-')} is for --segments scenes")
+        if self.min_segment is not None and self.max_segment is not None and self.min_segment > self.max_segment:
+            raise UsageError(f"--min-segment ({self.min_segment:g}s) is above --max-segment ({self.max_segment:g}s)")
+        if not 0 < self.scene_threshold <= 100:
+            raise UsageError(f"--scene-threshold must be above 0 and at most 100 (got {self.scene_threshold:g})")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> Options:
@@ -102,6 +120,11 @@ class Options:
             fps=fps, min_frames=lo, max_frames=hi, start=self.start, end=self.end,
             max_visual_tokens=self.max_visual_tokens, prune=self.prune, prune_threshold=self.prune_threshold,
         )  # fmt: skip
+
+    @property
+    def segment_seconds(self) -> float | None:
+        """Fixed windows' length (None: not segmenting, or segmenting by scenes)."""
+        return None if self.segments in (None, "scenes") else float(self.segments)
 
     def record(self, prompt: str | None) -> dict:
         """The request as a record's `options` field: the prompt as given (None = the default

@@ -34,6 +34,8 @@ class Result:
     path: str | None = None  # the media file or URL when there is exactly one
     media: list[str] = field(default_factory=list)  # every media file or URL of the prompt, in order
     kind: str | None = None  # "image" | "video" | "text" (no media) | "multiple"; None when unreadable
+    segment_start: float | None = None  # the window of a long video this answer is about (s), when segmenting
+    segment_end: float | None = None
     prompt: str | None = None  # the prompt used
     system: str | None = None
     text: str | None = None
@@ -102,20 +104,23 @@ def terminal_safe(text: str) -> str:
 class Writer:
     """Writes results one at a time, as each is ready; `close()` completes the document.
 
-    text: the answer; with several questions each answer follows a `Q: question` line.
-    json: one object, or an array when several records are expected (closed by `close()`, so
-    an interrupted run still leaves valid JSON). jsonl: one object per line.
+    text: the answer; with several questions each answer follows a `Q: question` line; an answer
+    about a segment of a video starts with `[HH:MM:SS.mmm - HH:MM:SS.mmm] `. json: one object, or
+    an array when several records are expected (closed by `close()`, so an interrupted run still
+    leaves valid JSON). jsonl: one object per line. srt / vtt: one numbered subtitle cue per
+    answer, timed by its segment (or the whole clip).
     """
 
-    def __init__(self, fmt: str, out: IO[str], many: bool = False, terminal: bool = False):
+    def __init__(self, fmt: str, out: IO[str], many: bool = False, terminal: bool = False, questions: bool | None = None):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
         self.fmt, self.out, self.many, self.terminal = fmt, out, many, terminal
+        self.questions = many if questions is None else questions  # several questions: say which one
         self.count = 0
 
     def header(self, prompt: str | None) -> str:
         """The text format's line before an answer when there are several questions."""
-        if self.fmt != "text" or not self.many:
+        if self.fmt != "text" or not self.questions:
             return ""
         return ("\n" if self.count else "") + f"Q: {self.clean(prompt or '')}\n"
 
@@ -126,9 +131,14 @@ class Writer:
         """Write `result`; `streamed`: its header and text are already out (text format)."""
         if self.fmt == "text":
             if not streamed:
-                self.out.write(self.header(result.prompt) + self.clean(result.text or "") + "\n")
+                self.out.write(self._text(result))
         elif self.fmt == "jsonl":
             self.out.write(to_json(result) + "\n")
+        elif self.fmt in ("srt", "vtt"):
+            if self.count == 0 and self.fmt == "vtt":
+                self.out.write("WEBVTT\n\n")
+            text = f"Q: {result.prompt}\n{result.text or ''}" if self.questions else result.text or ""
+            self.out.write(subtitle_cue(self.count + 1, *cue_times(result), text, self.fmt))
         elif self.many:
             body = textwrap.indent(to_json(result, indent=2), "  ")
             self.out.write(("[\n" if self.count == 0 else ",\n") + body)
@@ -137,13 +147,34 @@ class Writer:
         self.count += 1
         self.out.flush()
 
+    def _text(self, result: Result) -> str:
+        text = self.clean(result.text or "")
+        if result.segment_start is None:
+            return self.header(result.prompt) + text + "\n"
+        span = f"[{timecode(result.segment_start)} - {timecode(result.segment_end)}] "
+        if self.questions:
+            return f"{span}Q: {self.clean(result.prompt or '')}\n{text}\n"
+        return span + text + "\n"
+
     def close(self) -> None:
         if self.fmt == "json" and self.many:
             self.out.write("\n]\n" if self.count else "[]\n")
             self.out.flush()
+        elif self.fmt == "vtt" and self.count == 0:
+            self.out.write("WEBVTT\n\n")
+            self.out.flush()
 
 
-FORMATS = ("text", "json", "jsonl")
+def cue_times(result: Result) -> tuple[float, float]:
+    """A subtitle cue's start and end: the record's segment, else its clip of the video."""
+    if result.segment_start is not None:
+        return result.segment_start, result.segment_end
+    start = (result.options or {}).get("start") or 0.0
+    end = (result.options or {}).get("end") or result.duration or start
+    return start, min(end, result.duration or end)
+
+
+FORMATS = ("text", "json", "jsonl", "srt", "vtt")
 
 
 class _Decodes(Protocol):

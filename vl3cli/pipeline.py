@@ -17,9 +17,11 @@ imports torch: the CLI imports it inside command bodies only.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -28,8 +30,10 @@ from .errors import ContextError, UsageError, Vl3Error
 from .generate import Request, Scheduler
 from .options import Options
 from .output import Result, StreamDecoder, error_message
-from .preprocess import VisualInput, prepare_visual
+from .preprocess import VisualInput, prepare_segments, prepare_visual
 from .prompt import Turn, conversation_ids, default_prompt
+from .segments import MAX_SEGMENT, MIN_SEGMENT, scene_spans, windows
+from .video import detect_cuts
 
 Key = tuple  # (the item's key: its number in a run, prompt number)
 WAIT_S = 0.2  # how long the loop waits for media before it checks for Ctrl-C again
@@ -56,6 +60,7 @@ class Item:
     id: str | None = None
     options: Options | None = None  # None: the run's options
     history: tuple[Turn, ...] = ()
+    skip: frozenset = frozenset()  # segments already answered: (start, end) windows not to read again
     # Media read elsewhere (e.g. in a Ray task): a (visuals, media seconds) pair with one
     # VisualInput per path of `to_read`, or the exception reading raised (the item then
     # becomes error records). None: read here.
@@ -160,15 +165,20 @@ class Loop:
 
     `step()` admits what is ready (never waiting for media while answers are decoding), decodes
     one token for every answer, and returns `(key, piece)` for streamed items and `(key, Result)`
-    for finished answers; key is (the item's key, prompt number). `cancel(key)` drops an item
-    wherever it is. Single-threaded: one caller drives it (the server runs it in one thread).
+    for finished answers; key is (the item's key, answer number), the answer number counting the
+    item's prompts, then (for a long video cut into segments) its segments: segment k's answer to
+    prompt j is k * prompts + j. A segmented item's windows are read one after the other and each
+    joins as soon as it is decoded (at most READ_AHEAD waiting per item, so memory stays bounded).
+    `cancel(key)` drops an item wherever it is. Single-threaded: one caller drives it (the server
+    runs it in one thread); only the readers run beside it.
     """
 
     def __init__(self, runner: Runner, options: Options, slots: int, workers: int):
         self.runner, self.engine, self.options, self.slots = runner, runner.engine, options, slots
         self.scheduler = Scheduler(self.engine, options.decoding, slots)
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
-        self.preparing: dict = {}  # key -> (item, options, stream, future), in submission order
+        self.reading: dict = {}  # key -> _Reading, in submission order
+        self.arrived = threading.Event()  # a reader put something
         self.answers: dict[Key, Answer] = {}
         self.ready: list[tuple[Key, Result]] = []  # error records waiting for the next step
 
@@ -180,16 +190,18 @@ class Loop:
 
     def close(self) -> None:
         # Do not wait for files still being decoded: on Ctrl-C their items are redone next run.
+        for reading in self.reading.values():
+            reading.cancel.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def waiting(self) -> int:
         """Items submitted whose answers have not started (media being read, or queued for a row)."""
-        return len(self.preparing) + len(self.scheduler.queue)
+        return len(self.reading) + len(self.scheduler.queue)
 
     @property
     def idle(self) -> bool:
-        return not self.preparing and self.scheduler.idle and not self.ready
+        return not self.reading and self.scheduler.idle and not self.ready
 
     def submit(self, key, item: Item, stream: bool = False) -> None:
         options = item.options or self.options
@@ -198,13 +210,15 @@ class Loop:
         except Vl3Error as e:
             self.ready += self._failed(key, item, options, e)
             return
-        future = self.pool.submit(read_media, item, self.engine.processor, media)
-        self.preparing[key] = (item, options, stream, future)
+        reading = _Reading(item, options, stream)
+        reading.future = self.pool.submit(_read, reading, self.engine.processor, media, self.arrived)
+        self.reading[key] = reading
 
     def cancel(self, key) -> None:
-        entry = self.preparing.pop(key, None)
-        if entry is not None:
-            entry[3].cancel()
+        reading = self.reading.pop(key, None)
+        if reading is not None:
+            reading.cancel.set()
+            reading.future.cancel()
         for k in [k for k in self.answers if k[0] == key]:
             del self.answers[k]
             self.scheduler.cancel(k)
@@ -213,13 +227,19 @@ class Loop:
     def step(self) -> list[tuple[Key, str | Result]]:
         out: list[tuple[Key, str | Result]] = self.ready
         self.ready = []
-        if self.scheduler.idle and self.preparing and not out:  # nothing to decode: wait for some media
-            wait([entry[3] for entry in self.preparing.values()], timeout=WAIT_S, return_when=FIRST_COMPLETED)
-        for key in [k for k, entry in self.preparing.items() if entry[3].done()]:
-            if len(self.scheduler.queue) >= self.slots:  # enough waiting for a row; keep the rest as they are
-                break
-            item, options, stream, future = self.preparing.pop(key)
-            out += self._admit(key, item, options, stream, future)
+        if self.scheduler.idle and self.reading and not out:  # nothing to decode: wait for some media
+            self.arrived.wait(WAIT_S)
+        self.arrived.clear()
+        for key, reading in list(self.reading.items()):
+            while len(self.scheduler.queue) < self.slots:  # enough waiting for a row; keep the rest as they are
+                try:
+                    part = reading.parts.get_nowait()
+                except queue.Empty:
+                    break
+                if part is _END:
+                    del self.reading[key]
+                    break
+                out += self._admit(key, reading, part)
         for event in self.scheduler.step():
             answer = self.answers.get(event.key)
             if answer is None:  # cancelled
@@ -241,11 +261,17 @@ class Loop:
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _admit(self, key, item: Item, options: Options, stream: bool, future) -> list[tuple[Key, Result]]:
-        """An item whose media is ready: check, encode once, queue one request per prompt."""
+    def _admit(self, key, reading: _Reading, part) -> list[tuple[Key, Result]]:
+        """A part whose media is ready (an item, or one segment of it): check, encode once, queue
+        one request per prompt."""
+        item, options = reading.item, reading.options
+        first = reading.parts_admitted * len(item.prompts)  # this part's first answer number
+        reading.parts_admitted += 1
         visuals = None
         try:
-            read, media_s = future.result()
+            if isinstance(part, BaseException):
+                raise part
+            read, media_s = part
             history, final = _placed(item, read)
             visuals = (*(v for turn in history for v in turn.visuals), *final)  # every visual, in prompt order
             prompts = [p if p is not None else default_prompt([v.kind for v in final]) for p in item.prompts]
@@ -262,15 +288,15 @@ class Loop:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
-            return self._failed(key, item, options, e, visuals)
+            return self._failed(key, item, options, e, visuals, first)
         for i, (prompt, input_ids) in enumerate(zip(prompts, ids)):
             timings = {"media_s": media_s, "encode_s": encode_s} if i == 0 else {}
-            decoder = StreamDecoder(self.engine.tokenizer) if stream else None
-            self.answers[(key, i)] = Answer(item, options, visuals, item.prompts[i], prompt, input_ids, timings, decoder)
-            self.scheduler.add((key, i), Request(input_ids, features, options.decoding, options.seed))
+            decoder = StreamDecoder(self.engine.tokenizer) if reading.stream else None
+            self.answers[(key, first + i)] = Answer(item, options, visuals, item.prompts[i], prompt, input_ids, timings, decoder)
+            self.scheduler.add((key, first + i), Request(input_ids, features, options.decoding, options.seed))
         return []
 
-    def _failed(self, key, item: Item, options: Options, error: BaseException, visuals=None):
+    def _failed(self, key, item: Item, options: Options, error: BaseException, visuals=None, first: int = 0):
         records = []
         for i, prompt in enumerate(item.prompts):
             used = prompt
@@ -280,7 +306,7 @@ class Loop:
             record.error = error_message(error)
             record.exception = error
             record.timings["load_s"] = record.timings["total_s"] = self.runner.take_load_s()
-            records.append(((key, i), record))
+            records.append(((key, first + i), record))
         return records
 
     def _base(self, item: Item, options: Options, given: str | None, used: str | None, visuals) -> Result:
@@ -301,6 +327,8 @@ class Loop:
             elif info:
                 record.kind = "multiple"
                 record.media_info = info
+            if visuals and visuals[-1].segment is not None:
+                record.segment_start, record.segment_end = visuals[-1].segment
             record.visual_tokens = sum(v.visual_tokens for v in visuals)
             record.visual_tokens_kept = sum(v.visual_tokens_kept for v in visuals)
             record.warnings = [f"{v.path}: {w}" for v in visuals for w in v.warnings]
@@ -352,6 +380,76 @@ def read_media(item: Item, processor, media) -> tuple[tuple[VisualInput, ...], f
     start = time.perf_counter()
     visuals = tuple(prepare_visual(path, processor, media) for path in item.to_read)
     return visuals, time.perf_counter() - start
+
+
+_END = object()  # a reader has put its last part
+READ_AHEAD = 2  # parts of one item decoded ahead of the batch
+
+
+@dataclass
+class _Reading:
+    """An item whose media a worker thread is reading: its parts come through a bounded queue."""
+
+    item: Item
+    options: Options
+    stream: bool
+    parts: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=READ_AHEAD))
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: object = None
+    parts_admitted: int = 0
+
+
+def _read(reading: _Reading, processor, media, arrived: threading.Event) -> None:
+    """Worker thread: put each part of the item (its visuals and seconds, or the error reading
+    raised), then _END; stops when the item is cancelled."""
+
+    def put(value) -> bool:
+        while not reading.cancel.is_set():
+            try:
+                reading.parts.put(value, timeout=WAIT_S)
+            except queue.Full:
+                continue
+            arrived.set()
+            return True
+        return False
+
+    try:
+        for part in read_parts(reading.item, processor, media, reading.options):
+            if not put(part):
+                return
+    except Exception as e:  # noqa: BLE001 -- becomes the item's error record
+        if not put(e):
+            return
+    put(_END)
+
+
+def read_parts(item: Item, processor, media, options: Options) -> Iterator[tuple[tuple[VisualInput, ...], float]]:
+    """An item's media as parts: the whole item once (`read_media`), or, for one video with
+    `options.segments`, each window as soon as it is decoded (preprocess.prepare_segments)."""
+    if options.segments is None or len(item.to_read) != 1 or item.history or item.prepared is not None:
+        yield read_media(item, processor, media)
+        return
+    start = time.perf_counter()
+    for visual in prepare_segments(item.media[0], processor, media, spans_of(options), skip=item.skip):
+        now = time.perf_counter()
+        yield (visual,), now - start
+        start = now
+
+
+def spans_of(options: Options):
+    """`spans(path, meta)` for `prepare_segments`: fixed windows, or shots between detected cuts,
+    within --start / --end."""
+
+    def spans(path, meta) -> list[tuple[float, float]]:
+        start, end = options.start or 0.0, options.end
+        if options.segments == "scenes":
+            cuts = detect_cuts(path, meta, options.scene_threshold)
+            low = options.min_segment if options.min_segment is not None else MIN_SEGMENT
+            high = options.max_segment if options.max_segment is not None else MAX_SEGMENT
+            return scene_spans(cuts, meta.duration, low, high, start, end)
+        return windows(meta.duration, options.segment_seconds, start, end)
+
+    return spans
 
 
 def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:

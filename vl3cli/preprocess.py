@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vl3cli import fetch, media
+from vl3cli import container, fetch, media, video
 from vl3cli.config import read_json
 from vl3cli.errors import ConfigError, MediaError, UsageError, Vl3Error
 from vl3cli.pruning import prune_mask
@@ -173,6 +174,7 @@ class VisualInput:
     resized_height: int
     decoder: str = ""  # "pillow" | "decord" | "pyav": accounting only
     warnings: list[str] = field(default_factory=list)  # one line each, e.g. a video cut short; without the path
+    segment: tuple[float, float] | None = None  # the window of a long video this input covers (s)
 
     @property
     def visual_tokens(self) -> int:
@@ -336,9 +338,14 @@ def prepare_visual(
             resized_width=w, resized_height=h, decoder="pillow",
         )  # fmt: skip
 
-    m = config.video_merge_size
     video = media.read_video(path, plan_video(name, config, options), backend=decoder)
-    frames, video.frames = video.frames, None  # the uint8 frames die with this function
+    return _video_input(name, video.frames, video.timestamps, video.meta, config, options, video.backend, video.warnings)
+
+
+def _video_input(name: str, frames: np.ndarray, timestamps, meta, config: ProcessorConfig, options: MediaOptions,
+                 backend: str, warnings, segment=None) -> VisualInput:  # fmt: skip
+    """Decoded uint8 frames (t, h, w, 3) of a video -> its VisualInput (normalised, pruned)."""
+    m = config.video_merge_size
     t, h, w, _ = frames.shape
     p = config.patch_size
     pixel_values = to_pixel_values(frames, config, m)
@@ -348,11 +355,55 @@ def prepare_visual(
         keep = prune_mask(pixel_values, grid, m, threshold=options.prune_threshold)
     return VisualInput(
         path=name, kind="video", pixel_values=pixel_values, grid_thw=grid, merge_size=m,
-        keep=keep, timestamps=[float(x) for x in video.timestamps],
-        source_width=video.meta.width, source_height=video.meta.height,
-        duration=video.meta.duration, fps=video.meta.fps, resized_width=w, resized_height=h,
-        decoder=video.backend, warnings=list(video.warnings),
+        keep=keep, timestamps=[float(x) for x in timestamps], source_width=meta.width, source_height=meta.height,
+        duration=meta.duration, fps=meta.fps, resized_width=w, resized_height=h, decoder=backend,
+        warnings=list(warnings), segment=segment,
     )  # fmt: skip
+
+
+def prepare_segments(
+    path, config: ProcessorConfig, options: MediaOptions, spans, *, skip=frozenset(), decoder: str = "auto",
+    name: str | None = None,
+) -> Iterator[VisualInput]:  # fmt: skip
+    """The windows of a long video, one VisualInput each, as soon as each is decoded.
+
+    ``spans(path, meta)`` gives the windows ((start, end) seconds; segments.py). Each window is
+    sampled with the usual fps / frame-bound rules inside it and pruned as a video of its own;
+    the file is decoded once, forward (video.decode_windows), and memory holds one window's frames.
+    Windows in ``skip`` (already answered) are not decoded. An image, or an animated one, is one
+    input without a window. A file cut short ends with the last window that decoded, with a warning.
+    """
+    options.validate()
+    path = os.fspath(path)
+    name = path if name is None else name
+    if fetch.is_url(path):
+        with fetch.local_copy(path) as local:
+            try:
+                yield from prepare_segments(local, config, options, spans, skip=skip, decoder=decoder, name=path)
+            except Vl3Error as e:
+                raise type(e)(str(e).replace(str(local), path)) from e
+        return
+    if media.detect_kind(path) == "image" or media.is_animated_image(path):
+        yield prepare_visual(path, config, options, decoder=decoder, name=name)
+        return
+    try:
+        meta = container.probe(path)
+    except Vl3Error as e:
+        raise _with_path(name, e) if isinstance(e, MediaError) else e from None
+    windows = [span for span in spans(path, meta) if span not in skip]
+    plans = [plan_video(name, config, replace(options, start=s, end=e))(meta) for s, e in windows]
+    decoded = video.decode_windows(path, meta, plans, decoder)
+    for (s, e), (timestamps, _), (frames, backend, end) in zip(windows, plans, decoded):
+        warnings = []
+        if end is not None:  # the file breaks inside this window: what decodes of it, and nothing after
+            meta = replace(meta, duration=end, truncated=True)
+            timestamps = timestamps[: len(frames)]
+            warnings.append(media.truncation_note(meta, len(frames)))
+            if not len(frames):
+                raise MediaError(f"{name}: truncated or damaged video: nothing decodes after {end:.1f} s") from None
+        yield _video_input(name, frames, timestamps, meta, config, options, backend, warnings, (s, min(e, meta.duration)))
+        if end is not None:
+            return
 
 
 def _prepare_url(url: str, config: ProcessorConfig, options: MediaOptions, decoder: str) -> VisualInput:

@@ -19,6 +19,8 @@ import math
 from .errors import UsageError
 
 EPS = 1e-3  # seconds: spans shorter than this are not worth a request
+MIN_SEGMENT = 2.0  # scenes: default --min-segment (seconds); shorter shots merge with a neighbour
+MAX_SEGMENT = 60.0  # scenes: default --max-segment (seconds); longer shots are split
 
 
 def parse_segments(text: str | None) -> float | str | None:

@@ -13,6 +13,7 @@ only the frames before that point come back: frames are never repeated past the 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -36,12 +37,12 @@ def resize(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def _read_decord(path, meta: VideoMeta, timestamps, size) -> np.ndarray:
+def _read_decord(path, meta: VideoMeta, timestamps, size, vr=None) -> np.ndarray:
     import decord
 
     if meta.orientation is not None:
         raise RuntimeError("decord 0.6 mis-decodes videos with a display matrix (rotated videos); use PyAV")
-    vr = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
+    vr = vr if vr is not None else decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
     n = len(vr)
     if n != meta.frame_count:
         raise RuntimeError(f"decord sees {n} frames where the container has {meta.frame_count}")
@@ -136,49 +137,70 @@ def _next_frame_time(meta: VideoMeta, t: float) -> float:
     return meta.frame_times[i] if i < len(meta.frame_times) else meta.duration
 
 
-def _read_pyav(path, meta: VideoMeta, timestamps, size) -> tuple[np.ndarray, float | None]:
-    """The frames for ``timestamps``, and None; or, when decoding ends before the last one,
-    the frames before that point and the time where decodable content ends."""
-    out = np.empty((len(timestamps), size[1], size[0], 3), np.uint8)  # (t, h, w, 3)
-    with av_open(path) as c:
-        s = c.streams.video[0]
-        s.thread_type = "AUTO"
-        cur = _Cursor(c, s, meta.fps)
-        keys = _keyframe_times(s, cur.start_pts)
-        gop = 0.0  # largest keyframe gap inferred so far when the file has no index
-        can_seek = True
-        last = last_t = None
+class _PyAVReader:
+    """PyAV decoding that only moves forward: successive `read` calls (the windows of a long
+    video, in order) share one open file and one decoding position, seeking ahead past gaps."""
+
+    def __init__(self, path, meta: VideoMeta):
+        self.meta = meta
+        self.container = av_open(path)
+        self.stream = self.container.streams.video[0]
+        self.stream.thread_type = "AUTO"
+        self.cur = _Cursor(self.container, self.stream, meta.fps)
+        self.keys = _keyframe_times(self.stream, self.cur.start_pts)
+        self.gop = 0.0  # largest keyframe gap inferred so far when the file has no index
+        self.can_seek = True
+        self.last = self.last_t = None  # the last frame converted, and its time
+
+    def close(self) -> None:
+        self.container.close()
+
+    def read(self, timestamps, size) -> tuple[np.ndarray, float | None]:
+        """The frames for ``timestamps`` (after any read before), and None; or, when decoding
+        ends before the last one, the frames before that point and where decodable content ends."""
+        meta, cur = self.meta, self.cur
+        out = np.empty((len(timestamps), size[1], size[0], 3), np.uint8)  # (t, h, w, 3)
+        previous = None  # this call's last frame, as converted at this call's size
         for j, t in enumerate(timestamps):
             pos = cur.position()
-            if cur.frames is None and (not can_seek or t <= SEEK_MIN_GAP):
+            if cur.frames is None and (not self.can_seek or t <= SEEK_MIN_GAP):
                 cur.restart(None)
-            elif cur.frames is None or (can_seek and t - pos > SEEK_MIN_GAP):
-                if keys:  # seek only when a keyframe lies between here and t
-                    want = cur.frames is None or keys[frame_index(keys, t)] > pos + EPS
+            elif cur.frames is None or (self.can_seek and t - pos > SEEK_MIN_GAP):
+                if self.keys:  # seek only when a keyframe lies between here and t
+                    want = cur.frames is None or self.keys[frame_index(self.keys, t)] > pos + EPS
                 else:
-                    want = cur.frames is None or t - pos > gop
+                    want = cur.frames is None or t - pos > self.gop
                 if want:
                     cur.restart(t)
                     cur.advance(t)
                     landed = cur.cur_t if cur.cur is not None else cur.nxt_t
                     if landed is not None and pos is not None and landed <= pos + EPS:
-                        gop = max(gop, t - landed)  # the seek did not get us past pos
+                        self.gop = max(self.gop, t - landed)  # the seek did not get us past pos
                     if cur.cur is None and cur.nxt is not None and cur.nxt_t > t + 0.5:
-                        can_seek = False  # imprecise seeking in this container: read on
+                        self.can_seek = False  # imprecise seeking in this container: read on
                         cur.restart(None)
             cur.advance(t)
             shown = meta.frame_times[frame_index(meta.frame_times, t)]
             if cur.exhausted and cur.nxt is None and (cur.cur is None or cur.cur_t < shown - EPS):
                 # The frame shown at t cannot be decoded: what decodes ends with the last frame seen.
-                seen = cur.cur_t if cur.cur is not None else last_t
+                seen = cur.cur_t if cur.cur is not None else self.last_t
                 return out[:j].copy(), (0.0 if seen is None else _next_frame_time(meta, seen))
             frame = cur.cur if cur.cur is not None else cur.nxt
-            if frame is last:
-                out[j] = out[j - 1]
+            if frame is self.last and previous is not None:
+                out[j] = previous
             else:
                 out[j] = resize(upright(frame.to_image(), meta.orientation), size)
-                last, last_t = frame, (cur.cur_t if frame is cur.cur else cur.nxt_t)
-    return out, None
+                self.last, self.last_t = frame, (cur.cur_t if frame is cur.cur else cur.nxt_t)
+            previous = out[j]
+        return out, None
+
+
+def _read_pyav(path, meta: VideoMeta, timestamps, size) -> tuple[np.ndarray, float | None]:
+    reader = _PyAVReader(path, meta)
+    try:
+        return reader.read(timestamps, size)
+    finally:
+        reader.close()
 
 
 def uses_decord(meta: VideoMeta, backend: str) -> bool:
@@ -201,3 +223,75 @@ def decode(
                 raise
     frames, end = _read_pyav(path, meta, timestamps, size)
     return frames, "pyav", end
+
+
+def decode_windows(path, meta: VideoMeta, windows, backend: str) -> Iterator[tuple[np.ndarray, str, float | None]]:
+    """``decode`` for the windows of a long video, in order, in one forward pass over the file:
+    yields (frames, backend used, end) per window (``windows``: (timestamps, size) pairs,
+    consecutive in time); after a window whose ``end`` is set, nothing more can be decoded."""
+    pending = list(windows)
+    if uses_decord(meta, backend):
+        try:
+            import decord
+
+            reader = decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
+            while pending:
+                frames = _read_decord(path, meta, *pending[0], reader)
+                pending.pop(0)
+                yield frames, "decord", None
+            return
+        except Exception:  # noqa: BLE001 - ImportError, DECORDError, crashes in reading: PyAV reads the rest
+            if backend == "decord":
+                raise
+    reader = _PyAVReader(path, meta)
+    try:
+        for timestamps, size in pending:
+            frames, end = reader.read(timestamps, size)
+            yield frames, "pyav", end
+            if end is not None:
+                return
+    finally:
+        reader.close()
+
+
+def detect_cuts(path, meta: VideoMeta, threshold: float = 10.0, scale: int = 4) -> list[float]:
+    """Times (s) where a new shot starts: FFmpeg's `scdet` filter on frames shrunk `scale` times,
+    in planar RGB (so a cut between two colours of equal brightness counts too). Frames are decoded
+    one at a time: memory stays one small frame whatever the length of the video."""
+    import av
+    import av.filter
+
+    cuts = []
+    with av_open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start_pts = stream.start_time or 0
+        tb = float(stream.time_base)
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(template=stream), graph.add("scale", f"max(2\\,iw/{scale}):max(2\\,ih/{scale})"),
+                 graph.add("format", "gbrp"), graph.add("scdet", f"threshold={threshold}:sc_pass=0"), graph.add("buffersink")]  # fmt: skip
+        for a, b in zip(chain, chain[1:]):
+            a.link_to(b)
+        graph.configure()
+
+        def drain() -> None:
+            while True:
+                try:
+                    frame = graph.pull()
+                except (av.BlockingIOError, av.EOFError):
+                    return
+                score = float(frame.metadata.get("lavfi.scd.score", 0.0))
+                if score >= threshold and frame.pts is not None:
+                    cuts.append((frame.pts - start_pts) * tb)
+
+        for packet in container.demux(stream):
+            if packet.is_corrupt:
+                continue
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                continue
+            for frame in frames:
+                graph.push(frame)
+                drain()
+    return [t for t in cuts if 0 < t < meta.duration]

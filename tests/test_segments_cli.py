@@ -1,0 +1,155 @@
+"""Long videos cut into segments, end to end on the tiny checkpoint: shot detection on synthetic cuts,
+each segment's answer equal to `describe --start S --end E`, subtitles parsed by independent
+parsers, one decoding pass per file, and resume per segment."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny
+from typer.testing import CliRunner
+
+from vl3cli import container, video
+from vl3cli.cli import app
+
+runner = CliRunner()
+N = 4
+COLOURS = [(40, 120, 200), (220, 60, 30), (20, 200, 90), (200, 200, 40)]
+
+
+def make_cuts(path: Path, cuts: list[float], seconds: float, fps: int = 25, size=(96, 64)) -> Path:
+    """A clip whose shot changes at `cuts`: a flat colour per shot with a moving box. The first cut
+    is between two colours of the same brightness, which a luma-only detector would miss."""
+    import av
+
+    w, h = size
+    with av.open(str(path), "w") as c:
+        stream = c.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(round(seconds * fps)):
+            shot = sum(i / fps >= t for t in cuts)
+            img = np.empty((h, w, 3), np.uint8)
+            img[:] = COLOURS[shot % len(COLOURS)]
+            x = (i * 2) % (w - 16)
+            img[h // 3 : h // 3 + 12, x : x + 16] = 255 - np.array(COLOURS[shot % len(COLOURS)])
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, fps)
+            for packet in stream.encode(frame):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("seg-ckpt") / "hf", "hf", tied=True, seed=11)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_cuts(tmp_path_factory.mktemp("seg-media") / "talk.mp4", [3.0, 6.6], 10.0)
+
+
+def cli(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r.stdout
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+def test_shot_boundaries_are_found_within_0_2_s(tmp_path, fps):
+    cuts = [1.5, 4.2, 7.9]
+    path = make_cuts(tmp_path / "c.mp4", cuts, 10.0, fps=fps)
+    found = video.detect_cuts(path, container.probe(path))
+    assert len(found) == len(cuts) and all(abs(a - b) <= 0.2 for a, b in zip(found, cuts)), found
+
+
+def test_fixed_windows_and_segment_answers_equal_describe_of_the_window(ckpt, clip):
+    args = ["-m", ckpt, "--max-new-tokens", N, "-f", "jsonl"]
+    recs = [json.loads(x) for x in cli("describe", clip, "--segments", 4, *args).splitlines()]
+    assert [(r["segment_start"], r["segment_end"]) for r in recs] == [(0.0, 4.0), (4.0, 8.0), (8.0, 10.0)]
+    for r in recs:
+        (alone,) = [json.loads(x) for x in cli("describe", clip, "--start", r["segment_start"], "--end", r["segment_end"], *args).splitlines()]
+        assert (r["text"], r["timestamps"], r["visual_tokens_kept"]) == (alone["text"], alone["timestamps"], alone["visual_tokens_kept"])
+        assert all(r["segment_start"] <= t < r["segment_end"] for t in r["timestamps"])  # source-video times
+    scenes = [json.loads(x) for x in cli("describe", clip, "--segments", "scenes", "--min-segment", 1, *args).splitlines()]
+    bounds = [(r["segment_start"], r["segment_end"]) for r in scenes]
+    assert len(bounds) == 3 and bounds[0][0] == 0.0 and bounds[-1][1] == 10.0
+    assert abs(bounds[1][0] - 3.0) <= 0.2 and abs(bounds[2][0] - 6.6) <= 0.2
+
+
+def test_text_lines_in_order(ckpt, clip):
+    out = cli("describe", clip, "--segments", 4, "-m", ckpt, "--max-new-tokens", N)
+    lines = out.splitlines()
+    assert [line[:30] for line in lines if line.startswith("[")] == [
+        "[00:00:00.000 - 00:00:04.000] ", "[00:00:04.000 - 00:00:08.000] ", "[00:00:08.000 - 00:00:10.000] ",
+    ]  # fmt: skip
+
+
+def test_srt_and_webvtt_parse(ckpt, clip, tmp_path):
+    import srt
+    import webvtt
+
+    args = ["--segments", 4, "-m", ckpt, "--max-new-tokens", 12]
+    subs = list(srt.parse(cli("describe", clip, *args, "-f", "srt")))
+    assert [(s.index, s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [(1, 0, 4), (2, 4, 8), (3, 8, 10)]
+    vtt = tmp_path / "talk.vtt"
+    cli("ask", clip, "What?", "Who?", *args, "-f", "vtt", "--out", vtt)
+    cues = webvtt.read(str(vtt)).captions
+    assert len(cues) == 6 and [c.start for c in cues[::2]] == ["00:00:00.000", "00:00:04.000", "00:00:08.000"]
+    assert [c.text.splitlines()[0] for c in cues[:2]] == ["Q: What?", "Q: Who?"]
+
+
+def test_one_forward_pass_per_file(ckpt, clip, monkeypatch):
+    opened = []
+    real = video._PyAVReader.__init__
+
+    def counting(self, path, meta):
+        opened.append(path)
+        real(self, path, meta)
+
+    monkeypatch.setattr(video._PyAVReader, "__init__", counting)
+    monkeypatch.setattr(video, "uses_decord", lambda meta, backend: False)
+    cli("describe", clip, "--segments", 2, "-m", ckpt, "--max-new-tokens", 2, "-f", "jsonl")
+    assert len(opened) == 1  # five windows, one reader moving forward
+
+
+def test_batch_resumes_per_segment(ckpt, clip, tmp_path, monkeypatch):
+    out = tmp_path / "r.jsonl"
+    args = ["batch", clip, "--segments", 2, "--out", out, "-m", ckpt, "--max-new-tokens", N]
+    cli(*args)
+    full = out.read_text().splitlines()
+    assert len(full) == 5
+    kept = [line for line in full if json.loads(line)["segment_start"] not in (2.0, 6.0)]
+    out.write_text("\n".join(kept) + "\n")  # as if the run had stopped before those two
+    windows = []
+    real = video.decode_windows
+
+    def spy(path, meta, plans, backend):
+        windows.extend(plans)
+        return real(path, meta, plans, backend)
+
+    monkeypatch.setattr(video, "decode_windows", spy)
+    monkeypatch.setattr("vl3cli.preprocess.video.decode_windows", spy)
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0 and "3 already done" in r.stderr
+    assert len(windows) == 2  # only the missing segments were decoded
+    def untimed(lines):
+        return sorted(json.dumps({k: v for k, v in json.loads(x).items() if k != "timings"}) for x in lines)
+
+    assert untimed(out.read_text().splitlines()) == untimed(full)  # the same records: each segment exactly once
+
+
+def test_python_api_segments(ckpt, clip):
+    import vl3cli
+
+    model = vl3cli.load(str(ckpt), max_new_tokens=N)
+    got = [(r.segment_start, r.segment_end, r.prompt) for r in model.segments(str(clip), ["What?", "Who?"], segments=5)]
+    assert got == [(0.0, 5.0, "What?"), (0.0, 5.0, "Who?"), (5.0, 10.0, "What?"), (5.0, 10.0, "Who?")]
+    with pytest.raises(vl3cli.api.UsageError, match="model.segments"):
+        model.describe(str(clip), segments=5)
