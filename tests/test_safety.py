@@ -155,3 +155,21 @@ def test_error_record_carries_prompt_and_system(ckpt, folder, tmp_path):
 def test_python_m_vl3cli_and_singular_summary(ckpt, folder, tmp_path):
     p = vl3("batch", folder / "p0.png", "-m", ckpt, *N, "--out", tmp_path / "r.jsonl")
     assert p.returncode == 0 and "Done: 1 item: 1 ok" in p.stderr, p.stderr
+
+
+def test_a_video_that_cannot_fit_is_refused_before_decoding(ckpt, tmp_path, monkeypatch):
+    """Without pruning the visual tokens are known from the plan: 20 frames of 448x448 need 5120 > 4096."""
+    from typer.testing import CliRunner
+
+    from media_factory import make_video
+
+    from vl3cli import video
+    from vl3cli.cli import app
+    from vl3cli.errors import ContextError
+
+    clip = make_video(tmp_path / "big.mp4", seconds=2.0, fps=10, size=(448, 448))
+    decoded = []
+    monkeypatch.setattr(video, "decode", lambda *a, **k: decoded.append(a) or (_ for _ in ()).throw(AssertionError))
+    r = CliRunner().invoke(app, ["describe", str(clip), "-m", str(ckpt), "--no-prune", "--fps", "10", *N])
+    assert isinstance(r.exception, ContextError) and "--max-visual-tokens" in str(r.exception), r.output
+    assert decoded == []

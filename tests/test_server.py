@@ -72,7 +72,8 @@ def start_server(ckpt: Path, *args: str):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    p, url = start_server(ckpt, "--api-key", KEY, "--allow-local-files", "--max-body-mb", "1", "--max-new-tokens", str(N))
+    p, url = start_server(ckpt, "--api-key", KEY, "--allow-local-files", "--max-body-mb", "1", "--max-new-tokens", str(N),
+                          "--max-download-mb", "1", "--max-video-seconds", "3")  # fmt: skip
     yield url
     p.terminate()
     p.wait(timeout=30)
@@ -175,6 +176,14 @@ def test_errors_in_openais_format(server, ckpt, files, tmp_path):
         assert got == 413 and "limit of 1 MB" in answer["error"]["message"]
     got, answer = post(server, None, raw=b"{not json")
     assert got == 400 and "not valid JSON" in answer["error"]["message"]
+    long = make_video(tmp_path / "long.mp4", seconds=4.0, fps=2, size=(28, 28))
+    got, answer = post(server, {"messages": [user("Hi", ("video_url", long.as_uri()))], "max_tokens": 2})
+    assert got == 400 and "videos up to 3 s" in answer["error"]["message"]
+    from http_server import serve
+
+    with serve({"/huge.png": ("image/png", b"\x89PNG" + b"0" * (2 * 1024 * 1024))}) as base:
+        got, answer = post(server, {"messages": [user("Hi", ("image_url", base + "/huge.png"))], "max_tokens": 2})
+    assert got == 413 and "too large" in answer["error"]["message"]
 
 
 def post_large(url: str, size: int, chunked: bool):

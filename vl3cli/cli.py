@@ -575,6 +575,8 @@ def serve(
     workers: Annotated[int, typer.Option(help="Threads reading media (downloads, decoding) off the event loop.")] = 2,
     allow_local_files: Annotated[bool, typer.Option("--allow-local-files", help="Accept file:// media URLs (files this machine can read).")] = False,
     max_body_mb: Annotated[int, typer.Option(help="Largest request body, in MB (413 above).")] = 64,
+    max_download_mb: Annotated[int, typer.Option(help="Largest media download for an http(s) URL, in MB (413 above).")] = 1024,
+    max_video_seconds: Annotated[float, typer.Option(help="Longest video a request may send, in seconds (400 above).")] = 3600.0,
     model: ModelOpt = DEFAULT_MODEL,
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
@@ -599,7 +601,8 @@ def serve(
     debug: DebugOpt = False,
 ) -> None:
     """Serve the model over HTTP with OpenAI's chat-completions API (images and videos in messages)."""
-    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--workers", workers), ("--max-body-mb", max_body_mb)):
+    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--workers", workers),
+                        ("--max-body-mb", max_body_mb), ("--max-download-mb", max_download_mb), ("--max-video-seconds", max_video_seconds)):  # fmt: skip
         if value < (0 if name == "--max-queue" else 1):
             raise UsageError(f"{name} must be at least {0 if name == '--max-queue' else 1} (got {value})")
     if not 0 < port < 65536:
@@ -614,6 +617,8 @@ def serve(
 
     options = _options(locals())
     loaded = _load(locals() | {"model": model}, options)
+    loaded.runner.max_duration = max_video_seconds
+    loaded.runner.max_download_bytes = max_download_mb * 1024 * 1024
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
     limits = Limits(max_body_bytes=max_body_mb * 1024 * 1024, max_batch=max_batch, max_queue=max_queue, allow_local_files=allow_local_files)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -112,10 +112,16 @@ class Runner:
         self.label = label
         self._unpaid_load_s = load_s  # charged to the next record
         self._media: dict[Options, object] = {}
+        # A server's limits on what it reads: the longest video (s) and the largest download (bytes).
+        self.max_duration: float | None = None
+        self.max_download_bytes: int | None = None
 
     def media_options(self, options: Options):
+        """`options.media()` for this checkpoint, with the runner's limits and the context left for visual tokens."""
         if options not in self._media:
-            self._media[options] = options.media(self.engine.processor)
+            budget = self.engine.config.text.max_position_embeddings - options.max_new_tokens
+            limits = {"max_duration": self.max_duration, "max_download_bytes": self.max_download_bytes}
+            self._media[options] = replace(options.media(self.engine.processor), token_budget=budget, **limits)
         return self._media[options]
 
     def prepare(self, item: Item, options: Options) -> tuple[tuple[VisualInput, ...], float]:

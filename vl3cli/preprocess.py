@@ -33,7 +33,7 @@ from PIL import Image
 
 from vl3cli import container, fetch, media, video
 from vl3cli.config import read_json
-from vl3cli.errors import ConfigError, MediaError, UsageError, Vl3Error
+from vl3cli.errors import ConfigError, ContextError, MediaError, UsageError, Vl3Error
 from vl3cli.pruning import prune_mask
 from vl3cli.sampling import check_bounds, sample_timestamps
 
@@ -50,6 +50,15 @@ class MediaOptions:
     max_visual_tokens: int | None = None  # merged visual tokens, per image / per whole video
     prune: bool = True
     prune_threshold: float = 0.1
+    # Limits the caller sets (not the user's choices): a server's longest video and largest
+    # download, and the positions left for visual tokens (context - the answer), which lets a
+    # video that cannot fit be refused before it is decoded.
+    max_duration: float | None = None
+    max_download_bytes: int | None = None
+    token_budget: int | None = None
+
+    def download_limits(self) -> dict:
+        return {} if self.max_download_bytes is None else {"max_bytes": self.max_download_bytes}
 
     def validate(self) -> None:
         """Raise UsageError for impossible values."""
@@ -281,6 +290,8 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
     m = config.video_merge_size
 
     def plan(meta: media.VideoMeta) -> tuple[list[float], tuple[int, int]]:
+        if options.max_duration is not None and meta.duration > options.max_duration:
+            raise MediaError(f"{path}: the video is {meta.duration:.0f} s long; videos up to {options.max_duration:g} s are taken here")
         try:
             timestamps = sample_timestamps(
                 meta.duration, meta.frame_times, fps=options.fps, min_frames=options.min_frames,
@@ -296,6 +307,16 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
             )  # fmt: skip
         except MediaError as e:
             raise _with_path(path, e) from None
+        if options.token_budget is not None:
+            tokens = (h // (config.patch_size * m)) * (w // (config.patch_size * m))
+            fewest = len(timestamps) * (1 if options.prune else tokens)  # pruning keeps at least one token a frame
+            if fewest > options.token_budget:
+                raise ContextError(
+                    f"{path}: {len(timestamps)} frames of {w}x{h} need at least {fewest} visual tokens; the model's "
+                    f"context leaves {options.token_budget} after the answer: pass --max-visual-tokens "
+                    f"{max(1, options.token_budget - 64)} (frames are made smaller), or a shorter --start/--end clip, "
+                    "or lower --max-new-tokens"
+                )
         return timestamps, (w, h)
 
     return plan
@@ -377,7 +398,7 @@ def prepare_segments(
     path = os.fspath(path)
     name = path if name is None else name
     if fetch.is_url(path):
-        with fetch.local_copy(path) as local:
+        with fetch.local_copy(path, **options.download_limits()) as local:
             try:
                 yield from prepare_segments(local, config, options, spans, skip=skip, decoder=decoder, name=path)
             except Vl3Error as e:
@@ -407,7 +428,7 @@ def prepare_segments(
 
 
 def _prepare_url(url: str, config: ProcessorConfig, options: MediaOptions, decoder: str) -> VisualInput:
-    with fetch.local_copy(url) as local:
+    with fetch.local_copy(url, **options.download_limits()) as local:
         try:
             return prepare_visual(local, config, options, decoder=decoder, name=url)
         except Vl3Error as e:  # name the URL, not the temporary file
