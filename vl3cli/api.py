@@ -25,9 +25,9 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+from .chat import Chat
 from .errors import UsageError
 from .hub import DEFAULT_MODEL, model_label, resolve_model
-from .chat import Chat
 from .options import Options
 from .output import Result
 from .pipeline import Check, Item, Key, Label, OnText, Runner

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, fields
 from .decoding import DecodingParams
 from .errors import UsageError
 
-
 _KIND_NAMES = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
 
 

@@ -30,15 +30,24 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .errors import ContextError, MediaError, UsageError, Vl3Error
-from .openai_format import ApiError, ChatRequest, Media, StopText, chunk, completion, new_id, parse_request, usage
+from .openai_format import (
+    ApiError,
+    ChatRequest,
+    Media,
+    StopText,
+    chunk,
+    completion,
+    new_id,
+    parse_request,
+    usage,
+)
 from .pipeline import Item
 from .prompt import Turn
 

@@ -1,0 +1,5 @@
+"""`python -m vl3cli.cli ...` is `vl3 ...`."""
+
+from .app import main
+
+main()

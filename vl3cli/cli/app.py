@@ -1,0 +1,226 @@
+"""The Typer app of `vl3`, the options its commands share, and the entry point.
+
+Options shared by the commands are defined once here as `Annotated` aliases; they are the Python
+API's keyword options under the same names (`vl3cli.options.Options`). Importing this module
+imports no torch / transformers / media / hub libraries, so `vl3 --help` and shell completion
+stay fast (tests check it); those are imported inside the command bodies.
+
+Errors: library code raises `Vl3Error`; `main()` prints one line `Error: ...` on stderr and exits
+with the error's code (usage errors 2, others 1); a traceback only with `--debug` or
+`VL3_DEBUG=1`. stdout carries results only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated, Literal
+
+import typer
+
+from .. import __version__
+from ..errors import Vl3Error
+
+app = typer.Typer(
+    name="vl3",
+    help=(
+        "Caption and question images and videos with VideoLLaMA3.\n\n"
+        "Examples:\n\n"
+        "  vl3 describe cat.jpg\n\n"
+        "  vl3 ask clip.mp4 \"What happens after the cat jumps?\"\n\n"
+        "  vl3 batch videos/ --out captions.jsonl"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+MODEL = "Model"
+DECODING = "Decoding"
+MEDIA = "Media"
+SEGMENTS = "Segments"
+OUTPUT = "Output"
+RAY = "Ray (--engine ray)"
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", envvar="VL3_MODEL", rich_help_panel=MODEL,
+        help="Checkpoint: a local folder or a Hugging Face Hub repo id (either format).",
+    ),
+]
+RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit.", rich_help_panel=MODEL)]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL)]
+DtypeOpt = Annotated[
+    Literal["auto", "bfloat16", "float16", "float32"],
+    typer.Option(help="Weights and activations; auto = the checkpoint's dtype where the hardware runs it natively.", rich_help_panel=MODEL),
+]
+QuantizeOpt = Annotated[
+    Literal["int8", "int4"] | None,
+    typer.Option(help="Weight-only quantization of the language model: less memory, faster decoding on CPU.", rich_help_panel=MODEL),
+]
+MaxNewTokensOpt = Annotated[int, typer.Option(help="Stop after this many generated tokens.", rich_help_panel=DECODING)]
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (deterministic); > 0 samples.", rich_help_panel=DECODING)]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest set of tokens with this much probability.", rich_help_panel=DECODING)]
+TopKOpt = Annotated[int, typer.Option(help="Sample among the k most likely tokens (0 = off).", rich_help_panel=DECODING)]
+RepetitionPenaltyOpt = Annotated[float, typer.Option(help="> 1 discourages repeating tokens already in the prompt or answer.", rich_help_panel=DECODING)]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for sampling: the same seed repeats the same answer.", rich_help_panel=DECODING)]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-answer tokens (benchmarks).", rich_help_panel=DECODING)]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt (none by default, as in the authors' evaluation).", rich_help_panel=DECODING)]
+FpsOpt = Annotated[float | None, typer.Option(help="Video frames per second to sample (default: the checkpoint's, 1).", rich_help_panel=MEDIA)]
+MinFramesOpt = Annotated[int | None, typer.Option(help="At least this many frames per video (default: the checkpoint's, 4, or --max-frames if lower).", rich_help_panel=MEDIA)]
+MaxFramesOpt = Annotated[int | None, typer.Option(help="At most this many frames, spread evenly (default: 180, or --min-frames if higher).", rich_help_panel=MEDIA)]
+StartOpt = Annotated[float | None, typer.Option(help="Video clip start, in seconds.", rich_help_panel=MEDIA)]
+EndOpt = Annotated[float | None, typer.Option(help="Video clip end, in seconds.", rich_help_panel=MEDIA)]
+MaxVisualTokensOpt = Annotated[int | None, typer.Option(help="Cap the visual tokens (frames are resized smaller to fit).", rich_help_panel=MEDIA)]
+PruneOpt = Annotated[bool, typer.Option("--prune/--no-prune", help="Drop video tokens that barely change from the previous frame.", rich_help_panel=MEDIA)]
+PruneThresholdOpt = Annotated[float, typer.Option(help="Pruning threshold: mean absolute change x 255 of a token.", rich_help_panel=MEDIA)]
+SegmentsOpt = Annotated[str | None, typer.Option(help="Cut videos into segments and answer each: SECONDS per window, or 'scenes' (shot boundaries).", show_default=False, rich_help_panel=SEGMENTS)]
+MinSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: shorter shots merge with a neighbour (default 2 s).", show_default=False, rich_help_panel=SEGMENTS)]
+MaxSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: longer shots are split into equal parts (default 60 s).", show_default=False, rich_help_panel=SEGMENTS)]
+SceneThresholdOpt = Annotated[float, typer.Option(help="Scenes: how different two frames must be to make a cut (FFmpeg scdet score, 0-100).", rich_help_panel=SEGMENTS)]
+FormatOpt = Annotated[Literal["text", "json", "jsonl", "srt", "vtt"], typer.Option("--format", "-f", help="text, json (one object; an array for several answers), jsonl (one object per line), srt or vtt (subtitles, one cue per answer).", rich_help_panel=OUTPUT)]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Write results to this file (- = stdout).", rich_help_panel=OUTPUT)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (jsonl otherwise appends to a vl3 file).", rich_help_panel=OUTPUT)]
+StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", help="Print text token by token (default: when stdout is a terminal).", show_default=False, rich_help_panel=OUTPUT)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks, timings, the resolved model and native decoder logs on stderr (also VL3_DEBUG=1).", rich_help_panel=OUTPUT)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vl3 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+) -> None:
+    """Caption and question images and videos with VideoLLaMA3."""
+
+
+
+LOAD_KEYS = ("model", "revision", "device", "dtype", "quantize")
+
+
+def _options(params: dict):
+    """The request options (`vl3cli.options.Options`) from a command's parameters (its `locals()`)."""
+    from dataclasses import fields
+
+    from ..options import Options
+
+    return Options.from_kwargs(**{f.name: params[f.name] for f in fields(Options) if f.name in params})
+
+
+def _env_debug() -> bool:
+    return os.environ.get("VL3_DEBUG", "") not in ("", "0")
+
+
+def _debug_line(message: str) -> None:
+    if _env_debug():
+        print(message, file=sys.stderr)
+
+
+class _Spinner:
+    """A transient status line on stderr while slow stages run, only when stderr is a terminal."""
+
+    def __init__(self, message: str):
+        self.status = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(f"{message}...", spinner="dots")
+            self.status.start()
+
+    def stop(self, *_) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _load(params: dict, options):
+    """The model, loaded once for the whole command."""
+    from ..api import load
+
+    with _Spinner(f"Loading {params['model']}"):
+        model = load(**{k: params[k] for k in LOAD_KEYS}, **_as_kwargs(options))
+    label = model.label
+    _debug_line(f"model: {label.model} -> {model.engine.path} (device {label.device}, dtype {label.dtype}, "
+                f"quantize {label.quantize or 'none'})")  # fmt: skip
+    return model
+
+
+def _as_kwargs(options) -> dict:
+    from dataclasses import asdict
+
+    return asdict(options)
+
+
+def _check_media(media: list[str]) -> None:
+    """Local files must exist and be readable, URLs be well formed, before the model loads."""
+    from ..media import check_input
+
+    for path in media:
+        check_input(path)
+
+
+def _warn(lines, console=None) -> None:
+    """`warning: ...` lines on stderr (through the progress bar's console while it shows)."""
+    for line in lines:
+        if console is None:
+            print(f"warning: {line}", file=sys.stderr)
+        else:
+            console.print(f"warning: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _timings(result) -> str:
+    return " ".join(f"{k}={v:.3f}" for k, v in result.to_dict()["timings"].items())
+
+
+def main() -> None:
+    """Console entry point: one-line errors, exit codes, tracebacks only when debugging."""
+    debug = "--debug" in sys.argv[1:] or _env_debug()
+    before = os.environ.get("VL3_DEBUG")
+    if debug:
+        os.environ["VL3_DEBUG"] = "1"  # the library's quiet-by-default parts (Hub retries, decoder logs) read it
+    try:
+        code = app(prog_name="vl3", standalone_mode=False)
+    except Vl3Error as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.TyperException as e:  # the command line itself is wrong (unknown option, bad value)
+        ctx = getattr(e, "ctx", None)
+        print(f"Error: {e.format_message()} (see '{ctx.command_path if ctx else 'vl3'} --help')", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `vl3 ... | head`
+        sys.stderr.close()
+        sys.exit(1)
+    except OSError as e:  # e.g. --out on a full disk, or /dev/full
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"Error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if before is None:
+            os.environ.pop("VL3_DEBUG", None)
+        else:
+            os.environ["VL3_DEBUG"] = before
+    sys.exit(code if isinstance(code, int) else 0)

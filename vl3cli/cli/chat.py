@@ -1,0 +1,200 @@
+"""`vl3 chat`: a conversation about some media, in a terminal (readline, streaming, slash
+commands) or one question per line of stdin."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Literal
+
+import typer
+
+from ..errors import Vl3Error
+from ..hub import DEFAULT_MODEL
+from .app import (
+    OUTPUT,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EndOpt,
+    FpsOpt,
+    IgnoreEosOpt,
+    MaxFramesOpt,
+    MaxNewTokensOpt,
+    MaxVisualTokensOpt,
+    MinFramesOpt,
+    ModelOpt,
+    PruneOpt,
+    PruneThresholdOpt,
+    QuantizeOpt,
+    RepetitionPenaltyOpt,
+    RevisionOpt,
+    SeedOpt,
+    StartOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    _as_kwargs,
+    _check_media,
+    _load,
+    _options,
+    _Spinner,
+    app,
+)
+
+CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FILE (the conversation as JSON),
+/help, /exit. Ctrl-C stops an answer (the conversation goes on); Ctrl-D or /exit ends it."""
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  vl3 chat clip.mp4\n\n"
+        "  vl3 chat before.jpg after.jpg --system \"Answer in one sentence.\"\n\n"
+        "  vl3 chat clip.mp4 < questions.txt --format jsonl\n\n"
+        "In a terminal: /reset, /save FILE, /help, /exit; Ctrl-C stops an answer, Ctrl-D ends. "
+        "With stdin not a terminal, each line is a question and each answer is written when done."
+    )
+)
+def chat(
+    media: Annotated[list[str] | None, typer.Argument(help="Images, videos or URLs to talk about (none: text only).", show_default=False)] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    seed: SeedOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    system: SystemOpt = None,
+    fps: FpsOpt = None,
+    min_frames: MinFramesOpt = None,
+    max_frames: MaxFramesOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    max_visual_tokens: MaxVisualTokensOpt = None,
+    prune: PruneOpt = True,
+    prune_threshold: PruneThresholdOpt = 0.1,
+    format: Annotated[Literal["text", "jsonl"], typer.Option("--format", "-f", help="When stdin is not a terminal: text or jsonl (one record per answer).", rich_help_panel=OUTPUT)] = "text",
+    debug: DebugOpt = False,
+) -> None:
+    """Talk about images and videos: follow-up questions see the earlier answers; the media is read once."""
+    media = list(media or [])
+    options = _options(locals())
+    _check_media(media)
+    model_ = _load(locals() | {"model": model}, options)
+    conversation = model_.chat(media, **_as_kwargs(options))
+    if media:
+        with _Spinner(f"Reading {', '.join(media)}"):
+            conversation.read()
+    if sys.stdin.isatty():
+        _chat_terminal(conversation)
+    else:
+        _chat_lines(conversation, format)
+
+
+def _chat_terminal(conversation) -> None:
+    """The interactive loop: readline editing and history, streamed answers, slash commands."""
+    import readline  # noqa: F401 -- line editing and history for input()
+
+    from ..errors import ContextError
+
+    about = ", ".join(conversation.media) or "nothing (text only)"
+    print(f"Talking about {about} with {conversation.model.name}. /help for commands, Ctrl-D to end.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            if _chat_command(conversation, line):
+                return
+            continue
+        printer = _StreamedLine()
+        try:
+            conversation.ask(line, on_text=printer.write)
+            printer.end()
+        except KeyboardInterrupt:
+            printer.end()
+            print("(answer stopped; ask again or go on)", file=sys.stderr)
+        except ContextError as e:
+            printer.end()
+            print(f"Error: the conversation no longer fits the model's context ({e}); /reset starts again with the same media",
+                  file=sys.stderr)  # fmt: skip
+        except Vl3Error as e:
+            printer.end()
+            print(f"Error: {e}", file=sys.stderr)
+
+
+class _StreamedLine:
+    """An answer streamed to the terminal (control characters removed), ended with one newline."""
+
+    def __init__(self):
+        self.started = False
+
+    def write(self, piece: str) -> None:
+        from ..output import terminal_safe
+
+        sys.stdout.write(terminal_safe(piece))
+        sys.stdout.flush()
+        self.started = True
+
+    def end(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _chat_command(conversation, line: str) -> bool:
+    """Run a /command; True when the conversation ends."""
+    name, _, arg = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return True
+    if name == "/reset":
+        conversation.reset()
+        print("(the conversation starts again; the media stays)", file=sys.stderr)
+    elif name == "/save":
+        if not arg.strip():
+            print("Error: /save needs a file name, e.g. /save talk.json", file=sys.stderr)
+        else:
+            try:
+                path = conversation.save(arg.strip())
+                print(f"(saved to {path})", file=sys.stderr)
+            except Vl3Error as e:
+                print(f"Error: {e}", file=sys.stderr)
+    elif name == "/help":
+        print(CHAT_HELP, file=sys.stderr)
+    else:
+        print(f"Error: unknown command {name} (/help lists them)", file=sys.stderr)
+    return False
+
+
+def _chat_lines(conversation, fmt: str) -> None:
+    """stdin is not a terminal: each line is a question; each answer is written as soon as it is done."""
+    from ..output import Writer
+
+    writer = Writer(fmt, sys.stdout, many=True)
+    failed = False
+    for line in sys.stdin:
+        question = line.strip()
+        if not question:
+            continue
+        try:
+            result = conversation.ask(question)
+        except Vl3Error as e:
+            failed = True
+            print(f"Error: {question!r}: {e}", file=sys.stderr)
+            continue
+        writer.write(result)
+    writer.close()
+    if failed:
+        raise typer.Exit(1)

@@ -1,0 +1,110 @@
+"""`vl3 serve`: the OpenAI-compatible server (server.py) started from the command line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from ..errors import UsageError
+from ..hub import DEFAULT_MODEL
+from .app import (
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EndOpt,
+    FpsOpt,
+    IgnoreEosOpt,
+    MaxFramesOpt,
+    MaxNewTokensOpt,
+    MaxVisualTokensOpt,
+    MinFramesOpt,
+    ModelOpt,
+    PruneOpt,
+    PruneThresholdOpt,
+    QuantizeOpt,
+    RepetitionPenaltyOpt,
+    RevisionOpt,
+    SeedOpt,
+    StartOpt,
+    SystemOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+    _env_debug,
+    _load,
+    _options,
+    app,
+)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  vl3 serve\n\n"
+        "  vl3 serve -m DAMO-NLP-SG/VideoLLaMA3-7B --port 8080 --api-key $VL3_API_KEY --max-batch 16\n\n"
+        "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+        "-d '{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"image_url\", "
+        "\"image_url\": {\"url\": \"https://example.com/cat.jpg\"}}, {\"type\": \"text\", \"text\": \"What is this?\"}]}]}'\n\n"
+        "The options below set the defaults of every request; a request's own fields override them."
+    )
+)
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="VL3_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 request.", show_default=False)] = None,
+    max_batch: Annotated[int, typer.Option(help="Answers generated together in one forward pass.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a free row; beyond, the server answers 503.")] = 64,
+    workers: Annotated[int, typer.Option(help="Threads reading media (downloads, decoding) off the event loop.")] = 2,
+    allow_local_files: Annotated[bool, typer.Option("--allow-local-files", help="Accept file:// media URLs (files this machine can read).")] = False,
+    max_body_mb: Annotated[int, typer.Option(help="Largest request body, in MB (413 above).")] = 64,
+    max_download_mb: Annotated[int, typer.Option(help="Largest media download for an http(s) URL, in MB (413 above).")] = 1024,
+    max_video_seconds: Annotated[float, typer.Option(help="Longest video a request may send, in seconds (400 above).")] = 3600.0,
+    model: ModelOpt = DEFAULT_MODEL,
+    revision: RevisionOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 512,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    seed: SeedOpt = None,
+    ignore_eos: IgnoreEosOpt = False,
+    system: SystemOpt = None,
+    fps: FpsOpt = None,
+    min_frames: MinFramesOpt = None,
+    max_frames: MaxFramesOpt = None,
+    start: StartOpt = None,
+    end: EndOpt = None,
+    max_visual_tokens: MaxVisualTokensOpt = None,
+    prune: PruneOpt = True,
+    prune_threshold: PruneThresholdOpt = 0.1,
+    debug: DebugOpt = False,
+) -> None:
+    """Serve the model over HTTP with OpenAI's chat-completions API (images and videos in messages)."""
+    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--workers", workers),
+                        ("--max-body-mb", max_body_mb), ("--max-download-mb", max_download_mb), ("--max-video-seconds", max_video_seconds)):  # fmt: skip
+        if value < (0 if name == "--max-queue" else 1):
+            raise UsageError(f"{name} must be at least {0 if name == '--max-queue' else 1} (got {value})")
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535 (got {port})")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("vl3 serve needs FastAPI and uvicorn: pip install 'vl3cli[serve]'") from None
+    from ..server import Limits
+    from ..server import serve as run_server
+
+    options = _options(locals())
+    loaded = _load(locals() | {"model": model}, options)
+    loaded.runner.max_duration = max_video_seconds
+    loaded.runner.max_download_bytes = max_download_mb * 1024 * 1024
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
+    limits = Limits(max_body_bytes=max_body_mb * 1024 * 1024, max_batch=max_batch, max_queue=max_queue, allow_local_files=allow_local_files)
+    print(f"Serving {loaded.name} on http://{host}:{port}/v1 (OpenAI chat completions); Ctrl-C stops.", file=sys.stderr)
+    run_server(loaded, host, port, limits, api_key, workers, log_level="info" if _env_debug() else "warning")
