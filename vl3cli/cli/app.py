@@ -12,6 +12,7 @@ with the error's code (usage errors 2, others 1); a traceback only with `--debug
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Annotated, Literal
@@ -20,6 +21,7 @@ import typer
 
 from .. import __version__
 from ..errors import Vl3Error
+from ..hub import DEFAULT_MODEL
 
 app = typer.Typer(
     name="vl3",
@@ -85,6 +87,36 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out i
 StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", help="Print text token by token (default: when stdout is a terminal).", show_default=False, rich_help_panel=OUTPUT)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks, timings, the resolved model and native decoder logs on stderr (also VL3_DEBUG=1).", rich_help_panel=OUTPUT)]
 
+# The option groups commands share, as (parameter, annotation, default); `with_options` adds them.
+OPTION_GROUPS = {
+    "model": [("model", ModelOpt, DEFAULT_MODEL), ("revision", RevisionOpt, None), ("device", DeviceOpt, "auto"),
+              ("dtype", DtypeOpt, "auto"), ("quantize", QuantizeOpt, None)],
+    "decoding": [("max_new_tokens", MaxNewTokensOpt, 512), ("temperature", TemperatureOpt, 0.0), ("top_p", TopPOpt, 1.0),
+                 ("top_k", TopKOpt, 0), ("repetition_penalty", RepetitionPenaltyOpt, 1.0), ("seed", SeedOpt, None),
+                 ("ignore_eos", IgnoreEosOpt, False), ("system", SystemOpt, None)],
+    "media": [("fps", FpsOpt, None), ("min_frames", MinFramesOpt, None), ("max_frames", MaxFramesOpt, None),
+              ("start", StartOpt, None), ("end", EndOpt, None), ("max_visual_tokens", MaxVisualTokensOpt, None),
+              ("prune", PruneOpt, True), ("prune_threshold", PruneThresholdOpt, 0.1)],
+    "segments": [("segments", SegmentsOpt, None), ("min_segment", MinSegmentOpt, None), ("max_segment", MaxSegmentOpt, None),
+                 ("scene_threshold", SceneThresholdOpt, 10.0)],
+    "debug": [("debug", DebugOpt, False)],
+}  # fmt: skip
+
+
+def with_options(*groups: str):
+    """Give a command the shared options of `groups` (after its own parameters); Typer reads them
+    from the signature, and the command receives them in its `**options`."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)  # own annotations as objects, as Typer needs them
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                  for group in groups for name, annotation, default in OPTION_GROUPS[group]]  # fmt: skip
+        command.__signature__ = signature.replace(parameters=own + shared)
+        return command
+
+    return decorate
+
 
 def _version(value: bool) -> None:
     if value:
@@ -103,8 +135,13 @@ def _root(
 LOAD_KEYS = ("model", "revision", "device", "dtype", "quantize")
 
 
+def _params(local: dict) -> dict:
+    """A command's parameters as one dict: its own (its `locals()`) and the shared ones `with_options` gave it."""
+    return {k: v for k, v in local.items() if k != "options"} | local.get("options", {})
+
+
 def _options(params: dict):
-    """The request options (`vl3cli.options.Options`) from a command's parameters (its `locals()`)."""
+    """The request options (`vl3cli.options.Options`) from a command's parameters (`_params`)."""
     from dataclasses import fields
 
     from ..options import Options

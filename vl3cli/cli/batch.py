@@ -10,43 +10,19 @@ from typing import Annotated, Literal
 import typer
 
 from ..errors import UsageError
-from ..hub import DEFAULT_MODEL, model_label
+from ..hub import model_label
 from .app import (
     LOAD_KEYS,
     OUTPUT,
     RAY,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EndOpt,
-    FpsOpt,
-    IgnoreEosOpt,
-    MaxFramesOpt,
-    MaxNewTokensOpt,
-    MaxSegmentOpt,
-    MaxVisualTokensOpt,
-    MinFramesOpt,
-    MinSegmentOpt,
-    ModelOpt,
-    PruneOpt,
-    PruneThresholdOpt,
-    QuantizeOpt,
-    RepetitionPenaltyOpt,
-    RevisionOpt,
-    SceneThresholdOpt,
-    SeedOpt,
-    SegmentsOpt,
-    StartOpt,
-    SystemOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
     _env_debug,
     _load,
     _options,
+    _params,
     _Spinner,
     _warn,
     app,
+    with_options,
 )
 
 
@@ -62,6 +38,7 @@ from .app import (
         "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
     )
 )
+@with_options("model", "decoding", "media", "segments", "debug")
 def batch(
     inputs: Annotated[list[str] | None, typer.Argument(help="Folders (recursive), files, glob patterns or URLs.", show_default=False)] = None,
     files_from: Annotated[str | None, typer.Option(help="Read more paths or URLs from this file, one per line (- = stdin).")] = None,
@@ -74,41 +51,18 @@ def batch(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start --out afresh (also replaces a file that is not a vl3 results file).")] = False,
     batch_size: Annotated[int, typer.Option(help="Answers generated together in one forward pass (1 = one file at a time).")] = 8,
     workers: Annotated[int, typer.Option(help="Threads decoding the next files while the model works.")] = 2,
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    system: SystemOpt = None,
-    fps: FpsOpt = None,
-    min_frames: MinFramesOpt = None,
-    max_frames: MaxFramesOpt = None,
-    start: StartOpt = None,
-    end: EndOpt = None,
-    max_visual_tokens: MaxVisualTokensOpt = None,
-    prune: PruneOpt = True,
-    prune_threshold: PruneThresholdOpt = 0.1,
-    segments: SegmentsOpt = None,
-    min_segment: MinSegmentOpt = None,
-    max_segment: MaxSegmentOpt = None,
-    scene_threshold: SceneThresholdOpt = 10.0,
     out: Annotated[str | None, typer.Option("--out", "-o", help="The JSONL file to append to and resume from, or a .parquet file (default and - : stdout, no resume).", rich_help_panel=OUTPUT)] = None,
-    debug: DebugOpt = False,
     engine: Annotated[Literal["local", "ray"], typer.Option(help="local: this process; ray: a Ray cluster, files read in CPU tasks, answered by --actors model replicas (pip install 'vl3cli\\[ray]').", rich_help_panel=RAY)] = "local",
     actors: Annotated[int, typer.Option(help="Model replicas (Ray actors), e.g. one per GPU.", rich_help_panel=RAY)] = 1,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor (default: 1 when the cluster has GPUs and --device is not cpu, else 0).", show_default=False, rich_help_panel=RAY)] = None,
     ray_address: Annotated[str | None, typer.Option(help="The Ray cluster to join: auto, ray://HEAD:10001, ... (default: start or join a local Ray).", show_default=False, rich_help_panel=RAY)] = None,
+    **options,
 ) -> None:
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from .. import batch as b
     from ..outfile import Target, create_empty
+
+    params = _params(locals())
 
     if resume + retry_failed + overwrite > 1:
         raise UsageError("choose one of --resume, --retry-failed, --overwrite")
@@ -124,13 +78,14 @@ def batch(
     if engine == "ray":
         from ..distributed import RaySettings
 
-        ray_settings = RaySettings(ray_address, actors, gpus_per_actor, batch_size, debug or _env_debug())
+        ray_settings = RaySettings(ray_address, actors, gpus_per_actor, batch_size, params["debug"] or _env_debug())
     else:
         ray_only = {"--actors": actors != 1, "--gpus-per-actor": gpus_per_actor is not None, "--ray-address": ray_address is not None}
         if given := [name for name, used in ray_only.items() if used]:
             raise UsageError(f"{given[0]} is for --engine ray")
+    params["ray_settings"] = ray_settings
     mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
-    options = _options(locals())
+    request = _options(params)
     target = Target.of(out)
     shard_kn = b.parse_shard(shard)
     if manifest is not None:
@@ -138,16 +93,16 @@ def batch(
     else:
         entries = [b.Entry((p,), prompt) for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext))]
     entries = [e for e in entries if b.in_shard(e.shard_key, shard_kn)]
-    base = {"system": system, "model": model_label(model, revision), "quantize": quantize}
-    keys = {b.record_key({"id": e.id, "media": list(e.media), "options": options.record(e.prompt), **base}): e for e in entries}
-    segmented = options.segments is not None
+    base = {"system": request.system, "model": model_label(params["model"], params["revision"]), "quantize": params["quantize"]}
+    keys = {b.record_key({"id": e.id, "media": list(e.media), "options": request.record(e.prompt), **base}): e for e in entries}
+    segmented = request.segments is not None
     plan = b.plan_segments(keys, target, mode) if segmented else b.plan(keys, target, mode)
     if not segmented:
         plan.todo = [(e, frozenset()) for e in plan.todo]
     summary = b.Summary(total=len(entries), done_before=plan.done, failed_before=plan.failed_before, segments=segmented)
     create_empty(target)  # an empty shard still leaves its (empty) file
     if plan.todo:
-        _run_batch(plan.todo, options, locals(), target, mode, summary)
+        _run_batch(plan.todo, request, params, target, mode, summary)
     print(summary.line(), file=sys.stderr)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)

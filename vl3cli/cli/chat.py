@@ -9,37 +9,16 @@ from typing import Annotated, Literal
 import typer
 
 from ..errors import Vl3Error
-from ..hub import DEFAULT_MODEL
 from .app import (
     OUTPUT,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EndOpt,
-    FpsOpt,
-    IgnoreEosOpt,
-    MaxFramesOpt,
-    MaxNewTokensOpt,
-    MaxVisualTokensOpt,
-    MinFramesOpt,
-    ModelOpt,
-    PruneOpt,
-    PruneThresholdOpt,
-    QuantizeOpt,
-    RepetitionPenaltyOpt,
-    RevisionOpt,
-    SeedOpt,
-    StartOpt,
-    SystemOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
     _as_kwargs,
     _check_media,
     _load,
     _options,
+    _params,
     _Spinner,
     app,
+    with_options,
 )
 
 CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FILE (the conversation as JSON),
@@ -56,38 +35,18 @@ CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FI
         "With stdin not a terminal, each line is a question and each answer is written when done."
     )
 )
+@with_options("model", "decoding", "media", "debug")
 def chat(
     media: Annotated[list[str] | None, typer.Argument(help="Images, videos or URLs to talk about (none: text only).", show_default=False)] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    system: SystemOpt = None,
-    fps: FpsOpt = None,
-    min_frames: MinFramesOpt = None,
-    max_frames: MaxFramesOpt = None,
-    start: StartOpt = None,
-    end: EndOpt = None,
-    max_visual_tokens: MaxVisualTokensOpt = None,
-    prune: PruneOpt = True,
-    prune_threshold: PruneThresholdOpt = 0.1,
     format: Annotated[Literal["text", "jsonl"], typer.Option("--format", "-f", help="When stdin is not a terminal: text or jsonl (one record per answer).", rich_help_panel=OUTPUT)] = "text",
-    debug: DebugOpt = False,
+    **options,
 ) -> None:
     """Talk about images and videos: follow-up questions see the earlier answers; the media is read once."""
+    params = _params(locals())
     media = list(media or [])
-    options = _options(locals())
+    request = _options(params)
     _check_media(media)
-    model_ = _load(locals() | {"model": model}, options)
-    conversation = model_.chat(media, **_as_kwargs(options))
+    conversation = _load(params, request).chat(media, **_as_kwargs(request))
     if media:
         with _Spinner(f"Reading {', '.join(media)}"):
             conversation.read()

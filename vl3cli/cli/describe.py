@@ -12,46 +12,21 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..hub import DEFAULT_MODEL
 from .app import (
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EndOpt,
     FormatOpt,
-    FpsOpt,
-    IgnoreEosOpt,
-    MaxFramesOpt,
-    MaxNewTokensOpt,
-    MaxSegmentOpt,
-    MaxVisualTokensOpt,
-    MinFramesOpt,
-    MinSegmentOpt,
-    ModelOpt,
     OutOpt,
     OverwriteOpt,
-    PruneOpt,
-    PruneThresholdOpt,
-    QuantizeOpt,
-    RepetitionPenaltyOpt,
-    RevisionOpt,
-    SceneThresholdOpt,
-    SeedOpt,
-    SegmentsOpt,
-    StartOpt,
     StreamOpt,
-    SystemOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
     _check_media,
     _debug_line,
     _load,
     _options,
+    _params,
     _Spinner,
     _timings,
     _warn,
     app,
+    with_options,
 )
 
 
@@ -176,42 +151,18 @@ def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list
         "  vl3 describe clip.mp4 --prompt \"Summarise this video in one sentence.\" -m DAMO-NLP-SG/VideoLLaMA3-7B"
     )
 )
+@with_options("model", "decoding", "media", "segments", "debug")
 def describe(
     media: Annotated[str, typer.Argument(help="Image or video file, or an http(s) URL.", show_default=False)],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Instead of \"Describe this image/video in detail.\"")] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    system: SystemOpt = None,
-    fps: FpsOpt = None,
-    min_frames: MinFramesOpt = None,
-    max_frames: MaxFramesOpt = None,
-    start: StartOpt = None,
-    end: EndOpt = None,
-    max_visual_tokens: MaxVisualTokensOpt = None,
-    prune: PruneOpt = True,
-    prune_threshold: PruneThresholdOpt = 0.1,
-    segments: SegmentsOpt = None,
-    min_segment: MinSegmentOpt = None,
-    max_segment: MaxSegmentOpt = None,
-    scene_threshold: SceneThresholdOpt = 10.0,
     format: FormatOpt = "text",
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     stream: StreamOpt = None,
-    debug: DebugOpt = False,
+    **options,
 ) -> None:
     """Caption an image or a video."""
-    _answer([media], [prompt], locals())
+    _answer([media], [prompt], _params(locals()))
 
 
 @app.command(
@@ -224,42 +175,18 @@ def describe(
         "  vl3 ask clip.mp4 \"Where is the ball?\" --start 10 --end 20 --fps 4"
     )
 )
+@with_options("model", "decoding", "media", "segments", "debug")
 def ask(
     args: Annotated[list[str] | None, typer.Argument(metavar="[MEDIA]... [QUESTION]...", help="Images, videos or URLs (existing files and URLs are media), then questions.", show_default=False)] = None,
     question: Annotated[list[str] | None, typer.Option("--question", "-q", help="A question (repeatable); the media is read and encoded once for all.")] = None,
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    system: SystemOpt = None,
-    fps: FpsOpt = None,
-    min_frames: MinFramesOpt = None,
-    max_frames: MaxFramesOpt = None,
-    start: StartOpt = None,
-    end: EndOpt = None,
-    max_visual_tokens: MaxVisualTokensOpt = None,
-    prune: PruneOpt = True,
-    prune_threshold: PruneThresholdOpt = 0.1,
-    segments: SegmentsOpt = None,
-    min_segment: MinSegmentOpt = None,
-    max_segment: MaxSegmentOpt = None,
-    scene_threshold: SceneThresholdOpt = 10.0,
     format: FormatOpt = "text",
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     stream: StreamOpt = None,
-    debug: DebugOpt = False,
+    **options,
 ) -> None:
     """Answer questions about images and videos (or none: a text-only prompt); each answer is written as soon as it is done."""
     media, questions = _split_media(args or [], question or [])
     if not questions:
         raise UsageError("give a question (after the media, or with -q); to caption media use `vl3 describe`")
-    _answer(media, questions, locals())
+    _answer(media, questions, _params(locals()))

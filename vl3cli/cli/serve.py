@@ -8,34 +8,13 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
-from ..hub import DEFAULT_MODEL
 from .app import (
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    EndOpt,
-    FpsOpt,
-    IgnoreEosOpt,
-    MaxFramesOpt,
-    MaxNewTokensOpt,
-    MaxVisualTokensOpt,
-    MinFramesOpt,
-    ModelOpt,
-    PruneOpt,
-    PruneThresholdOpt,
-    QuantizeOpt,
-    RepetitionPenaltyOpt,
-    RevisionOpt,
-    SeedOpt,
-    StartOpt,
-    SystemOpt,
-    TemperatureOpt,
-    TopKOpt,
-    TopPOpt,
     _env_debug,
     _load,
     _options,
+    _params,
     app,
+    with_options,
 )
 
 
@@ -50,6 +29,7 @@ from .app import (
         "The options below set the defaults of every request; a request's own fields override them."
     )
 )
+@with_options("model", "decoding", "media", "debug")
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -61,28 +41,7 @@ def serve(
     max_body_mb: Annotated[int, typer.Option(help="Largest request body, in MB (413 above).")] = 64,
     max_download_mb: Annotated[int, typer.Option(help="Largest media download for an http(s) URL, in MB (413 above).")] = 1024,
     max_video_seconds: Annotated[float, typer.Option(help="Longest video a request may send, in seconds (400 above).")] = 3600.0,
-    model: ModelOpt = DEFAULT_MODEL,
-    revision: RevisionOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    quantize: QuantizeOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 512,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
-    repetition_penalty: RepetitionPenaltyOpt = 1.0,
-    seed: SeedOpt = None,
-    ignore_eos: IgnoreEosOpt = False,
-    system: SystemOpt = None,
-    fps: FpsOpt = None,
-    min_frames: MinFramesOpt = None,
-    max_frames: MaxFramesOpt = None,
-    start: StartOpt = None,
-    end: EndOpt = None,
-    max_visual_tokens: MaxVisualTokensOpt = None,
-    prune: PruneOpt = True,
-    prune_threshold: PruneThresholdOpt = 0.1,
-    debug: DebugOpt = False,
+    **options,
 ) -> None:
     """Serve the model over HTTP with OpenAI's chat-completions API (images and videos in messages)."""
     for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--workers", workers),
@@ -99,8 +58,8 @@ def serve(
     from ..server import Limits
     from ..server import serve as run_server
 
-    options = _options(locals())
-    loaded = _load(locals() | {"model": model}, options)
+    params = _params(locals())
+    loaded = _load(params, _options(params))
     loaded.runner.max_duration = max_video_seconds
     loaded.runner.max_download_bytes = max_download_mb * 1024 * 1024
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
