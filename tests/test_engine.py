@@ -112,7 +112,7 @@ def test_video_logits_with_pruning(engine, reference):
 
 
 def test_batch_of_two_prompts_of_different_lengths(engine, reference):
-    """Batched prefill + decode steps == transformers on each prompt alone."""
+    """Two rows of different lengths, each prefilled, then decode steps for both == transformers on each alone."""
     long_ids, pixels, grid = image_case(seed=3, grid=(1, 4, 6))
     short_ids = chat([], "Hi")
     assert len(long_ids) != len(short_ids)
@@ -120,7 +120,7 @@ def test_batch_of_two_prompts_of_different_lengths(engine, reference):
     with torch.inference_mode():
         feats = engine.encode_pixels(pixels, grid, 1)
         cache = engine.new_cache(2, len(long_ids) + len(steps))
-        ours = [engine.prefill(cache, [(long_ids, feats), (short_ids, None)])]
+        ours = [torch.stack([engine.prefill(cache, 0, long_ids, feats), engine.prefill(cache, 1, short_ids)])]
         for token in steps:
             ours.append(engine.decode(cache, torch.tensor([token, token])))
         ref_long = reference(
@@ -140,7 +140,7 @@ def test_cached_decode_equals_full_forward(engine):
     with torch.inference_mode():
         full = engine.forward_logits(ids)
         cache = engine.new_cache(1, len(ids))
-        stepped = [engine.prefill(cache, [(ids[:4], None)])[0]]
+        stepped = [engine.prefill(cache, 0, ids[:4])]
         for token in ids[4:]:
             stepped.append(engine.decode(cache, torch.tensor([token]))[0])
     assert max_diff(torch.stack(stepped), full[3:]) <= TOL
@@ -207,8 +207,7 @@ def test_sampling_is_reproducible_and_greedy_ignores_seed(engine):
     ids = chat([], "Describe this image in detail.")
     with torch.inference_mode():
         def run(params, seed):
-            gen = torch.Generator().manual_seed(seed)
-            return [s[0] for s in generate(engine, [Request(ids)], params, gen)]
+            return [s[0] for s in generate(engine, [Request(ids, seed=seed)], params)]
 
         # A high temperature: the tiny model is very peaked, and two seeds must be able to differ.
         sampled = DecodingParams(max_new_tokens=16, temperature=8.0, top_k=200, top_p=0.99, ignore_eos=True)
@@ -238,12 +237,12 @@ def test_continuous_batching_equals_one_at_a_time(engine):
         with torch.inference_mode():
             got: dict[int, list[int]] = {k: [] for k in requests}
             finished = []
-            for key, token in stream(engine, requests.items(), params, slots=3):
-                if token is None:
-                    finished.append(key)
-                else:
-                    assert key not in finished
-                    got[key].append(token)
+            for event in stream(engine, requests.items(), params, slots=3):
+                assert event.key not in finished
+                if event.token is not None:
+                    got[event.key].append(event.token)
+                if event.finished:
+                    finished.append(event.key)
             assert sorted(finished) == list(requests)
             for key, request in requests.items():
                 alone = [s[0] for s in generate(engine, [request], params)]

@@ -54,7 +54,14 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL)]
 DtypeOpt = Annotated[
     Literal["auto", "bfloat16", "float16", "float32"],
-    typer.Option(help="Weights and activations; auto = bfloat16 on CUDA, float32 elsewhere.", rich_help_panel=MODEL),
+    typer.Option(help="Weights and activations; auto = the checkpoint's dtype where the hardware computes in it "
+                      "natively (bf16 checkpoints: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32).",
+                 rich_help_panel=MODEL),
+]
+QuantizeOpt = Annotated[
+    Literal["int8", "int4"] | None,
+    typer.Option(help="Quantize the language model's weights while loading: less memory, faster CPU decoding, "
+                      "slightly different answers (see README).", rich_help_panel=MODEL),
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Stop after this many generated tokens.", rich_help_panel=DECODING)]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (deterministic); > 0 samples.", rich_help_panel=DECODING)]
@@ -102,6 +109,7 @@ def _settings(options: dict):
 
     return Settings(
         model=options["model"], revision=options["revision"], device=options["device"], dtype=options["dtype"],
+        quantize=options["quantize"],
         system=options["system"], seed=options["seed"],
         decoding=DecodingParams(**{k: options[k] for k in DECODING_KEYS}),
         media={k: options[k] for k in MEDIA_KEYS},
@@ -144,7 +152,7 @@ def _answer(media: str, questions: list[str | None], settings, fmt: str, out: Pa
     check_file(media)  # before loading the model
     with _status(f"Loading {settings.model}"):
         pipeline = Pipeline(settings).load()
-    _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
+    _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype}, quantize={pipeline.engine.quantize})")
     with _status(f"Reading {media}"):
         encoded = pipeline.encode(media)
     results = []
@@ -177,6 +185,7 @@ def describe(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -218,6 +227,7 @@ def ask(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -269,6 +279,7 @@ def batch(
     revision: RevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     max_new_tokens: MaxNewTokensOpt = 512,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
@@ -323,7 +334,7 @@ def _run_batch(plan, settings, prompt: str | None, out: Path | None, summary, de
     from .pipeline import Pipeline
 
     pipeline = Pipeline(settings).load()
-    _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype})")
+    _debug_line(debug, f"model: {settings.model} -> {pipeline.engine.path} ({pipeline.engine.device}, {pipeline.engine.dtype}, quantize={pipeline.engine.quantize})")
     progress, task = b.progress_bar(summary.total, summary.done_before + summary.failed_before)
 
     def on_item(path: str, result) -> None:

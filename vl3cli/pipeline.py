@@ -47,6 +47,7 @@ class Settings:
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str | None = None  # "int8" | "int4": the language model's weights (quantize.py)
     system: str | None = None
     seed: int | None = None
     decoding: DecodingParams = field(default_factory=DecodingParams)
@@ -76,7 +77,8 @@ class Pipeline:
         # Bad media options fail before the (possibly long) weight loading.
         self.options = media_options(ProcessorConfig.from_dir(path), self.settings.media or {})
         self.options.validate()
-        self.engine = Engine.load(path, device=self.settings.device, dtype=self.settings.dtype)
+        self.engine = Engine.load(path, device=self.settings.device, dtype=self.settings.dtype,
+                                  quantize=self.settings.quantize)
         self._unpaid_load_s = time.perf_counter() - start
         return self
 
@@ -119,7 +121,7 @@ class Pipeline:
 
         Worker threads decode and pre-process the next files while the model works; up to
         `slots` answers decode together (continuous batching). Each item is prefilled alone and
-        gets its own sampler, so its answer is the one it would get on its own.
+        gets its own seed, so its answer is the one it would get on its own.
         """
         engine = self.engine
         failed: deque[Result] = deque()
@@ -156,19 +158,21 @@ class Pipeline:
                         continue
                     state[key] = dict(visual=visual, prompt=prompt, input_ids=input_ids, ids=[], media_s=media_s,
                                       encode_s=encode_s, admitted=time.perf_counter(), first=None)
-                    yield key, Request(input_ids, features, self._generator())
+                    yield key, Request(input_ids, features, seed=self.settings.seed)
 
             with torch.inference_mode():
-                for key, token in stream(engine, requests(), self.settings.decoding, None, slots):
+                for event in stream(engine, requests(), self.settings.decoding, slots):
                     while failed:
                         yield failed.popleft()
+                    key = event.key
                     item = state[key]
                     now = time.perf_counter()
                     if item["first"] is None:
                         item["first"] = now
-                    if token is not None:
-                        item["ids"].append(token)
+                    if event.token is not None:
+                        item["ids"].append(event.token)
                         check()
+                    if not event.finished:
                         continue
                     del state[key]
                     result = self._record(item["visual"], item["prompt"], item["input_ids"], item["ids"],
@@ -191,12 +195,6 @@ class Pipeline:
             self.settings.system,
         )
 
-    def _generator(self) -> torch.Generator | None:
-        """A fresh sampler per answer: the same seed gives the same answer wherever it runs."""
-        if self.settings.seed is None:
-            return None
-        return torch.Generator(device=self.engine.device).manual_seed(self.settings.seed)
-
     def _generate(self, visual: VisualInput, features, question: str, check: Check, on_text: OnText | None) -> Result:
         engine = self.engine
         input_ids = self._input_ids(visual, question)
@@ -205,7 +203,8 @@ class Pipeline:
         start = time.perf_counter()
         first = None
         with torch.inference_mode():
-            for step in generate(engine, [Request(input_ids, features)], self.settings.decoding, self._generator()):
+            request = Request(input_ids, features, seed=self.settings.seed)
+            for step in generate(engine, [request], self.settings.decoding):
                 if first is None:
                     first = time.perf_counter()
                 token = step[0]
