@@ -65,7 +65,7 @@ def make(geometry: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: in
 
     from vl3cli.config import ModelConfig
     from vl3cli.model import VideoLlama3
-    from vl3cli.weights import checkpoint_key
+    from vl3cli.weights import checkpoint_key, checkpoint_shapes
 
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "bench-geometry.txt"
@@ -93,15 +93,15 @@ def make(geometry: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: in
         model = VideoLlama3(ModelConfig.from_dict(config))
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, p in model.named_parameters():
+    for name, shape in checkpoint_shapes(model).items():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith("bias"):
-            value = torch.randn(p.shape, generator=gen) * 0.02
-        elif p.dim() == 1:
-            value = torch.ones(p.shape)
+            value = torch.randn(shape, generator=gen) * 0.02
+        elif len(shape) == 1:
+            value = torch.ones(shape)
         else:
-            value = torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:]))
+            value = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
         state[checkpoint_key(name, "hf")] = value.to(dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -30,7 +30,7 @@ from torch import nn
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)
-PACK_ROWS = 64  # the CPU int4 packing works on blocks of 64 output rows
+PACK_ROWS = 4096  # rows repacked at a time for the CPU int4 kernel (a multiple of its 64-row blocks)
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -41,7 +41,7 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     """(N, K) float -> q int8 (N, K), scales (N,) in `dtype`."""
     w = w.float()
     scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -49,11 +49,11 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torc
     """(N, K) float -> q uint8 (N, K) in 0..15, scales_and_zeros (K/group, N, 2) in `dtype`."""
     n, k = w.shape
     wg = w.float().view(n, k // group, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, K/g)
+    lo, hi = torch.aminmax(wg, dim=-1)  # (N, K/g)
     scales = ((hi - lo) / 15).to(dtype)
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a constant group: any scale
     zeros = (lo + 8 * scales.float()).to(dtype)
-    q = torch.round((wg - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+    q = (wg - zeros.float()[..., None]).div_(scales.float()[..., None]).add_(8).round_().clamp_(0, 15)
     return q.to(torch.uint8).view(n, k), torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 

@@ -223,6 +223,11 @@ def _parts(model: nn.Module) -> dict[str, _Part]:
     return parts
 
 
+def checkpoint_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint holds for `model`, under vl3 names (q/k/v, gate/up apart), with shapes."""
+    return {name: part.shape for name, part in _parts(model).items()}
+
+
 def _quantize_modules(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> None:
     """Swap the quantizable linears of a meta-device model for empty QuantizedLinear layers."""
     for name, module in list(model.named_modules()):
