@@ -150,5 +150,23 @@ def test_vision_backend_choice():
     cpu = torch.device("cpu")
     assert choose_vision_backend(cpu, torch.float32) == "sdpa"
     assert choose_vision_backend(torch.device("cuda"), torch.float32) == "sdpa"  # varlen kernels need fp16/bf16
-    with pytest.raises(ValueError, match="needs CUDA"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
         choose_vision_backend(cpu, torch.float32, "varlen")
+
+
+def test_fast_vision_kernels_need_ampere_and_a_varlen_that_takes_scale(monkeypatch):
+    """T4 / V100 (compute capability 7.x) fall back to SDPA; a varlen_attn without scale= is not used."""
+    import torch.nn.attention.varlen as varlen
+
+    import vl3cli.attention as attention
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert choose_vision_backend(cuda, torch.float16) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose_vision_backend(cuda, torch.bfloat16) == ("varlen" if attention.has_torch_varlen() else "sdpa")
+    assert attention.has_torch_varlen() == ("scale" in __import__("inspect").signature(varlen.varlen_attn).parameters)
+    monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k: q)  # an older signature
+    assert not attention.has_torch_varlen()
+    assert choose_vision_backend(cuda, torch.bfloat16) == "sdpa"

@@ -247,3 +247,27 @@ def test_continuous_batching_equals_one_at_a_time(engine):
             for key, request in requests.items():
                 alone = [s[0] for s in generate(engine, [request], params)]
                 assert got[key] == alone, key
+
+
+def test_encode_visuals_packs_several_items_in_one_call(engine):
+    """Two images and a pruned video in one vision call == each encoded alone; the uint8 patches are
+    normalised on the device to exactly the values of the float pre-processing."""
+    from vl3cli.preprocess import VisualInput, normalise, normalise_table
+
+    table = torch.from_numpy(normalise_table((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    gen = torch.Generator().manual_seed(3)
+
+    def item(kind, grid, merge, keep=None):
+        patches = torch.randint(0, 256, (grid[0] * grid[1] * grid[2], 588), generator=gen, dtype=torch.uint8)
+        return VisualInput("x", kind, patches, table, grid, merge, keep, [], 1, 1, None, None, 1, 1)
+
+    _, _, _, keep = video_case()
+    visuals = [item("image", (1, 4, 6), 1), item("video", (4, 4, 6), 2, keep), item("image", (1, 6, 4), 1)]
+    assert torch.equal(visuals[0].pixel_values, normalise(visuals[0].patches, table))
+    with torch.inference_mode():
+        packed = engine.encode_visuals(visuals)
+        for v, features in zip(visuals, packed):
+            alone = engine.encode_pixels(v.pixel_values, v.grid_thw, v.merge_size, v.keep)
+            assert features.shape == alone.shape == (v.visual_tokens_kept, engine.config.text.hidden_size)
+            # more rows per matrix product: another kernel, float32 rounding apart
+            assert max_diff(features, alone) <= 1e-5
