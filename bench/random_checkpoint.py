@@ -6,7 +6,9 @@
 Writes an HF-format folder (config.json, model.safetensors, tokenizer.json, generation and
 processor configs) that both vl3 and transformers load. The geometry of `2b` and `7b` is that
 of the published checkpoints (see tests/data/*.config.json); `mid` is Qwen2.5-0.5B's decoder
-with a 12-layer vision encoder, a size that runs at a usable speed on a laptop CPU.
+with a 12-layer vision encoder, a size that runs at a usable speed on a laptop CPU; `tiny` is for
+smoke runs of the benchmarks. The weights are stored in bf16 (like every published checkpoint)
+unless --dtype says otherwise, and config.json says so (`torch_dtype`).
 The tokenizer is a small byte-level BPE trained here: its ids stay below the model's vocab.
 """
 
@@ -29,6 +31,11 @@ GEOMETRIES = {
         text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+    ),
+    "tiny": dict(  # smoke tests of the benchmarks (bench_gpu.py --smoke)
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     ),
     "mid": dict(
         text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
