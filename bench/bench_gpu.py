@@ -34,6 +34,7 @@ import torch  # noqa: E402
 
 import random_checkpoint  # noqa: E402
 from bench_speed import make_image  # noqa: E402
+from random_checkpoint import image_prompt_ids  # noqa: E402
 
 GRID = (1, 16, 16)  # a 224x224 image at merge size 1
 
@@ -62,16 +63,6 @@ def weight_bytes(engine) -> int:
     lm = engine.model.language
     modules = [lm.layers, lm.norm, engine.model.lm_head]
     return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
-
-
-def prompt_ids(model: Path, visual: int) -> list[int]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    s = tok.token_to_id
-    return ([s("<|im_start|>")] + tok.encode("user\n").ids + [s("<|image_pad|>")] * visual
-            + tok.encode("\nDescribe this image in detail.").ids + [s("<|im_end|>")] + tok.encode("\n").ids
-            + [s("<|im_start|>")] + tok.encode("assistant\n").ids)
 
 
 def vl3_generate(engine, ids, features, tokens: int) -> tuple[float, float]:
@@ -130,7 +121,7 @@ def fig_decode(args, device) -> list[str]:
 
     model = random_checkpoint.make(args.small, args.work / f"ckpt-{args.small}")
     engine = Engine.load(model, device=str(device))
-    ids = prompt_ids(model, GRID[1] * GRID[2])
+    ids = image_prompt_ids(model, GRID[1] * GRID[2])
     pixels = torch.randn(GRID[1] * GRID[2], 588, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         features = engine.encode_pixels(pixels, GRID, 1)
@@ -319,7 +310,7 @@ def fig_7b(args, device) -> list[str]:
 
     model = random_checkpoint.make(args.large, args.work / f"ckpt-{args.large}")
     grid = (1, 8, 8)
-    ids = prompt_ids(model, grid[1] * grid[2])
+    ids = image_prompt_ids(model, grid[1] * grid[2])
     pixels = torch.randn(grid[1] * grid[2], 588, generator=torch.Generator().manual_seed(0))
     rows, logits = [], {}
     for quantize in (None, "int8", "int4"):

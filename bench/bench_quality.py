@@ -25,19 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from random_checkpoint import image_prompt_ids  # noqa: E402
+
 GRID = (1, 16, 16)  # a 224x224 image at merge size 1: 256 visual tokens
-
-
-def prompt_ids(model: Path) -> list[int]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    special = tok.token_to_id
-    return (
-        [special("<|im_start|>")] + tok.encode("user\n").ids + [special("<|image_pad|>")] * (GRID[1] * GRID[2])
-        + tok.encode("\nDescribe this image in detail.").ids + [special("<|im_end|>")] + tok.encode("\n").ids
-        + [special("<|im_start|>")] + tok.encode("assistant\n").ids
-    )
 
 
 def run_side(model: Path, quantize: str | None, dtype: str, positions: int, out: Path) -> None:
@@ -49,11 +39,11 @@ def run_side(model: Path, quantize: str | None, dtype: str, positions: int, out:
 
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(GRID[1] * GRID[2], 588, generator=gen)
-    ids = prompt_ids(model)
+    ids = image_prompt_ids(model, GRID[1] * GRID[2])
     engine = Engine.load(model, device="cpu", dtype=dtype, quantize=quantize)
     with torch.inference_mode():
         features = engine.encode_pixels(pixels, GRID, 1)
-        answer_file = out.with_suffix(".answer.pt")
+        answer_file = out.parent / "quality-answer.pt"  # the unquantized answer, shared by the variants
         if quantize is None:
             params = DecodingParams(max_new_tokens=positions, ignore_eos=True)
             answer = [step[0] for step in generate(engine, [Request(ids, features)], params)]

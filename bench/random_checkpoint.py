@@ -129,6 +129,19 @@ def make(geometry: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: in
     return out
 
 
+def image_prompt_ids(model: Path, visual: int) -> list[int]:
+    """The chat prompt "Describe this image in detail." with `visual` image placeholders, as token ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    special = tok.token_to_id
+    return (
+        [special("<|im_start|>")] + tok.encode("user\n").ids + [special("<|image_pad|>")] * visual
+        + tok.encode("\nDescribe this image in detail.").ids + [special("<|im_end|>")] + tok.encode("\n").ids
+        + [special("<|im_start|>")] + tok.encode("assistant\n").ids
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="mid")

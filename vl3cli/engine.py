@@ -153,7 +153,10 @@ class Engine:
         dev = resolve_device(device)
         stored = DTYPES.get(config.torch_dtype or "")
         if stored is None and dtype == "auto":
-            stored = stored_dtype([SafetensorsFile(f) for f in weight_files(path)])
+            files = [SafetensorsFile(f) for f in weight_files(path)]
+            stored = stored_dtype(files)
+            for f in files:
+                f.close()
         dt = resolve_dtype(dtype, dev, stored)
         vision_dt = torch.float32 if dt == torch.float16 else dt
         if attention not in BACKENDS:

@@ -121,7 +121,9 @@ class Pipeline:
 
         Worker threads decode and pre-process the next files while the model works; up to
         `slots` answers decode together (continuous batching). Each item is prefilled alone and
-        gets its own seed, so its answer is the one it would get on its own.
+        gets its own seed, so its answer is the one it would get on its own: token for token on CPU
+        in float32; in bf16 or on a GPU a product over more rows may run another kernel and round
+        differently.
         """
         engine = self.engine
         failed: deque[Result] = deque()

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
@@ -121,6 +122,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        self._fd = -1
         try:
             self._fd = os.open(path, os.O_RDONLY)
             size = os.fstat(self._fd).st_size
@@ -135,6 +137,8 @@ class SafetensorsFile:
                 raise ValueError("header is not a JSON object")
             self.tensors = {k: self._info(k, v, 8 + n, size) for k, v in header.items() if k != "__metadata__"}
         except (OSError, ValueError, TypeError, KeyError) as exc:
+            if self._fd >= 0:
+                os.close(self._fd)
             raise WeightsError(f"cannot read {path}: {exc}") from None
         self._map: mmap.mmap | None = None
 
@@ -250,6 +254,24 @@ def load_into(
     before reading any.
     """
     files = [SafetensorsFile(f) for f in weight_files(path)]
+    try:
+        _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype)
+    finally:
+        for f in files:
+            f.close()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages that loading's block buffers used back to the system: glibc keeps them
+    otherwise (about 0.45 GB after quantizing the 2B model). A no-op where there is no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype) -> None:
     if quantize:
         _quantize_modules(model, quantize, device, dtype)
     parts = _parts(model)
@@ -302,8 +324,6 @@ def load_into(
     if shared_head:
         state["lm_head.weight"] = state["language.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    for f in files:
-        f.close()
 
 
 def _blocks(p: _Part):
