@@ -82,9 +82,12 @@ class KVCache:
         self.k[layer, row, :, start : start + n] = k
         self.v[layer, row, :, start : start + n] = v
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Decode: each row's new key/value (B, kv, 1, d) into its slot lengths[b] (free rows: clamped)."""
-        slots = self.lengths.clamp(max=self.max_len - 1)
+    def slots(self) -> torch.Tensor:
+        """(B,) the slot each row's next token goes to: lengths[b] (kept inside the buffers for free rows)."""
+        return self.lengths.clamp(max=self.max_len - 1)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Decode: each row's new key/value (B, kv, 1, d) into its slot (`slots()`, once per step)."""
         # (B, kv, T, d)[rows, :, slots] selects (B, kv, d): one slot per row.
         self.k[layer][self.row_index, :, slots] = k[:, :, 0]
         self.v[layer][self.row_index, :, slots] = v[:, :, 0]
@@ -158,6 +161,7 @@ class Pass:
     mask: torch.Tensor | None
     row: int = 0
     start: int | None = None
+    slots: torch.Tensor | None = None  # decode: (B,) where each row's new key goes
 
 
 class Attention(nn.Module):
@@ -176,7 +180,7 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, n, kv, hd).transpose(1, 2), p.cos, p.sin)  # (B, kv, L, d)
         v = v.view(b, n, kv, hd).transpose(1, 2)
         if p.start is None:
-            p.cache.append(layer, k, v)
+            p.cache.append(layer, k, v, p.slots)
             # The query heads that share a KV head form one block of G queries: no KV repeat, and
             # SDPA's own kernel (fp32 softmax, scale inside) as in prefill.
             out = F.scaled_dot_product_attention(
@@ -260,7 +264,7 @@ class Qwen2Model(nn.Module):
         x = self.embed_tokens(tokens)[:, None]  # (B, 1, D)
         positions = cache.lengths.clamp(max=self.rope_cos.shape[0] - 1)
         cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]  # (B, 1, 1, d)
-        p = Pass(cos, sin, cache, cache.mask())
+        p = Pass(cos, sin, cache, cache.mask(), slots=cache.slots())
         for i, layer in enumerate(self.layers):
             x = layer(x, p, i)
         return self.norm(x[:, 0])
