@@ -125,6 +125,7 @@ def test_device_and_dtype_resolution(monkeypatch):
             resolve_device("cuda:0")
 
 
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 feature checks")
 def test_this_cpu_answers_the_native_bf16_question():
     """The answer comes from PyTorch's own CPU feature checks (AVX512-BF16 / AMX), never from /proc."""
     from vl3cli.engine import cpu_native_bf16
