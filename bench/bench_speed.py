@@ -31,15 +31,14 @@ sys.path.insert(0, str(HERE))
 import random_checkpoint  # noqa: E402
 
 VL3 = [sys.executable, "-m", "vl3cli.cli"]
-# Bytes of weights one decode step reads, written by the vl3 process itself (see weight_bytes).
+# Bytes of weights one decode step reads (bench_gpu.weight_bytes), from an engine loaded as vl3 runs it.
 BYTES_SCRIPT = (
-    "import sys, json, torch\n"
+    "import sys, json\n"
+    f"sys.path.insert(0, {str(HERE)!r})\n"
+    "from bench_gpu import weight_bytes\n"
     "from vl3cli.engine import Engine\n"
     "e = Engine.load(sys.argv[1], device='cpu', quantize=sys.argv[2] or None)\n"
-    "lm = e.model.language\n"
-    "mods = [lm.layers, lm.norm, e.model.lm_head]\n"
-    "n = sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(), *m.buffers()])\n"
-    "print(json.dumps({'bytes': n, 'dtype': str(e.dtype)}))\n"
+    "print(json.dumps({'bytes': weight_bytes(e), 'dtype': str(e.dtype)}))\n"
 )
 
 
