@@ -1,14 +1,17 @@
-"""vl3 against transformers on the same checkpoint and inputs, side by side.
+"""vl3 against transformers on the same checkpoint and image, each with its defaults, side by side.
 
-    python bench/bench_speed.py                         # mid-size random checkpoint, CPU, fp32
-    python bench/bench_speed.py --geometry 2b --device cuda --dtype bfloat16 --runs 5
+    python bench/bench_speed.py                         # 2B geometry stored in bf16, CPU, defaults
+    python bench/bench_speed.py --runs 5 --geometry mid
+    python bench/bench_speed.py --batch 8 --skip-compare --geometry mid
 
-Each run starts fresh processes for `vl3 describe` and for transformers (bench/hf_runner.py),
-alternating which goes first, and the table gives medians over the runs and vl3/transformers
-ratios (for times, < 1 means vl3 is faster; for tokens/s, > 1). Peak memory is each process's
-peak RSS (os.wait4), plus peak CUDA memory where a GPU is used. It also times `vl3 --help`
-against `python -c "import torch"`, and with --batch a folder captioned by `vl3 batch` one item
-at a time and several per forward pass.
+Each run starts fresh processes, in a rotating order: `vl3 describe` with its defaults, the same
+with `--quantize int8` and `--quantize int4`, and transformers (bench/hf_runner.py) with its
+defaults (`dtype="auto"`: the checkpoint's dtype), plus a plain read of 1 GiB of RAM
+(`x.sum()`, the machine's read bandwidth at that moment). Tables give medians over the runs:
+whole run, load, encode, prefill, decode tokens/s and peak RSS (os.wait4) with ratios; the decode's
+share of the read bandwidth (bytes of weights read per generated token x tokens/s / bandwidth);
+`vl3 --help` against `python -c "import torch"`. Targets are those of the speed and memory issue.
+With --batch, a folder captioned by `vl3 batch` one item at a time and several per forward pass.
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ sys.path.insert(0, str(HERE))
 import random_checkpoint  # noqa: E402
 
 VL3 = [sys.executable, "-m", "vl3cli.cli"]
+# Bytes of weights one decode step reads (bench_gpu.weight_bytes), from an engine loaded as vl3 runs it.
+BYTES_SCRIPT = (
+    "import sys, json\n"
+    f"sys.path.insert(0, {str(HERE)!r})\n"
+    "from bench_gpu import weight_bytes\n"
+    "from vl3cli.engine import Engine\n"
+    "e = Engine.load(sys.argv[1], device='cpu', quantize=sys.argv[2] or None)\n"
+    "print(json.dumps({'bytes': weight_bytes(e), 'dtype': str(e.dtype)}))\n"
+)
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float, str]:
@@ -61,11 +73,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def row(name: str, ours: list[float], theirs: list[float], unit: str, higher_better: bool = False) -> str:
-    a, b = median(ours), median(theirs)
-    ratio = a / b if b else float("nan")
-    better = "vl3" if (ratio > 1) == higher_better else "transformers"
-    return f"| {name} | {a:.3f} {unit} | {b:.3f} {unit} | {ratio:.2f}x | {better} |"
+def read_bandwidth() -> float:
+    """GB/s of a plain read of 1 GiB (best of 5 sums), in a fresh process."""
+    code = ("import time, torch\nx = torch.ones(2**28)\nbest = 1e9\n"
+            "for _ in range(6):\n    t = time.perf_counter(); x.sum(); best = min(best, time.perf_counter() - t)\n"
+            "print(2**30 / best / 1e9)\n")
+    return float(run_measured([sys.executable, "-c", code])[2])
 
 
 def batch_table(model: Path, args, common: list[str], n: int) -> None:
@@ -87,22 +100,25 @@ def batch_table(model: Path, args, common: list[str], n: int) -> None:
             texts[size] = {r["path"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
     same = texts[1] == texts[args.batch]
     print(f"\nvl3 batch: {args.batch} images of about {w}x{h}, {n} new tokens each (greedy), "
-          f"{args.device}, {args.dtype}, median of {args.runs} runs (whole process, load included)")
+          f"{args.device}, median of {args.runs} runs (whole process, load included)")
     print("\n| --batch-size | images/s | speed-up | same answers |\n|---|---|---|---|")
     print(f"| 1 | {median(rates[1]):.3f} | 1.00x | |")
     print(f"| {args.batch} | {median(rates[args.batch]):.3f} | {median(rates[args.batch]) / median(rates[1]):.2f}x | "
           f"{'yes' if same else 'NO'} |")
 
 
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--geometry", choices=sorted(random_checkpoint.GEOMETRIES), default="mid")
+    parser.add_argument("--geometry", choices=sorted(random_checkpoint.GEOMETRIES), default="2b")
     parser.add_argument("--checkpoint", type=Path, help="an existing HF-format checkpoint folder instead")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--image-size", default="448x336", help="WxH of the synthetic test image")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--image-size", default="224x224", help="WxH of the synthetic test image")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vl3-bench")
     parser.add_argument("--batch", type=int, default=0, metavar="N",
                         help="also caption a folder of N images with `vl3 batch`, --batch-size 1 against N")
@@ -114,65 +130,103 @@ def main() -> None:
     w, h = (int(v) for v in args.image_size.split("x"))
     image = make_image(args.work / f"image-{w}x{h}.png", (w, h))
     n = args.max_new_tokens
-    common = ["--device", args.device, "--dtype", args.dtype]
-    vl3_cmd = VL3 + ["describe", str(image), "--model", str(model), "--max-new-tokens", str(n), "--ignore-eos",
-                     "--format", "json", "--no-stream", *common]
-    hf_cmd = [sys.executable, str(HERE / "hf_runner.py"), "--model", str(model), "--image", str(image),
-              "--max-new-tokens", str(n), *common]
-
-    ours: dict[str, list[float]] = {}
-    theirs: dict[str, list[float]] = {}
-
-    def add(store, key, value):
-        store.setdefault(key, []).append(value)
-
     if args.batch:
-        batch_table(model, args, common, n)
+        batch_table(model, args, ["--device", args.device], n)
     if args.skip_compare:
         return
 
+    vl3 = VL3 + ["describe", str(image), "--model", str(model), "--max-new-tokens", str(n), "--ignore-eos",
+                 "--format", "json", "--no-stream", "--device", args.device]
+    commands = {
+        "vl3": vl3,
+        "transformers": [sys.executable, str(HERE / "hf_runner.py"), "--model", str(model), "--image", str(image),
+                         "--max-new-tokens", str(n), "--device", args.device, "--dtype", "auto"],
+        "vl3 int8": vl3 + ["--quantize", "int8"],
+        "vl3 int4": vl3 + ["--quantize", "int4"],
+    }
+    results: dict[str, dict[str, list[float]]] = {name: {} for name in commands}
+    bandwidth: list[float] = []
+
+    def add(name, key, value):
+        results[name].setdefault(key, []).append(value)
+
+    names = list(commands)
     for i in range(args.runs):
-        order = ("vl3", "hf") if i % 2 == 0 else ("hf", "vl3")
-        for who in order:
-            if who == "vl3":
-                wall, rss, out = run_measured(vl3_cmd)
-                rec = json.loads(out)
-                t = rec["timings"]
-                add(ours, "whole", wall)
-                add(ours, "rss", rss)
-                for k in ("load_s", "media_s", "encode_s", "prefill_s"):
-                    add(ours, k, t[k])
-                add(ours, "tok_s", (rec["generated_tokens"] - 1) / t["decode_s"])
-            else:
-                wall, rss, out = run_measured(hf_cmd)
+        bandwidth.append(read_bandwidth())
+        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+            wall, rss, out = run_measured(commands[name])
+            add(name, "rss", rss)
+            if name == "transformers":
                 t = json.loads(out)
                 # the encode and one-token prefill measurements come after the timed user run
-                add(theirs, "whole", wall - t["encode_s"] - t["prefill_s"])
-                add(theirs, "rss", rss)
-                for k in ("load_s", "media_s", "encode_s"):
-                    add(theirs, k, t[k])
-                # generate(1 token) runs the vision encoder too; vl3 reports encode and prefill apart
-                add(theirs, "prefill_s", t["prefill_s"] - t["encode_s"])
-                add(theirs, "tok_s", (t["tokens"] - 1) / (t["generate_s"] - t["prefill_s"]))
+                add(name, "whole", wall - t["encode_s"] - t["prefill_s"])
+                for k in ("load_s", "encode_s"):
+                    add(name, k, t[k])
+                add(name, "prefill_s", t["prefill_s"] - t["encode_s"])  # generate(1 token) encodes too
+                add(name, "tok_s", (t["tokens"] - 1) / (t["generate_s"] - t["prefill_s"]))
+            else:
+                rec = json.loads(out)
+                t = rec["timings"]
+                add(name, "whole", wall)
+                for k in ("load_s", "encode_s", "prefill_s"):
+                    add(name, k, t[k])
+                add(name, "tok_s", (rec["generated_tokens"] - 1) / t["decode_s"])
         print(f"run {i + 1}/{args.runs} done", file=sys.stderr)
+    bandwidth.append(read_bandwidth())
 
     help_t, torch_t = [], []
     for _ in range(5):
         help_t.append(run_measured(VL3 + ["--help"])[0])
         torch_t.append(run_measured([sys.executable, "-c", "import torch"])[0])
+    per_token = {}
+    for name, quantize in (("vl3", ""), ("vl3 int8", "int8"), ("vl3 int4", "int4")):
+        info = json.loads(run_measured([sys.executable, "-c", BYTES_SCRIPT, str(model), quantize])[2])
+        per_token[name] = info["bytes"]
+        dtype = info["dtype"]
 
-    print(f"\nvl3 vs transformers: {args.checkpoint or args.geometry} checkpoint, {args.device}, {args.dtype}, "
-          f"{w}x{h} image, {n} new tokens, median of {args.runs} runs")
-    print("\n| measure | vl3 | transformers | ratio | faster |\n|---|---|---|---|---|")
-    print(row("whole run (process start to exit)", ours["whole"], theirs["whole"], "s"))
-    print(row("model load", ours["load_s"], theirs["load_s"], "s"))
-    print(row("media decode + preprocess", ours["media_s"], theirs["media_s"], "s"))
-    print(row("vision encode", ours["encode_s"], theirs["encode_s"], "s"))
-    print(row("prefill (to first token)", ours["prefill_s"], theirs["prefill_s"], "s"))
-    print(row("decode", ours["tok_s"], theirs["tok_s"], "tok/s", higher_better=True))
-    print(row("peak RSS", ours["rss"], theirs["rss"], "MB"))
+    m = {name: {k: median(v) for k, v in r.items()} for name, r in results.items()}
+    ours, theirs = m["vl3"], m["transformers"]
+    bw = median(bandwidth)
+    print(f"\nvl3 vs transformers, each with its defaults: {args.checkpoint or args.geometry} checkpoint "
+          f"(stored in bf16), {args.device}, vl3 ran {dtype}, {w}x{h} image, {n} new tokens, "
+          f"median of {args.runs} runs, read bandwidth {bw:.1f} GB/s")
+    print("\n| measure | vl3 | transformers | ratio | target | |\n|---|---|---|---|---|---|")
+
+    def line(label, key, unit, target=None, higher=False):
+        a, b = ours[key], theirs[key]
+        ratio = a / b
+        ok = "" if target is None else verdict(ratio >= target if higher else ratio <= target)
+        goal = "" if target is None else f"{'>=' if higher else '<='} {target}x"
+        print(f"| {label} | {a:.3f} {unit} | {b:.3f} {unit} | {ratio:.2f}x | {goal} | {ok} |")
+
+    line("whole run (process start to exit)", "whole", "s", 0.5)
+    line("model load", "load_s", "s")
+    line("vision encode", "encode_s", "s")
+    line("prefill (to first token)", "prefill_s", "s")
+    line("decode", "tok_s", "tok/s", 1.15, higher=True)
+    line("peak RSS", "rss", "MB")
+    h_ratio = median(help_t) / median(torch_t)
     print(f"| `vl3 --help` vs `python -c 'import torch'` | {median(help_t):.3f} s | {median(torch_t):.3f} s | "
-          f"{median(help_t) / median(torch_t):.2f}x | |")
+          f"{h_ratio:.2f}x | <= 0.3x | {verdict(h_ratio <= 0.3)} |")
+
+    print(f"\nDecode against the read bandwidth ({bw:.1f} GB/s) and quantization (vl3 default = {dtype}):")
+    print("\n| vl3 | decode tok/s | vs default | weights read per token | GB/s | of read bandwidth | peak RSS MB "
+          "| vs default | targets |\n|---|---|---|---|---|---|---|---|---|")
+    base = m["vl3"]
+    for name, targets in (("vl3", (None, None)), ("vl3 int8", (1.7, None)), ("vl3 int4", (2.5, 0.45))):
+        r = m[name]
+        speed, mem = r["tok_s"] / base["tok_s"], r["rss"] / base["rss"]
+        gbs = per_token[name] * r["tok_s"] / 1e9
+        goals = []
+        if name == "vl3":
+            goals.append(f">= 60% of bandwidth: {verdict(gbs / bw >= 0.6)}")
+        if targets[0]:
+            goals.append(f"decode >= {targets[0]}x: {verdict(speed >= targets[0])}")
+        if targets[1]:
+            goals.append(f"RSS <= {targets[1]}x: {verdict(mem <= targets[1])}")
+        print(f"| {name.replace('vl3 ', '--quantize ') if name != 'vl3' else 'default'} | {r['tok_s']:.2f} | "
+              f"{speed:.2f}x | {per_token[name] / 1e9:.2f} GB | {gbs:.1f} | {gbs / bw:.0%} | {r['rss']:.0f} | "
+              f"{mem:.2f}x | {'; '.join(goals)} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """transformers' side of bench/bench_speed.py: what a user of transformers runs, timed by phase.
 
-    python bench/hf_runner.py --model DIR --image IMG --max-new-tokens 32 [--device cpu] [--dtype float32]
+    python bench/hf_runner.py --model DIR --image IMG --max-new-tokens 32 [--device cpu] [--dtype auto]
 
 Prints one JSON object: import_s, load_s, media_s, generate_s (prefill + all new tokens, as a
 user calls it), then the extra measurements encode_s (vision encoder alone) and prefill_s
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--image", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto (transformers' default: the checkpoint's dtype) or a dtype")
     args = parser.parse_args()
 
     import torch
@@ -32,10 +32,10 @@ def main() -> None:
     from transformers.models.video_llama_3.image_processing_pil_video_llama_3 import VideoLlama3ImageProcessorPil
 
     timings = {"import_s": time.perf_counter() - T0}
-    dtype = getattr(torch, args.dtype)
-
     start = time.perf_counter()
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     model = VideoLlama3ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    dtype = model.dtype
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=f"{args.model}/tokenizer.json")
     processor = VideoLlama3ImageProcessorPil.from_pretrained(args.model)
     if args.device.startswith("cuda"):

@@ -19,19 +19,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from random_checkpoint import image_prompt_ids  # noqa: E402
+
 GRID = (1, 16, 22)  # a 224x308 image at merge size 1
-
-
-def prompt_ids(model: Path) -> list[int]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
-    special = tok.token_to_id
-    return (
-        [special("<|im_start|>")] + tok.encode("user\n").ids + [special("<|image_pad|>")] * (GRID[1] * GRID[2])
-        + tok.encode("\nDescribe this image in detail.").ids + [special("<|im_end|>")] + tok.encode("\n").ids
-        + [special("<|im_start|>")] + tok.encode("assistant\n").ids
-    )
 
 
 def run_side(which: str, model: Path, device: str, dtype: str, out: Path) -> None:
@@ -39,7 +29,7 @@ def run_side(which: str, model: Path, device: str, dtype: str, out: Path) -> Non
 
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn(GRID[1] * GRID[2], 588, generator=gen)
-    ids = prompt_ids(model)
+    ids = image_prompt_ids(model, GRID[1] * GRID[2])
     with torch.inference_mode():
         if which == "vl3":
             from vl3cli.engine import Engine

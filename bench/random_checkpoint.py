@@ -6,7 +6,9 @@
 Writes an HF-format folder (config.json, model.safetensors, tokenizer.json, generation and
 processor configs) that both vl3 and transformers load. The geometry of `2b` and `7b` is that
 of the published checkpoints (see tests/data/*.config.json); `mid` is Qwen2.5-0.5B's decoder
-with a 12-layer vision encoder, a size that runs at a usable speed on a laptop CPU.
+with a 12-layer vision encoder, a size that runs at a usable speed on a laptop CPU; `tiny` is for
+smoke runs of the benchmarks. The weights are stored in bf16 (like every published checkpoint)
+unless --dtype says otherwise, and config.json says so (`torch_dtype`).
 The tokenizer is a small byte-level BPE trained here: its ids stay below the model's vocab.
 """
 
@@ -29,6 +31,11 @@ GEOMETRIES = {
         text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
         vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+    ),
+    "tiny": dict(  # smoke tests of the benchmarks (bench_gpu.py --smoke)
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     ),
     "mid": dict(
         text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -65,7 +72,7 @@ def make(geometry: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: in
 
     from vl3cli.config import ModelConfig
     from vl3cli.model import VideoLlama3
-    from vl3cli.weights import checkpoint_key
+    from vl3cli.weights import checkpoint_key, checkpoint_shapes
 
     out.mkdir(parents=True, exist_ok=True)
     stamp = out / "bench-geometry.txt"
@@ -93,15 +100,15 @@ def make(geometry: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: in
         model = VideoLlama3(ModelConfig.from_dict(config))
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, p in model.named_parameters():
+    for name, shape in checkpoint_shapes(model).items():
         if tied and name == "lm_head.weight":
             continue
         if name.endswith("bias"):
-            value = torch.randn(p.shape, generator=gen) * 0.02
-        elif p.dim() == 1:
-            value = torch.ones(p.shape)
+            value = torch.randn(shape, generator=gen) * 0.02
+        elif len(shape) == 1:
+            value = torch.ones(shape)
         else:
-            value = torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:]))
+            value = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
         state[checkpoint_key(name, "hf")] = value.to(dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -120,6 +127,19 @@ def make(geometry: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: in
     }))
     stamp.write_text(geometry)
     return out
+
+
+def image_prompt_ids(model: Path, visual: int) -> list[int]:
+    """The chat prompt "Describe this image in detail." with `visual` image placeholders, as token ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    special = tok.token_to_id
+    return (
+        [special("<|im_start|>")] + tok.encode("user\n").ids + [special("<|image_pad|>")] * visual
+        + tok.encode("\nDescribe this image in detail.").ids + [special("<|im_end|>")] + tok.encode("\n").ids
+        + [special("<|im_start|>")] + tok.encode("assistant\n").ids
+    )
 
 
 def main() -> None:

@@ -98,7 +98,7 @@ def test_three_turns_equal_transformers(fmt, kind, models, ref, ckpt, files):
     t = tok()
     ids = t.encode(f"<|im_start|>user\n{visual}{QUESTIONS[0]}<|im_end|>\n<|im_start|>assistant\n").ids
     chat = model.chat(str(files[kind]))
-    generated = 0
+    generated, expected = 0, []
     for k, question in enumerate(QUESTIONS):
         if k:
             ids = ids + expected + t.encode(f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n").ids

@@ -98,13 +98,25 @@ def test_missing_and_malformed_config_files(tmp_path):
         ModelConfig.from_dir(tmp_path)
 
 
-def test_device_and_dtype_resolution():
-    cpu = torch.device("cpu")
-    assert resolve_dtype("auto", cpu) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("float16", cpu) == torch.float16
+def test_device_and_dtype_resolution(monkeypatch):
+    import vl3cli.engine as engine
+
+    cpu, cuda, bf16, fp16, fp32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float16, torch.float32
+    # An fp32 checkpoint stays fp32 everywhere; nothing is ever upcast beyond need.
+    for device in (cpu, cuda):
+        assert resolve_dtype("auto", device, fp32) == fp32
+    monkeypatch.setattr(engine, "cpu_native_bf16", lambda: True)
+    assert resolve_dtype("auto", cpu, bf16) == bf16
+    monkeypatch.setattr(engine, "cpu_native_bf16", lambda: False)
+    assert resolve_dtype("auto", cpu, bf16) == fp32  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(engine, "cuda_native_bf16", lambda device: True)
+    assert resolve_dtype("auto", cuda, bf16) == bf16
+    monkeypatch.setattr(engine, "cuda_native_bf16", lambda device: False)
+    assert resolve_dtype("auto", cuda, bf16) == fp16  # T4 / V100
+    assert resolve_dtype("auto", cuda, fp16) == fp16
+    assert resolve_dtype("float16", cpu, fp32) == fp16 and resolve_dtype("float32", cuda, bf16) == fp32
     with pytest.raises(UsageError, match="unknown dtype 'fp8'"):
-        resolve_dtype("fp8", cpu)
+        resolve_dtype("fp8", cpu, None)
     assert resolve_device("cpu") == cpu
     with pytest.raises(UsageError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
@@ -113,9 +125,49 @@ def test_device_and_dtype_resolution():
             resolve_device("cuda:0")
 
 
+@pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 feature checks")
+def test_this_cpu_answers_the_native_bf16_question():
+    """The answer comes from PyTorch's own CPU feature checks (AVX512-BF16 / AMX), never from /proc."""
+    from vl3cli.engine import cpu_native_bf16
+
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_native_bf16() == expected
+
+
+def test_stored_dtype_from_config_or_weights(checkpoints, tmp_path):
+    """auto's input: torch_dtype / dtype in config.json (top level or text_config), else the header's."""
+    from vl3cli.engine import Engine
+
+    hf = json.loads((checkpoints["hf-tied"] / "config.json").read_text())
+    assert ModelConfig.from_dict(hf).torch_dtype is None
+    assert ModelConfig.from_dict(dict(hf, torch_dtype="bfloat16")).torch_dtype == "bfloat16"
+    assert ModelConfig.from_dict(dict(hf, text_config=dict(hf["text_config"], dtype="float16"))).torch_dtype == "float16"
+    assert ModelConfig.from_dict(json.loads((DATA / "VideoLLaMA3-2B.config.json").read_text())).torch_dtype == "bfloat16"
+    # The tiny checkpoints say nothing and are stored in fp32: auto stays fp32.
+    assert Engine.load(checkpoints["hf-tied"], device="cpu").dtype == torch.float32
+
+
 def test_vision_backend_choice():
     cpu = torch.device("cpu")
     assert choose_vision_backend(cpu, torch.float32) == "sdpa"
     assert choose_vision_backend(torch.device("cuda"), torch.float32) == "sdpa"  # varlen kernels need fp16/bf16
-    with pytest.raises(ValueError, match="needs CUDA"):
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
         choose_vision_backend(cpu, torch.float32, "varlen")
+
+
+def test_fast_vision_kernels_need_ampere_and_a_varlen_that_takes_scale(monkeypatch):
+    """T4 / V100 (compute capability 7.x) fall back to SDPA; a varlen_attn without scale= is not used."""
+    import torch.nn.attention.varlen as varlen
+
+    import vl3cli.attention as attention
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(attention, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert choose_vision_backend(cuda, torch.float16) == "sdpa"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert choose_vision_backend(cuda, torch.bfloat16) == ("varlen" if attention.has_torch_varlen() else "sdpa")
+    assert attention.has_torch_varlen() == ("scale" in __import__("inspect").signature(varlen.varlen_attn).parameters)
+    monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k: q)  # an older signature
+    assert not attention.has_torch_varlen()
+    assert choose_vision_backend(cuda, torch.bfloat16) == "sdpa"

@@ -134,7 +134,7 @@ def test_json_record_schema(ckpt, media, tmp_path):
     assert list(rec) == [
         "id", "path", "media", "kind", "segment_start", "segment_end", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
         "height", "duration", "frames", "timestamps", "resized", "media_info", "visual_tokens", "visual_tokens_kept",
-        "prompt_tokens", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
+        "prompt_tokens", "prompt_tokens_cached", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
     ]  # fmt: skip
     assert rec["media"] == [str(media["video"])] and rec["id"] is None and rec["media_info"] is None
     assert rec["path"] == str(media["video"]) and rec["kind"] == "video" and rec["model"] == str(ckpt["original"])

@@ -112,7 +112,7 @@ def test_video_logits_with_pruning(engine, reference):
 
 
 def test_batch_of_two_prompts_of_different_lengths(engine, reference):
-    """Batched prefill + decode steps == transformers on each prompt alone."""
+    """Two rows of different lengths, each prefilled, then decode steps for both == transformers on each alone."""
     long_ids, pixels, grid = image_case(seed=3, grid=(1, 4, 6))
     short_ids = chat([], "Hi")
     assert len(long_ids) != len(short_ids)
@@ -120,7 +120,7 @@ def test_batch_of_two_prompts_of_different_lengths(engine, reference):
     with torch.inference_mode():
         feats = engine.encode_pixels(pixels, grid, 1)
         cache = engine.new_cache(2, len(long_ids) + len(steps))
-        ours = [engine.prefill(cache, [(long_ids, feats), (short_ids, None)])]
+        ours = [torch.stack([engine.prefill(cache, 0, long_ids, feats), engine.prefill(cache, 1, short_ids)])]
         for token in steps:
             ours.append(engine.decode(cache, torch.tensor([token, token])))
         ref_long = reference(
@@ -140,7 +140,7 @@ def test_cached_decode_equals_full_forward(engine):
     with torch.inference_mode():
         full = engine.forward_logits(ids)
         cache = engine.new_cache(1, len(ids))
-        stepped = [engine.prefill(cache, [(ids[:4], None)])[0]]
+        stepped = [engine.prefill(cache, 0, ids[:4])]
         for token in ids[4:]:
             stepped.append(engine.decode(cache, torch.tensor([token]))[0])
     assert max_diff(torch.stack(stepped), full[3:]) <= TOL
@@ -207,8 +207,7 @@ def test_sampling_is_reproducible_and_greedy_ignores_seed(engine):
     ids = chat([], "Describe this image in detail.")
     with torch.inference_mode():
         def run(params, seed):
-            gen = torch.Generator().manual_seed(seed)
-            return [s[0] for s in generate(engine, [Request(ids)], params, gen)]
+            return [s[0] for s in generate(engine, [Request(ids, seed=seed)], params)]
 
         # A high temperature: the tiny model is very peaked, and two seeds must be able to differ.
         sampled = DecodingParams(max_new_tokens=16, temperature=8.0, top_k=200, top_p=0.99, ignore_eos=True)
@@ -238,13 +237,37 @@ def test_continuous_batching_equals_one_at_a_time(engine):
         with torch.inference_mode():
             got: dict[int, list[int]] = {k: [] for k in requests}
             finished = []
-            for key, token in stream(engine, requests.items(), params, slots=3):
-                if token is None:
-                    finished.append(key)
-                else:
-                    assert key not in finished
-                    got[key].append(token)
+            for event in stream(engine, requests.items(), params, slots=3):
+                assert event.key not in finished
+                if event.token is not None:
+                    got[event.key].append(event.token)
+                if event.finished:
+                    finished.append(event.key)
             assert sorted(finished) == list(requests)
             for key, request in requests.items():
                 alone = [s[0] for s in generate(engine, [request], params)]
                 assert got[key] == alone, key
+
+
+def test_encode_visuals_packs_several_items_in_one_call(engine):
+    """Two images and a pruned video in one vision call == each encoded alone; the uint8 patches are
+    normalised on the device to exactly the values of the float pre-processing."""
+    from vl3cli.preprocess import VisualInput, normalise, normalise_table
+
+    table = torch.from_numpy(normalise_table((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    gen = torch.Generator().manual_seed(3)
+
+    def item(kind, grid, merge, keep=None):
+        patches = torch.randint(0, 256, (grid[0] * grid[1] * grid[2], 588), generator=gen, dtype=torch.uint8)
+        return VisualInput("x", kind, patches, table, grid, merge, keep, [], 1, 1, None, None, 1, 1)
+
+    _, _, _, keep = video_case()
+    visuals = [item("image", (1, 4, 6), 1), item("video", (4, 4, 6), 2, keep), item("image", (1, 6, 4), 1)]
+    assert torch.equal(visuals[0].pixel_values, normalise(visuals[0].patches, table))
+    with torch.inference_mode():
+        packed = engine.encode_visuals(visuals)
+        for v, features in zip(visuals, packed):
+            alone = engine.encode_pixels(v.pixel_values, v.grid_thw, v.merge_size, v.keep)
+            assert features.shape == alone.shape == (v.visual_tokens_kept, engine.config.text.hidden_size)
+            # more rows per matrix product: another kernel, float32 rounding apart
+            assert max_diff(features, alone) <= 1e-5

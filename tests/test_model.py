@@ -98,9 +98,9 @@ def test_sdpa_frame_chunks_give_the_same_result(monkeypatch):
     heads, d = 2, 8
     seqlens = [16] * 5 + [9, 9, 4]  # a 5-frame video, a 2-frame video, an image
     q, k, v = (torch.randn(sum(seqlens), heads, d) for _ in range(3))
-    whole = attention.frame_attention(q, k, v, seqlens, "sdpa", d**-0.5)
+    whole = attention.frame_attention(q, k, v, attention.Segments(seqlens), "sdpa", d**-0.5)
     monkeypatch.setattr(attention, "SCORE_BUDGET", heads * 16 * 16 * 2)  # two 16-patch frames per call
-    chunked = attention.frame_attention(q, k, v, seqlens, "sdpa", d**-0.5)
+    chunked = attention.frame_attention(q, k, v, attention.Segments(seqlens), "sdpa", d**-0.5)
     assert torch.allclose(whole, chunked, atol=1e-6)
     # and each segment is attention over itself alone
     start = 0

@@ -16,7 +16,7 @@ from vl3cli.tokenizer import Tokenizer
 SCHEMA = [
     "id", "path", "media", "kind", "segment_start", "segment_end", "prompt", "system", "text", "model", "dtype", "device", "quantize", "width",
     "height", "duration", "frames", "timestamps", "resized", "media_info", "visual_tokens", "visual_tokens_kept",
-    "prompt_tokens", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
+    "prompt_tokens", "prompt_tokens_cached", "generated_tokens", "finish_reason", "options", "timings", "warnings", "error",
 ]  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from tiny import tokenizer_json
 
 from vl3cli.errors import TokenizerError
-from vl3cli.prompt import Turn, build_input_ids, conversation_ids, conversation_pieces, follow_up_ids, render, visual_pieces
+from vl3cli.prompt import Turn, build_input_ids, conversation_ids, conversation_pieces, follow_up_ids, render
 from vl3cli.tokenizer import Tokenizer
 
 

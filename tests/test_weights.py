@@ -176,3 +176,48 @@ def test_remote_code_in_checkpoint_is_never_run(checkpoints):
     # The original-format fixture ships a modeling_*.py that exits the interpreter if imported.
     assert list(checkpoints["original-tied"].glob("*.py"))
     assert load(checkpoints["original-tied"]).config.format == "original"
+
+
+def test_training_code_vision_prefix_loads_like_the_plain_one(checkpoints, tmp_path):
+    """Fine-tuned checkpoints from the authors' training code name the tower vision_encoder.vision_encoder."""
+    folder = copy_checkpoint(checkpoints["original-tied"], tmp_path / "c")
+
+    def wrap(state):
+        for key in [k for k in state if k.startswith("model.vision_encoder.")]:
+            state["model.vision_encoder.vision_encoder." + key.removeprefix("model.vision_encoder.")] = state.pop(key)
+
+    rewrite_weights(folder, wrap)
+    assert any(k.startswith("model.vision_encoder.vision_encoder.") for k in load_file(str(folder / "model.safetensors")))
+    assert rename_key("model.vision_encoder.vision_encoder.post_layernorm.bias", "original") == "vision.post_layernorm.bias"
+    assert torch.equal(logits_of(load(folder)), logits_of(load(checkpoints["original-tied"])))
+
+
+def mapped_files() -> dict[int, str]:
+    """Start address -> file of every file-backed mapping of this process (Linux)."""
+    out = {}
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out[(start, end)] = fields[5]
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps")
+def test_weights_stored_in_the_compute_dtype_are_mapped_not_copied(checkpoints, tmp_path):
+    """bf16 into bf16 (fp32 into fp32 here): every unfused weight is a view of the mapped file;
+    the fused q/k/v and gate/up matrices are read into place; a conversion copies."""
+    engine = load(checkpoints["hf-untied"])
+    maps = mapped_files()
+
+    def in_file(t: torch.Tensor) -> bool:
+        ptr = t.data_ptr()
+        return any(a <= ptr < b and f.endswith("model.safetensors") for (a, b), f in maps.items())
+
+    model = engine.model
+    assert in_file(model.language.embed_tokens.weight) and in_file(model.vision.encoder.layers[0].mlp.fc1.weight)
+    assert in_file(model.language.layers[0].self_attn.o_proj.weight)
+    assert not in_file(model.language.layers[0].self_attn.qkv_proj.weight)
+    converted = Engine.load(checkpoints["hf-untied"], device="cpu", dtype="bfloat16")
+    maps = mapped_files()
+    assert not in_file(converted.model.language.embed_tokens.weight)

@@ -15,7 +15,8 @@ frames. The language model always uses SDPA (its shapes suit it on every device)
 
 from __future__ import annotations
 
-import importlib.util
+import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +28,33 @@ SCORE_BUDGET = 64 * 1024 * 1024
 
 
 def has_flash_attn() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash-attn imports for real (a broken build or a CUDA mismatch fails here, not mid-run)."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # noqa: BLE001 -- any failure to import means: not usable
+        return False
+    return True
 
 
 def has_torch_varlen() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    """PyTorch's varlen attention, in a version that takes `scale=` (older ones do not)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "scale" in inspect.signature(varlen_attn).parameters
+
+
+def fast_kernels_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """flash / varlen kernels: CUDA with compute capability >= 8.0 (Ampere on), fp16 or bf16."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def choose_vision_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
     """The vision attention backend to use for `device`/`dtype` (`requested` = auto picks the best)."""
-    fast_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    fast_ok = fast_kernels_ok(device, dtype)
     if requested == "auto":
         if fast_ok and has_flash_attn():
             return "flash"
@@ -44,26 +62,43 @@ def choose_vision_backend(device: torch.device, dtype: torch.dtype, requested: s
             return "varlen"
         return "sdpa"
     if requested in ("flash", "varlen") and not fast_ok:
-        raise ValueError(f"attention backend {requested!r} needs CUDA and fp16/bf16")
+        raise ValueError(f"attention backend {requested!r} needs a CUDA GPU of compute capability >= 8.0 and fp16/bf16")
     if requested == "flash" and not has_flash_attn():
         raise ValueError("attention backend 'flash' needs the flash-attn package (pip install 'vl3cli[flash]')")
     if requested == "varlen" and not has_torch_varlen():
-        raise ValueError("attention backend 'varlen' needs a PyTorch with torch.nn.attention.varlen")
+        raise ValueError("attention backend 'varlen' needs a PyTorch whose torch.nn.attention.varlen takes scale=")
     return requested
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The frames of one vision call: their lengths, and for the varlen kernels the cumulative
+    offsets on the device, built once per call (not per layer)."""
+
+    lengths: list[int]
+    cu: torch.Tensor | None = None
+    longest: int = 0
+
+    @classmethod
+    def build(cls, lengths: list[int], backend: str, device) -> Segments:
+        if backend not in ("flash", "varlen"):
+            return cls(lengths)
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return cls(lengths, cu.to(device, non_blocking=True), max(lengths))
 
 
 def frame_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    seqlens: list[int],
+    segments: Segments,
     backend: str,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of packed patches (N, heads, d) within segments of lengths `seqlens` -> (N, heads, d)."""
+    """Attention of packed patches (N, heads, d) within each segment -> (N, heads, d)."""
+    seqlens = segments.lengths
     if backend in ("flash", "varlen"):
-        cu = torch.tensor([0, *seqlens], device=q.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        longest = max(seqlens)
+        cu, longest = segments.cu, segments.longest
         if backend == "flash":
             from flash_attn import flash_attn_varlen_func
 

@@ -9,7 +9,8 @@
 Turn k's prompt is turn k-1's prompt, its answer's ids as generated (never re-tokenised), then
 the next user turn (`prompt.follow_up_ids`). Each question is one item of the model's run
 (`Model.run`): the conversation so far is the item's history, and its media is read once, on the
-first question, and kept. A question that cannot fit in the model's context is refused with the
+first question, and kept. The KV of everything said is kept too (`Item.keep_kv`), so a new
+question prefills only its own tokens, never the video again. A question that cannot fit in the model's context is refused with the
 advice to `/reset`; the conversation stays as it was. So does a question whose answer is
 interrupted (Ctrl-C): nothing of it is kept.
 """
@@ -35,6 +36,7 @@ class Chat:
         self.history: list[Turn] = []
         self.results: list[Result] = []
         self.visuals = None  # the media as read for the first question, kept for the conversation
+        self.prefix = None  # the KV of everything said so far (engine.Prefix): a new turn prefills only itself
         self._read_s = 0.0  # reading time not yet on a record
 
     def read(self) -> None:
@@ -47,10 +49,10 @@ class Chat:
         if not question.strip():
             raise UsageError("an empty question")
         if self.history:
-            item = Item(prompts=(question,), history=tuple(self.history), options=self.options)
+            item = Item(prompts=(question,), history=tuple(self.history), options=self.options, prefix=self.prefix, keep_kv=True)
         else:  # the media's turn: read now, or as read before a /reset
             prepared = None if self.visuals is None else (self.visuals, self._read_s)
-            item = Item(media=self.media, prompts=(question,), options=self.options, prepared=prepared)
+            item = Item(media=self.media, prompts=(question,), options=self.options, prepared=prepared, keep_kv=True)
         stream = (lambda key, piece: on_text(piece)) if on_text else None
         ((_, result),) = list(self.model.run([item], on_text=stream))
         result.raise_error()
@@ -59,6 +61,7 @@ class Chat:
             self.visuals, self._read_s = answer.visuals, 0.0
         visuals = self.visuals if not self.history else ()
         self.history += [Turn("user", question, visuals=tuple(visuals)), Turn("assistant", ids=tuple(answer.ids))]
+        self.prefix = answer.prefix
         self.results.append(result)
         return result
 
@@ -66,6 +69,7 @@ class Chat:
         """Forget the questions and answers; the media (already read) stays."""
         self.history = []
         self.results = []
+        self.prefix = None
 
     @property
     def prompt_tokens(self) -> int:

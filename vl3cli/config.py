@@ -131,6 +131,7 @@ class ModelConfig:
     video_token_id: int
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None  # the dtype the weights are stored in, when config.json says
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
@@ -167,7 +168,9 @@ class ModelConfig:
         eos = _eos_ids((generation or {}).get("eos_token_id"))
         if not eos:
             eos = _eos_ids(data.get("eos_token_id") or (data.get("text_config") or {}).get("eos_token_id"))
-        return cls(fmt, text, vision, int(image_id), int(video_id), tie, eos)
+        text_data = data.get("text_config") or {}
+        stored = next((d[k] for d in (data, text_data) for k in ("torch_dtype", "dtype") if isinstance(d.get(k), str)), None)
+        return cls(fmt, text, vision, int(image_id), int(video_id), tie, eos, stored)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:

@@ -1,8 +1,17 @@
-"""Pure decoding maths: logits -> next token.
+"""Decoding maths on the device: logits -> next token, each row with its own parameters and seed.
 
 Order of operations (as in transformers' `generate`): repetition penalty, temperature, top-k,
-top-p, then a draw with the caller's `torch.Generator`. Temperature 0 is greedy (argmax), which
-ignores top-k/top-p and the generator.
+top-p, then a draw. Temperature 0 is greedy (argmax), which ignores top-k/top-p and the seed.
+Every operation works row by row, so requests with different parameters share one batch.
+
+The draw is Gumbel-max: argmax(logits / T + g) picks token i with probability softmax(logits / T)_i
+when g_i are independent Gumbel(0, 1) draws. The g_i are counter-based (`gumbel_noise`): computed
+by integer hashing from (seed, step, vocabulary index) on the device, with no generator state.
+Why not one `torch.Generator` per request: a request's draws then depend only on its seed and how
+many tokens it has drawn, never on its row or its batch neighbours (batched == alone, rows may be
+compacted freely); there is no per-row Python loop and no host round trip, so the step stays
+capturable in a CUDA graph; and the integer noise is the same bits on CPU, CUDA and MPS (the float
+`log` that turns it into Gumbel noise may still differ in its last bit between devices).
 """
 
 from __future__ import annotations
@@ -12,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UsageError
+
+MASK32 = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -40,45 +51,98 @@ class DecodingParams:
         return self.temperature == 0
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Divide positive / multiply negative logits of already-seen tokens by `penalty` (CTRL)."""
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanching 32-bit integer hash (xorshift-multiply rounds) on int64 values in [0, 2^32).
+
+    The multipliers stay below 2^31, so no product leaves int64: the same bits on every device.
+    """
+    for mult in (0x7FEB352D, 0x2C1B3C6D, 0x297A2D39):
+        x = x ^ (x >> 16)
+        x = (x * mult) & MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise (B, V) float32 for rows with `seeds` (B,) int64 at draw number `steps` (B,)."""
+    seed_lo, seed_hi = seeds & MASK32, (seeds >> 32) & MASK32
+    key = _mix32(_mix32(_mix32(seed_lo) ^ seed_hi) ^ (steps & MASK32))  # (B,)
+    index = torch.arange(vocab, device=seeds.device, dtype=torch.long)
+    bits = _mix32(key[:, None] ^ _mix32(index)[None, :])  # (B, V) in [0, 2^32)
+    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+@dataclass
+class RowParams:
+    """Per-row decoding parameters as device tensors (B,)."""
+
+    temperature: torch.Tensor  # float32; 0 = greedy
+    top_k: torch.Tensor  # long; 0 = off
+    top_p: torch.Tensor  # float32
+    penalty: torch.Tensor  # float32; 1 = off
+
+    @classmethod
+    def allocate(cls, batch: int, device) -> RowParams:
+        def full(value, dtype):
+            return torch.full((batch,), value, dtype=dtype, device=device)
+
+        return cls(full(0.0, torch.float32), full(0, torch.long), full(1.0, torch.float32), full(1.0, torch.float32))
+
+    def set_row(self, row: int, params: DecodingParams) -> None:
+        self.temperature[row] = params.temperature
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.penalty[row] = params.repetition_penalty
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in (self.temperature, self.top_k, self.top_p, self.penalty):
+            t[dst] = t[src]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Divide positive / multiply negative logits of already-seen tokens by each row's `penalty` (B, 1) (CTRL).
+
+    A penalty of 1 leaves the row bit-for-bit unchanged."""
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k largest logits of each row (ties with the k-th kept), the rest -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row: keep the top_k largest logits (ties with the k-th kept; 0 = all), then the smallest set
+    of those whose probability reaches top_p (at least one). Others become -inf. One sort for both."""
+    vocab = logits.shape[-1]
+    ordered, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # (B,)
+    kth = ordered.gather(1, (k - 1)[:, None])  # (B, 1)
+    ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    # Nucleus over the survivors: drop a token when the probability mass strictly before it already
+    # reaches p (the same set as transformers' ascending cumsum <= 1 - p, the most likely kept).
+    probs = ordered.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    drop_sorted = (before >= top_p[:, None]) & (torch.arange(vocab, device=logits.device) > 0)
+    ordered = ordered.masked_fill(drop_sorted, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ordered)
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches `p` (at least one per row)."""
-    if p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - p)
-    remove_sorted[..., -1:] = False  # the most likely token always stays
-    remove = remove_sorted.scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def next_token(
+def sample(
     logits: torch.Tensor,
-    params: DecodingParams,
-    generator: torch.Generator | None = None,
-    seen: torch.Tensor | None = None,
+    params: RowParams,
+    seen: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor,
+    any_sampling: bool = True,
 ) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V) in float32; `seen` (B, V) bool marks tokens so far."""
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Next token ids (B,) from float32 logits (B, V); each row with its params, seed and draw number.
+
+    `seen` (B, V) bool marks the tokens of each row's prompt and answer (repetition penalty).
+    `any_sampling=False` (every row greedy, known to the caller) skips the sort and the noise.
+    """
+    logits = apply_repetition_penalty(logits, seen, params.penalty[:, None])
+    greedy = logits.argmax(dim=-1)
+    if not any_sampling:
+        return greedy
+    sampling = params.temperature > 0
+    scaled = logits / torch.where(sampling, params.temperature, 1.0)[:, None]
+    scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
+    drawn = (scaled + gumbel_noise(seeds, steps, logits.shape[-1])).argmax(dim=-1)
+    return torch.where(sampling, drawn, greedy)

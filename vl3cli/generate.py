@@ -1,51 +1,64 @@
-"""Generation: prefill, then decode step by step over a shared KV cache. Yields token ids only.
+"""Generation: requests in, token events out. Knows nothing of text.
 
-`Scheduler` is continuous batching, one step at a time:
+`Scheduler` runs continuous batching over one static KV cache:
 
     scheduler = Scheduler(engine, params, slots=8)
-    scheduler.add(key, Request(input_ids, features))    # queued; prefilled when a row is free
-    events = scheduler.step()                           # admit, sample, decode: Event per row
-    scheduler.cancel(key)                               # drop a request, free its row at once
+    scheduler.add(key, Request(input_ids, features, seed=1))
+    while not scheduler.idle:
+        for event in scheduler.step():     # Event(key, token) ... Event(key, None, finished=True, ...)
+            ...
 
-Up to `slots` requests decode together; a request leaves the batch the step it finishes and a
-queued one takes its row. A request finishes on one of the checkpoint's EOS ids (never yielded)
-or after `max_new_tokens` tokens ("length"). Each request is prefilled on its own, so its prompt
-sees exactly what it would see alone; the decode steps of all active rows share one forward pass.
-Each request samples with its own parameters and its own seeded generator, so on CPU in float32
-its answer is the one it gets alone.
+Each `step()` does three things, kept apart:
+- admission: queued requests take free rows; each is prefilled on its own (only the part after
+  its `prefix`, whose KV is copied in), so its prompt sees exactly what it would see alone;
+- sampling: one token for every active row, on the device, each row with its own parameters and
+  seed (`decoding.sample`), so a request's answer does not depend on its neighbours;
+- decoding and compaction: one decode step for all rows in the smallest bucket (1, 2, 4, ...)
+  that holds them; rows that finished leave, the last rows move into the holes.
+Tokens reach the host one step late: on CUDA the step that consumes this step's tokens is
+launched before the host reads them (a copy into pinned memory and an event, no sync in the loop),
+so a row that just finished may run one wasted step; on other devices the host reads first.
 
-`generate()` (a fixed list, one yield per step) and `stream()` (a lazy iterable of keyed requests)
-are small loops over a Scheduler. Text, streaming and JSON are the caller's business.
+A request finishes on one of the checkpoint's EOS ids (never emitted) or after
+`params.max_new_tokens` tokens ("stop" / "length"). `generate()` and `stream()` are thin wrappers.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .decoding import DecodingParams, next_token
+from .decoding import DecodingParams, RowParams, sample
+from .engine import Prefix
+from .errors import Vl3Error
+
+CACHE_ROUND = 256  # the cache's length is rounded up to a multiple of this (fewer re-allocations)
 
 
 @dataclass
 class Request:
-    input_ids: list[int]  # full prompt incl. placeholders
-    visual_features: torch.Tensor | None = None  # (placeholders in input_ids, D_text)
-    params: DecodingParams | None = None  # None: the scheduler's
-    seed: int | None = None  # sampling seed; None: the scheduler's shared generator
+    input_ids: list[int]  # the whole prompt, placeholders included
+    visual_features: torch.Tensor | None = None  # for the placeholders in input_ids[len(prefix.ids):]
+    params: DecodingParams | None = None  # None = the scheduler's default params
+    seed: int | None = None  # sampling seed (None = a random one)
+    prefix: Prefix | None = None  # KV already computed for input_ids[:len(prefix.ids)]
+    keep_kv: bool = False  # on finish, hand back the row's KV as a Prefix (multi-turn chat)
 
 
 @dataclass
 class Event:
     key: Hashable
-    token: int | None = None  # a new token of this request (None on the finishing event)
+    token: int | None  # a new token, or None on the finishing event
     finished: bool = False
-    reason: str | None = None  # on finishing: "stop" | "length"
-    prefill_s: float = 0.0  # on finishing: this request's prefill time
-    cached_tokens: int = 0  # on finishing: prompt tokens served from a reused prefix
+    reason: str | None = None  # on the finishing event: "stop" | "length"
+    prefill_s: float | None = None  # on the finishing event: this request's prefill time
+    cached_tokens: int = 0  # on the finishing event: prompt tokens served from its prefix
+    prefix: Prefix | None = None  # on the finishing event, with keep_kv: the KV of prompt + answer
 
 
 @dataclass
@@ -53,161 +66,208 @@ class _Row:
     key: Hashable
     request: Request
     params: DecodingParams
-    generator: torch.Generator | None
-    eos: frozenset[int]
     prefill_s: float
-    produced: int = 0
+    cached_tokens: int
+    produced: list[int] = field(default_factory=list)
+
+
+def bucket(n: int) -> int:
+    """The smallest power of two >= n: decode steps run over 1, 2, 4, 8... rows."""
+    return 1 << max(0, n - 1).bit_length()
 
 
 class Scheduler:
-    def __init__(self, engine, params: DecodingParams, slots: int = 8, generator: torch.Generator | None = None):
-        self.engine, self.params, self.slots, self.generator = engine, params, slots, generator
-        self.queue: deque[tuple[Hashable, Request]] = deque()
-        self.rows: list[_Row] = []  # row i of the cache belongs to rows[i]
-        self.cache = None
-        vocab = engine.config.text.vocab_size
-        self.logits = torch.empty(slots, vocab, device=engine.device)  # (slots, V): next-token logits per row
-        self.seen = None  # (slots, V) bool: tokens each row has seen, for the repetition penalty
+    def __init__(self, engine, params: DecodingParams, slots: int = 8):
+        self.engine, self.params, self.slots = engine, params, slots
+        self._queue: deque[tuple[Hashable, Request]] = deque()
+        self._rows: list[_Row] = []  # row i of the cache belongs to _rows[i]
+        self._cache = None
+        device, vocab, cuda = engine.device, engine.config.text.vocab_size, engine.device.type == "cuda"
+        self._logits = torch.zeros(slots, vocab, device=device)  # next-token logits of each row
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=device)  # the tokens the next step feeds
+        self._seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+        self._seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self._steps = torch.zeros(slots, dtype=torch.long, device=device)  # draws so far, per row
+        self._row_params = RowParams.allocate(slots, device)
+        self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
+        self._overlap = cuda
 
-    @property
-    def idle(self) -> bool:
-        return not self.queue and not self.rows
+    # -- the queue ---------------------------------------------------------------------------
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self._rows and not self._queue
 
     def add(self, key: Hashable, request: Request) -> None:
-        """Queue a request; it is prefilled at a later step when a row is free."""
+        """Queue a request; it is prefilled into a free row at the next step."""
         params = request.params or self.params
         self.engine.check_length(len(request.input_ids) + params.max_new_tokens)
-        self.queue.append((key, request))
+        prefix = request.prefix
+        if prefix is not None:
+            n = len(prefix.ids)
+            if request.input_ids[:n] != prefix.ids:
+                raise Vl3Error("the request's input_ids do not start with its prefix's ids")
+            if len(request.input_ids) == n:
+                raise Vl3Error("a request with a prefix must add at least one token after it")
+        self._queue.append((key, request))
 
     def cancel(self, key: Hashable) -> None:
-        """Drop a queued or running request; no more events come for it."""
-        self.queue = deque((k, r) for k, r in self.queue if k != key)
-        for row, state in enumerate(self.rows):
+        """Drop a queued or active request at once; no more events come for it."""
+        self._queue = deque(item for item in self._queue if item[0] != key)
+        for row, state in enumerate(self._rows):
             if state.key == key:
-                self._remove(row)
-                break
+                self._free([row])
+                return
+
+    # -- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        """Admit queued requests into free rows, then one token for every active row."""
+        """Admit what fits, sample one token for every active row, run one decode step; the events."""
         self._admit()
-        if not self.rows:
+        n = len(self._rows)
+        if not n:
             return []
-        n = len(self.rows)
-        tokens = self._sample(n)
-        events, finished = [], []
-        for row, (state, token) in enumerate(zip(self.rows, tokens.tolist())):
-            if token in state.eos:
-                finished.append(row)
-                events.append(self._finish(state, "stop"))
-                continue
-            events.append(Event(state.key, token))
-            state.produced += 1
-            if state.produced >= state.params.max_new_tokens:
-                finished.append(row)
-                events.append(self._finish(state, "length"))
-        if self.seen is not None:
-            self.seen[torch.arange(n, device=self.engine.device), tokens] = True
-        for row in reversed(finished):
-            tokens[row] = tokens[len(self.rows) - 1]
-            self._remove(row)
-        if self.rows:
-            self.logits[: len(self.rows)] = self.engine.decode(self.cache, tokens[: len(self.rows)])
+        any_sampling = any(not r.params.greedy for r in self._rows)
+        tokens = sample(self._logits[:n], self._row_params_view(n), self._seen[:n], self._seeds[:n],
+                        self._steps[:n], any_sampling)
+        self._tokens[:n] = tokens
+        self._seen[torch.arange(n, device=tokens.device), tokens] = True
+        self._steps[:n] += 1
+        self._host_tokens[:n].copy_(tokens, non_blocking=self._overlap)
+        if self._overlap:
+            ready = torch.cuda.Event()
+            ready.record()
+            self._decode(n)  # the device works on the next step while the host reads this one's tokens
+            ready.synchronize()
+        events, finished = self._events(self._host_tokens[:n].tolist())
+        self._free(finished, events)
+        if not self._overlap and self._rows:
+            self._decode(len(self._rows))
         return events
 
-    # -- admission, sampling, compaction -------------------------------------------------
+    def _row_params_view(self, n: int) -> RowParams:
+        p = self._row_params
+        return RowParams(p.temperature[:n], p.top_k[:n], p.top_p[:n], p.penalty[:n])
+
+    def _decode(self, n: int) -> None:
+        rows = min(bucket(n), self._cache.batch)
+        self.engine.decode(self._cache.rows(rows), self._tokens[:rows], self._logits[:rows])
+
+    def _events(self, tokens: list[int]) -> tuple[list[Event], list[int]]:
+        events, finished = [], []
+        for row, (state, token) in enumerate(zip(self._rows, tokens)):
+            eos = () if state.params.ignore_eos else self.engine.eos_token_ids
+            if token in eos:
+                finished.append(row)
+                continue
+            state.produced.append(token)
+            events.append(Event(state.key, token))
+            if len(state.produced) >= state.params.max_new_tokens:
+                finished.append(row)
+        return events, finished
+
+    # -- admission ---------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        engine = self.engine
-        while self.queue and len(self.rows) < self.slots:
-            key, request = self.queue.popleft()
+        while self._queue and len(self._rows) < self.slots:
+            key, request = self._queue.popleft()
             params = request.params or self.params
-            need = len(request.input_ids) + params.max_new_tokens
-            if self.cache is None:
-                self.cache = engine.new_cache(self.slots, need)
-            elif need > self.cache.max_len:
-                self.cache = self.cache.grown(need)
-            row = len(self.rows)
+            self._ensure_cache(len(request.input_ids) + params.max_new_tokens)
+            row = len(self._rows)
             start = time.perf_counter()
-            self.logits[row] = engine.prefill(self.cache, [(request.input_ids, request.visual_features)], start=row)[0]
-            if params.repetition_penalty != 1.0:
-                vocab = self.logits.shape[1]
-                if self.seen is None:
-                    self.seen = torch.zeros(self.slots, vocab, dtype=torch.bool, device=engine.device)
-                self.seen[row] = False
-                self.seen[row, torch.tensor(request.input_ids, device=engine.device).clamp(max=vocab - 1)] = True
-            generator = self.generator
-            if request.seed is not None:
-                generator = torch.Generator(device=engine.device).manual_seed(request.seed)
-            eos = frozenset() if params.ignore_eos else frozenset(engine.eos_token_ids)
-            self.rows.append(_Row(key, request, params, generator, eos, time.perf_counter() - start))
+            cached = 0
+            ids, features = request.input_ids, request.visual_features
+            if request.prefix is not None:
+                cached = len(request.prefix.ids)
+                self._cache.k[:, row, :, :cached] = request.prefix.k
+                self._cache.v[:, row, :, :cached] = request.prefix.v
+                ids = ids[cached:]
+            self._logits[row] = self.engine.prefill(self._cache, row, ids, features, start=cached)
+            seed = request.seed if request.seed is not None else random.getrandbits(63)
+            self._seeds[row], self._steps[row] = seed, 0
+            self._row_params.set_row(row, params)
+            self._seen[row] = False
+            self._seen[row, torch.tensor(request.input_ids, device=self._seen.device).clamp(max=self._seen.shape[1] - 1)] = True
+            self._rows.append(_Row(key, request, params, time.perf_counter() - start, cached))
 
-    def _sample(self, n: int) -> torch.Tensor:
-        rows, seen = self.rows, self.seen
-        if all(r.params == rows[0].params and r.generator is rows[0].generator for r in rows) or all(
-            r.params.greedy and r.params.repetition_penalty == rows[0].params.repetition_penalty for r in rows
-        ):
-            return next_token(self.logits[:n], rows[0].params, rows[0].generator, None if seen is None else seen[:n])
-        return torch.cat([
-            next_token(self.logits[i : i + 1], r.params, r.generator, None if seen is None else seen[i : i + 1])
-            for i, r in enumerate(rows)
-        ])  # fmt: skip
+    def _ensure_cache(self, need: int) -> None:
+        """A cache of `slots` rows and at least `need` positions (re-allocated between steps, rarely)."""
+        if self._cache is not None and need <= self._cache.max_len:
+            return
+        limit = self.engine.config.text.max_position_embeddings
+        length = min(limit, -(-need // CACHE_ROUND) * CACHE_ROUND)
+        cache = self.engine.new_cache(self.slots, length)
+        if self._cache is not None:
+            for row in range(len(self._rows)):
+                n = int(self._cache.host_lengths[row])
+                cache.k[:, row, :, :n] = self._cache.k[:, row, :, :n]
+                cache.v[:, row, :, :n] = self._cache.v[:, row, :, :n]
+                cache.set_row(row, n)
+        self._cache = cache
 
-    def _finish(self, state: _Row, reason: str) -> Event:
-        return Event(state.key, None, True, reason, state.prefill_s)
+    # -- compaction --------------------------------------------------------------------------
 
-    def _remove(self, row: int) -> None:
-        """Row `row` leaves: the last active row moves into its place, keeping rows 0..n-1 dense."""
-        last = len(self.rows) - 1
-        if row != last:
-            self.cache.move_row(last, row)
-            self.logits[row] = self.logits[last]
-            if self.seen is not None:
-                self.seen[row] = self.seen[last]
-            self.rows[row] = self.rows[last]
-        self.rows.pop()
+    def _free(self, rows: list[int], events: list[Event] | None = None) -> None:
+        """Rows leave (finishing events appended to `events`); the last rows move into the holes."""
+        for row in sorted(rows, reverse=True):
+            state = self._rows[row]
+            if events is not None:
+                reason = "length" if len(state.produced) >= state.params.max_new_tokens else "stop"
+                prefix = self._kept(row, state) if state.request.keep_kv else None
+                events.append(Event(state.key, None, True, reason, state.prefill_s, state.cached_tokens, prefix))
+            last = len(self._rows) - 1
+            if row != last:
+                self._cache.move_row(last, row)
+                for t in (self._logits, self._tokens, self._seen, self._seeds, self._steps):
+                    t[row] = t[last]
+                self._row_params.move_row(last, row)
+                self._rows[row] = self._rows[last]
+            self._cache.set_row(last, 0, active=False)
+            self._rows.pop()
+
+    def _kept(self, row: int, state: _Row) -> Prefix:
+        """The row's KV as a Prefix: the prompt and the answer tokens fed so far (never the stop token)."""
+        ids = state.request.input_ids + state.produced
+        n = min(int(self._cache.host_lengths[row]), len(ids))
+        return Prefix(ids[:n], self._cache.k[:, row, :, :n].clone(), self._cache.v[:, row, :, :n].clone())
 
 
-def generate(
-    engine,
-    requests: list[Request],
-    params: DecodingParams,
-    generator: torch.Generator | None = None,
-) -> Iterator[list[int | None]]:
-    """One yield per step, one entry per request: the new token id, or None once finished."""
-    scheduler = Scheduler(engine, params, max(1, len(requests)), generator)
-    for i, request in enumerate(requests):
-        scheduler.add(i, request)
+def generate(engine, requests: list[Request], params: DecodingParams) -> Iterator[list[int | None]]:
+    """One yield per step, one entry per request: the new token id, or None (finished or none this step)."""
+    scheduler = Scheduler(engine, params, slots=max(1, len(requests)))
+    for key, request in enumerate(requests):
+        scheduler.add(key, request)
     while not scheduler.idle:
         step: list[int | None] = [None] * len(requests)
         for event in scheduler.step():
             if event.token is not None:
                 step[event.key] = event.token
-        if all(t is None for t in step):
-            return
-        yield step
+        if any(t is not None for t in step):
+            yield step
 
 
 def stream(
-    engine,
-    requests: Iterable[tuple[Hashable, Request]],
-    params: DecodingParams,
-    generator: torch.Generator | None = None,
-    slots: int = 8,
-) -> Iterator[tuple[Hashable, int | None]]:
-    """(key, token) events in generation order; (key, None) once a request has finished.
-
-    Requests are taken from the lazy iterable only as rows free up.
-    """
-    scheduler = Scheduler(engine, params, slots, generator)
+    engine, requests: Iterable[tuple[Hashable, Request]], params: DecodingParams, slots: int = 8
+) -> Iterator[Event]:
+    """Continuous batching over a lazy iterable: events in generation order, a request's last one finished."""
+    scheduler = Scheduler(engine, params, slots)
     pending = iter(requests)
+    exhausted = False
     while True:
-        while len(scheduler.queue) + scheduler.active < slots and (item := next(pending, None)) is not None:
-            scheduler.add(*item)
+        while not exhausted and scheduler.active + scheduler.queued < slots:
+            item = next(pending, None)
+            if item is None:
+                exhausted = True
+            else:
+                scheduler.add(*item)
         if scheduler.idle:
             return
-        for event in scheduler.step():
-            yield event.key, event.token
+        yield from scheduler.step()

@@ -53,6 +53,7 @@ class Result:
     visual_tokens: int | None = None  # all media together
     visual_tokens_kept: int | None = None
     prompt_tokens: int | None = None
+    prompt_tokens_cached: int | None = None  # of those, how many came from a prefix computed once (0: none)
     generated_tokens: int | None = None
     finish_reason: str | None = None  # "stop" | "length"
     options: dict | None = None  # the request: Options.record(prompt as given)

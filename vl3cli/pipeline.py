@@ -61,6 +61,8 @@ class Item:
     options: Options | None = None  # None: the run's options
     history: tuple[Turn, ...] = ()
     skip: frozenset = frozenset()  # segments already answered: (start, end) windows not to read again
+    prefix: object = None  # engine.Prefix: the KV of the conversation so far (its ids start every prompt)
+    keep_kv: bool = False  # hand back each answer's KV (Result.state.prefix), for the next turn
     # Media read elsewhere (e.g. in a Ray task): a (visuals, media seconds) pair with one
     # VisualInput per path of `to_read`, or the exception reading raised (the item then
     # becomes error records). None: read here.
@@ -102,6 +104,8 @@ class Answer:
     stream: StreamDecoder | None
     ids: list[int] = field(default_factory=list)
     first: float | None = None  # when its first token came
+    cached: int = 0  # prompt tokens served from a prefix
+    prefix: object = None  # with Item.keep_kv: the KV of the prompt and answer (engine.Prefix)
 
 
 class Runner:
@@ -203,7 +207,7 @@ class Loop:
     @property
     def waiting(self) -> int:
         """Items submitted whose answers have not started (media being read, or queued for a row)."""
-        return len(self.reading) + len(self.scheduler.queue)
+        return len(self.reading) + self.scheduler.queued
 
     @property
     def idle(self) -> bool:
@@ -236,8 +240,9 @@ class Loop:
         if self.scheduler.idle and self.reading and not out:  # nothing to decode: wait for some media
             self.arrived.wait(WAIT_S)
         self.arrived.clear()
+        admissions = []
         for key, reading in list(self.reading.items()):
-            while len(self.scheduler.queue) < self.slots:  # enough waiting for a row; keep the rest as they are
+            while self.scheduler.queued + len(admissions) < self.slots:  # enough waiting for a row; keep the rest
                 try:
                     part = reading.parts.get_nowait()
                 except queue.Empty:
@@ -245,7 +250,13 @@ class Loop:
                 if part is _END:
                     del self.reading[key]
                     break
-                out += self._admit(key, reading, part)
+                admitted = self._prepare(key, reading, part)
+                if isinstance(admitted, list):
+                    out += admitted  # error records
+                else:
+                    admissions.append(admitted)
+        if admissions:
+            out += self._admit(admissions)
         for event in self.scheduler.step():
             answer = self.answers.get(event.key)
             if answer is None:  # cancelled
@@ -261,15 +272,18 @@ class Loop:
             del self.answers[event.key]
             if answer.stream and (piece := answer.stream.finish()):
                 out.append((event.key, piece))
-            answer.timings.update(prefill_s=event.prefill_s, decode_s=now - answer.first)
+            answer.timings.update(prefill_s=answer.timings.get("prefill_s", 0.0) + (event.prefill_s or 0.0),
+                                  decode_s=now - answer.first)  # fmt: skip
+            answer.cached = event.cached_tokens
+            answer.prefix = event.prefix
             out.append((event.key, self._record(answer, event.reason)))
         return out
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _admit(self, key, reading: _Reading, part) -> list[tuple[Key, Result]]:
-        """A part whose media is ready (an item, or one segment of it): check, encode once, queue
-        one request per prompt."""
+    def _prepare(self, key, reading: _Reading, part) -> _Admission | list[tuple[Key, Result]]:
+        """A part whose media is ready (an item, or one segment of it): its prompts laid out and
+        checked against the context, or its error records."""
         item, options = reading.item, reading.options
         first = reading.parts_admitted * len(item.prompts)  # this part's first answer number
         reading.parts_admitted += 1
@@ -286,21 +300,76 @@ class Loop:
             kept = sum(v.visual_tokens_kept for v in visuals)
             for input_ids in ids:
                 check_context(len(input_ids), kept, options.max_new_tokens, self.engine.config.text.max_position_embeddings)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                features = [self.engine.encode_visual(v) for v in visuals]
-            features = torch.cat(features) if features else None
-            encode_s = time.perf_counter() - start
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
             return self._failed(key, item, options, e, visuals, first)
-        for i, (prompt, input_ids) in enumerate(zip(prompts, ids)):
-            timings = {"media_s": media_s, "encode_s": encode_s} if i == 0 else {}
-            decoder = StreamDecoder(self.engine.tokenizer) if reading.stream else None
-            self.answers[(key, first + i)] = Answer(item, options, visuals, item.prompts[i], prompt, input_ids, timings, decoder)
-            self.scheduler.add((key, first + i), Request(input_ids, features, options.decoding, options.seed))
-        return []
+        return _Admission(key, reading, visuals, prompts, ids, first, media_s)
+
+    def _admit(self, admissions: list[_Admission]) -> list[tuple[Key, Result]]:
+        """Encode the visuals the admitted parts still need, all in one vision call, then queue one
+        request per prompt. Several prompts about the same media share their common start: it is
+        prefilled once (`Engine.prefill_prefix`) and each prompt prefills only the rest; a
+        conversation's later turn starts from its kept KV (`Item.prefix`)."""
+        needed = [a.visuals[_covered(a.visuals, a.cached_placeholders(self.engine.config)):] for a in admissions]
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                flat = self.engine.encode_visuals([v for vs in needed for v in vs]) if any(needed) else []
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:  # noqa: BLE001 -- find the part at fault: encode each on its own
+            return [record for a in admissions for record in self._admit_one(a)]
+        encode_s = time.perf_counter() - start
+        failed = []
+        for a, vs in zip(admissions, needed):
+            features, flat = flat[: len(vs)], flat[len(vs) :]
+            failed += self._queue(a, features, encode_s * len(vs) / max(1, sum(map(len, needed))))
+        return failed
+
+    def _admit_one(self, a: _Admission) -> list[tuple[Key, Result]]:
+        visuals = a.visuals[_covered(a.visuals, a.cached_placeholders(self.engine.config)):]
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                features = self.engine.encode_visuals(list(visuals)) if visuals else []
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
+            return self._failed(a.key, a.reading.item, a.reading.options, e, a.visuals, a.first)
+        return self._queue(a, features, time.perf_counter() - start)
+
+    def _queue(self, a: _Admission, features: list, encode_s: float) -> list[tuple[Key, Result]]:
+        item, options = a.reading.item, a.reading.options
+        features = torch.cat(features) if len(features) else None
+        prefix, prefix_s, shared = item.prefix, 0.0, 0
+        try:
+            if prefix is None and len(a.ids) > 1:  # several questions: their common start, once
+                shared = _common_start(a.ids)
+                if shared:
+                    placeholders = _count_placeholders(a.ids[0][:shared], self.engine.config)
+                    start = time.perf_counter()
+                    with torch.inference_mode():
+                        prefix = self.engine.prefill_prefix(a.ids[0][:shared], None if features is None else features[:placeholders])
+                    prefix_s = time.perf_counter() - start
+                    features = None if features is None or placeholders == len(features) else features[placeholders:]
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001
+            return self._failed(a.key, item, options, e, a.visuals, a.first)
+        failed = []
+        for i, (prompt, input_ids) in enumerate(zip(a.prompts, a.ids)):
+            timings = {"media_s": a.media_s, "encode_s": encode_s, "prefill_s": prefix_s} if i == 0 else {}
+            decoder = StreamDecoder(self.engine.tokenizer) if a.reading.stream else None
+            answer = Answer(item, options, a.visuals, item.prompts[i], prompt, input_ids, timings, decoder)
+            request = Request(input_ids, features, options.decoding, options.seed, prefix, keep_kv=item.keep_kv)
+            try:
+                self.scheduler.add((a.key, a.first + i), request)
+            except Vl3Error as e:  # e.g. a prompt that does not start with its conversation's kept KV
+                failed += self._failed(a.key, item, options, e, a.visuals, a.first)[i : i + 1]
+                continue
+            self.answers[(a.key, a.first + i)] = answer
+        return failed
 
     def _failed(self, key, item: Item, options: Options, error: BaseException, visuals=None, first: int = 0):
         records = []
@@ -344,6 +413,7 @@ class Loop:
         record = self._base(answer.item, answer.options, answer.given, answer.prompt, answer.visuals)
         record.text = self.engine.tokenizer.decode(answer.ids)
         record.prompt_tokens = len(answer.input_ids)
+        record.prompt_tokens_cached = answer.cached
         record.generated_tokens = len(answer.ids)
         record.finish_reason = reason
         record.state = answer
@@ -386,6 +456,49 @@ def read_media(item: Item, processor, media) -> tuple[tuple[VisualInput, ...], f
     start = time.perf_counter()
     visuals = tuple(prepare_visual(path, processor, media) for path in item.to_read)
     return visuals, time.perf_counter() - start
+
+
+@dataclass
+class _Admission:
+    """A part of an item on its way into the batch: its visuals, prompts and prompt ids."""
+
+    key: object
+    reading: _Reading
+    visuals: tuple
+    prompts: list[str]
+    ids: list[list[int]]
+    first: int  # its first answer number
+    media_s: float
+
+    def cached_placeholders(self, config) -> int:
+        """Visual placeholders inside the item's own prefix (a conversation's kept KV): no features needed."""
+        prefix = self.reading.item.prefix
+        return 0 if prefix is None else _count_placeholders(prefix.ids, config)
+
+
+def _count_placeholders(ids: list[int], config) -> int:
+    marks = {config.image_token_id, config.video_token_id}
+    return sum(i in marks for i in ids)
+
+
+def _covered(visuals, placeholders: int) -> int:
+    """How many leading visuals a prefix holding `placeholders` placeholders covers."""
+    n = 0
+    for v in visuals:
+        if placeholders < v.visual_tokens_kept:
+            break
+        placeholders -= v.visual_tokens_kept
+        n += 1
+    return n
+
+
+def _common_start(ids: list[list[int]]) -> int:
+    """The length of the start all of `ids` share, leaving each at least one token of its own."""
+    n = min(len(x) for x in ids) - 1
+    for i in range(max(0, n)):
+        if any(x[i] != ids[0][i] for x in ids[1:]):
+            return i
+    return max(0, n)
 
 
 _END = object()  # a reader has put its last part

@@ -14,8 +14,10 @@ Contract:
   float32 and ``(x - mean) / std`` in float32 -- the exact arithmetic of transformers'
   ``VideoLlama3ImageProcessorPil``, done through a 256-entry table per channel so a video
   never holds a float64 copy.
-- ``pixel_values`` is ``(t*h*w, 3*p*p)`` float32, rows in merge-window order (frame, window
-  row, window column, row in window, column in window), each row channel-first 3 x p x p.
+- ``VisualInput.patches`` is ``(t*h*w, 3*p*p)`` uint8, rows in merge-window order (frame, window
+  row, window column, row in window, column in window), each row channel-first 3 x p x p; with
+  its ``table`` it normalises to ``pixel_values`` (float32) wherever it is needed (``normalise``:
+  on the engine's device, so pixels travel as bytes), always to the same values.
 - Videos are pruned with ``pruning.prune_mask`` unless the config or the options turn it off.
 """
 
@@ -170,7 +172,8 @@ def _pixel_budget(d: dict) -> tuple[int | None, int | None]:
 class VisualInput:
     path: str
     kind: str  # "image" | "video"
-    pixel_values: torch.Tensor  # (t*h*w, 3*p*p) float32, merge-window order
+    patches: torch.Tensor  # (t*h*w, 3*p*p) uint8, merge-window order
+    table: torch.Tensor  # (3, 256) float32: the normalised value of each level per channel
     grid_thw: tuple[int, int, int]  # in patches
     merge_size: int
     keep: torch.Tensor | None  # (t*(h/m)*(w/m),) bool over merged tokens; None = keep all
@@ -184,6 +187,11 @@ class VisualInput:
     decoder: str = ""  # "pillow" | "decord" | "pyav": accounting only
     warnings: list[str] = field(default_factory=list)  # one line each, e.g. a video cut short; without the path
     segment: tuple[float, float] | None = None  # the window of a long video this input covers (s)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """(t*h*w, 3*p*p) float32, normalised."""
+        return normalise(self.patches, self.table)
 
     @property
     def visual_tokens(self) -> int:
@@ -271,13 +279,20 @@ def normalise_table(mean, std) -> np.ndarray:
     return (levels[None, :] - mean32) / std32  # (3, 256)
 
 
+def normalise(patches: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3*p*p) channel-first patch rows -> float32 through the (3, 256) table, on their device."""
+    rows = patches.reshape(-1, 3, patches.shape[-1] // 3).long()  # (N, 3, p*p)
+    channel = torch.arange(3, device=patches.device)[:, None]
+    return table[channel, rows].view(patches.shape)
+
+
 def to_pixel_values(frames: np.ndarray, config: ProcessorConfig, merge_size: int) -> torch.Tensor:
     """uint8 (t, H, W, 3) resized frames -> normalised float32 (t*gh*gw, 3*p*p)."""
-    p = config.patch_size
-    patches = patchify(frames, p, merge_size)  # (t*gh*gw, 3*p*p) uint8
-    channel = np.repeat(np.arange(3), p * p)  # (3*p*p,) channel of each column
-    table = normalise_table(config.image_mean, config.image_std)
-    return torch.from_numpy(table[channel[None, :], patches])  # (t*gh*gw, 3*p*p) float32
+    return normalise(torch.from_numpy(patchify(frames, config.patch_size, merge_size)), _table(config))
+
+
+def _table(config: ProcessorConfig) -> torch.Tensor:
+    return torch.from_numpy(normalise_table(config.image_mean, config.image_std))
 
 
 def _with_path(path, e: MediaError) -> MediaError:
@@ -353,7 +368,7 @@ def prepare_visual(
         frame = np.asarray(resized, dtype=np.uint8)[None]  # (1, h, w, 3)
         p = config.patch_size
         return VisualInput(
-            path=name, kind="image", pixel_values=to_pixel_values(frame, config, m),
+            path=name, kind="image", patches=torch.from_numpy(patchify(frame, p, m)), table=_table(config),
             grid_thw=(1, h // p, w // p), merge_size=m, keep=None, timestamps=[],
             source_width=image.width, source_height=image.height, duration=None, fps=None,
             resized_width=w, resized_height=h, decoder="pillow",
@@ -369,13 +384,13 @@ def _video_input(name: str, frames: np.ndarray, timestamps, meta, config: Proces
     m = config.video_merge_size
     t, h, w, _ = frames.shape
     p = config.patch_size
-    pixel_values = to_pixel_values(frames, config, m)
+    patches = torch.from_numpy(patchify(frames, p, m))
     grid = (t, h // p, w // p)
     keep = None
     if options.prune and config.use_token_compression:
-        keep = prune_mask(pixel_values, grid, m, threshold=options.prune_threshold)
+        keep = prune_mask(patches, grid, m, threshold=options.prune_threshold, table=_table(config))
     return VisualInput(
-        path=name, kind="video", pixel_values=pixel_values, grid_thw=grid, merge_size=m,
+        path=name, kind="video", patches=patches, table=_table(config), grid_thw=grid, merge_size=m,
         keep=keep, timestamps=[float(x) for x in timestamps], source_width=meta.width, source_height=meta.height,
         duration=meta.duration, fps=meta.fps, resized_width=w, resized_height=h, decoder=backend,
         warnings=list(warnings), segment=segment,

@@ -18,7 +18,8 @@ normalised values, not of [0, 1] pixels: with std 0.5 the test reads
 ``mean |raw_t - raw_{t-1}| (in 0..255 units) * 2 > threshold``, i.e. the default 0.1 keeps a
 token whose raw pixels moved by more than 0.05 grey levels on average -- any change at all
 after 8-bit decoding, in practice. Identical tokens (static content) are always dropped.
-Frames are processed one at a time so the memory stays one frame's worth.
+Frames are processed one at a time so the memory stays one frame's worth; given uint8 patches and
+their normalisation ``table``, each frame is normalised on the fly (to the very same values).
 """
 
 from __future__ import annotations
@@ -32,16 +33,28 @@ def prune_mask(
     merge_size: int,
     threshold: float = 0.1,
     min_tokens: int = 1,
+    table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Keep-mask (bool, ``t * (h/m) * (w/m)``) over the merged tokens of one video."""
+    """Keep-mask (bool, ``t * (h/m) * (w/m)``) over the merged tokens of one video.
+
+    ``pixel_values`` are normalised float values, or uint8 patches when ``table`` is given.
+    """
+    from .preprocess import normalise  # preprocess imports this module
     t, h, w = (int(v) for v in grid_thw)
     tokens = (h // merge_size) * (w // merge_size)
     keep = torch.ones((t, tokens), dtype=torch.bool)
     if t <= 1:
         return keep.flatten()
     frames = pixel_values.view(t, tokens, -1)  # (t, tokens, m*m*3*p*p)
+
+    def frame(i: int) -> torch.Tensor:
+        return frames[i] if table is None else normalise(frames[i], table)
+
+    previous = frame(0)
     for i in range(1, t):
-        diff = torch.abs(frames[i] - frames[i - 1]).mean(dim=-1) * 255  # (tokens,)
+        current = frame(i)
+        diff = torch.abs(current - previous).mean(dim=-1) * 255  # (tokens,)
+        previous = current
         row = diff > threshold
         if int(row.sum()) < min_tokens:
             row[:min_tokens] = True

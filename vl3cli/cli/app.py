@@ -55,11 +55,14 @@ RevisionOpt = Annotated[str | None, typer.Option(help="Hub branch, tag or commit
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", rich_help_panel=MODEL)]
 DtypeOpt = Annotated[
     Literal["auto", "bfloat16", "float16", "float32"],
-    typer.Option(help="Weights and activations; auto = the checkpoint's dtype where the hardware runs it natively.", rich_help_panel=MODEL),
+    typer.Option(help="Weights and activations; auto = the checkpoint's dtype where the hardware computes in it "
+                      "natively (bf16 checkpoints: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX, else float32).",
+                 rich_help_panel=MODEL),
 ]
 QuantizeOpt = Annotated[
     Literal["int8", "int4"] | None,
-    typer.Option(help="Weight-only quantization of the language model: less memory, faster decoding on CPU.", rich_help_panel=MODEL),
+    typer.Option(help="Quantize the language model's weights while loading: less memory, faster CPU decoding, "
+                      "slightly different answers (see README).", rich_help_panel=MODEL),
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option(help="Stop after this many generated tokens.", rich_help_panel=DECODING)]
 TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (deterministic); > 0 samples.", rich_help_panel=DECODING)]

@@ -1,18 +1,24 @@
-"""Qwen2 decoder with a preallocated KV cache.
+"""Qwen2 decoder: prefill over a prompt chunk, and a static single-token decode step.
 
 Stock Qwen2: RMSNorm, grouped-query attention with biases on q/k/v only, SwiGLU MLP, 1-D RoPE
-(rotate-half). The model takes embeddings (visual features already in place) and positions.
+(rotate-half). The model takes embeddings (visual features already in place). q/k/v and
+gate/up are fused into one matrix each (`qkv_proj`, `gate_up_proj`); the loader fills them from
+the checkpoint's separate tensors (`parts` names them, in order).
 
-The KV cache (`KVCache`) holds fixed-shape buffers (layers x batch x kv_heads x max_len x d):
-row b's keys live at positions 0..lengths[b]-1 and a new token of row b is written at
-position lengths[b]. Decode steps therefore never reallocate, and rows of different lengths
-share one batch (a key is visible to row b iff its position <= that row's current position).
+`KVCache` is the one record of what each row holds: static buffers (layers, B, kv_heads, T, d)
+allocated once, `lengths` on the device (mirrored on the host for scheduling), and the only
+ways lengths change are `set_row` (a prefill) and `advance` (one decode step). A decode step
+(`Qwen2Model.decode_step`) is pure tensor code of fixed shapes: RoPE from a precomputed table
+gathered at each row's length, one mask per step over all T slots, the new keys written in place
+at each row's length, logits into a preallocated buffer. So it can be traced as one graph and,
+on CUDA, captured once per batch bucket.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,56 +28,80 @@ from ..config import TextConfig
 
 @dataclass
 class KVCache:
-    k: list[torch.Tensor]  # per layer (B, kv_heads, max_len, d)
-    v: list[torch.Tensor]
-    lengths: torch.Tensor  # (B,) long: valid positions per row
-    host_lengths: list[int] = field(default_factory=list)  # the same on the host: no device sync to read it
+    k: torch.Tensor  # (layers, B, kv_heads, T, d)
+    v: torch.Tensor
+    lengths: torch.Tensor  # (B,) long: valid positions per row; a new token goes to slot lengths[b]
+    active: torch.Tensor  # (B,) long: 1 for rows that advance in a decode step, 0 for free rows
+    host_lengths: np.ndarray  # (B,) int64: lengths, readable without a device sync
+    host_active: np.ndarray  # (B,) bool
+    row_index: torch.Tensor  # (B,) arange, and slot_index (T,) arange: built once, not per layer or step
+    slot_index: torch.Tensor
 
     @classmethod
     def allocate(cls, config: TextConfig, batch: int, max_len: int, device, dtype) -> KVCache:
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        n = config.num_hidden_layers
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
         return cls(
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
             torch.zeros(batch, dtype=torch.long, device=device),
-            [0] * batch,
+            torch.zeros(batch, dtype=torch.long, device=device),
+            np.zeros(batch, dtype=np.int64),
+            np.zeros(batch, dtype=bool),
+            torch.arange(batch, device=device),
+            torch.arange(max_len, device=device),
         )
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[2]
+        return self.k.shape[3]
 
     @property
     def batch(self) -> int:
-        return self.k[0].shape[0]
+        return self.k.shape[1]
 
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A view of rows start..stop-1: writes through it land in this cache (host_lengths excepted)."""
-        return KVCache(
-            [t[start:stop] for t in self.k],
-            [t[start:stop] for t in self.v],
-            self.lengths[start:stop],
-            self.host_lengths[start:stop],
-        )
+    def rows(self, count: int) -> KVCache:
+        """Rows 0..count-1 as a view: same storage, so writes (and graphs captured on it) land here."""
+        return KVCache(self.k[:, :count], self.v[:, :count], self.lengths[:count], self.active[:count],
+                       self.host_lengths[:count], self.host_active[:count], self.row_index[:count], self.slot_index)
+
+    def set_row(self, row: int, length: int, active: bool = True) -> None:
+        """Row `row` now holds `length` valid positions (after a prefill), and decodes when active."""
+        self.lengths[row] = length
+        self.active[row] = int(active)
+        self.host_lengths[row] = length
+        self.host_active[row] = active
+
+    def advance(self) -> None:
+        """After a decode step: every active row holds one more position."""
+        self.lengths += self.active
+        self.host_lengths += self.host_active
+
+    def write(self, layer: int, row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keys/values (kv, n, d) of one row's chunk into slots start..start+n-1 of `layer`."""
+        n = k.shape[-2]
+        self.k[layer, row, :, start : start + n] = k
+        self.v[layer, row, :, start : start + n] = v
+
+    def slots(self) -> torch.Tensor:
+        """(B,) the slot each row's next token goes to: lengths[b] (kept inside the buffers for free rows)."""
+        return self.lengths.clamp(max=self.max_len - 1)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Decode: each row's new key/value (B, kv, 1, d) into its slot (`slots()`, once per step)."""
+        # (B, kv, T, d)[rows, :, slots] selects (B, kv, d): one slot per row.
+        self.k[layer][self.row_index, :, slots] = k[:, :, 0]
+        self.v[layer][self.row_index, :, slots] = v[:, :, 0]
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, 1, T) bool: slot j is visible to row b's new token iff j <= lengths[b]."""
+        return (self.slot_index[None, :] <= self.lengths[:, None])[:, None, None, :]
 
     def move_row(self, src: int, dst: int) -> None:
-        """Copy row `src` (keys, values, length) over row `dst`."""
-        n = self.host_lengths[src]
-        for t in (*self.k, *self.v):
-            t[dst, :, :n] = t[src, :, :n]
-        self.lengths[dst] = self.lengths[src]
-        self.host_lengths[dst] = n
-
-    def grown(self, max_len: int) -> KVCache:
-        """A copy with room for `max_len` positions per row."""
-        if max_len <= self.max_len:
-            return self
-        def bigger(t):
-            out = t.new_zeros(*t.shape[:2], max_len, t.shape[3])
-            out[:, :, : self.max_len] = t
-            return out
-        return KVCache([bigger(t) for t in self.k], [bigger(t) for t in self.v], self.lengths, self.host_lengths)
+        """Copy row `src` (keys, values, length, activity) over row `dst`."""
+        n = int(self.host_lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.set_row(dst, n, bool(self.host_active[src]))
 
 
 class Embedding(nn.Module):
@@ -103,66 +133,81 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class FusedLinear(nn.Linear):
+    """A linear layer whose output rows are several checkpoint tensors stacked (`parts`: name, rows)."""
+
+    def __init__(self, in_features: int, parts: tuple[tuple[str, int], ...], bias: bool):
+        super().__init__(in_features, sum(rows for _, rows in parts), bias=bias)
+        self.parts = parts
+
+
+@dataclass
+class Pass:
+    """What every layer of one forward pass shares.
+
+    Prefill (`start` is an int): one cache row, a chunk of L tokens at slots start..start+L-1;
+    `mask` (1, 1, L, start+L) says which slots each query sees, None = causal over a fresh row.
+    Decode (`start` is None): every row of `cache`, one token each at slot lengths[b];
+    `mask` (B, 1, 1, T) from `KVCache.mask`.
+    """
+
+    cos: torch.Tensor  # (B, 1, L, d)
+    sin: torch.Tensor
+    cache: KVCache
+    mask: torch.Tensor | None
+    row: int = 0
+    start: int | None = None
+    slots: torch.Tensor | None = None  # decode: (B,) where each row's new key goes
+
+
 class Attention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.q_proj = nn.Linear(d, h * hd, bias=True)
-        self.k_proj = nn.Linear(d, kv * hd, bias=True)
-        self.v_proj = nn.Linear(d, kv * hd, bias=True)
+        self.qkv_proj = FusedLinear(d, (("q_proj", h * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)), bias=True)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, write_pos, mask, attend_len) -> torch.Tensor:
-        """x (B, L, D); cos/sin (B, 1, L, d); write_pos (B, L) cache slots for the new keys;
-        mask (B, 1, L, attend_len) bool or None (None = plain causal over a fresh cache)."""
+    def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if mask is None:
-            # Fresh single-row prefill: the keys are exactly this chunk, laid down from slot 0.
-            k_cache[:, :, :n] = k
-            v_cache[:, :, :n] = v
+        h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([h * hd, kv * hd, kv * hd], dim=-1)
+        q = apply_rope(q.view(b, n, h, hd).transpose(1, 2), p.cos, p.sin)  # (B, H, L, d)
+        k = apply_rope(k.view(b, n, kv, hd).transpose(1, 2), p.cos, p.sin)  # (B, kv, L, d)
+        v = v.view(b, n, kv, hd).transpose(1, 2)
+        if p.start is None:
+            p.cache.append(layer, k, v, p.slots)
+            # The query heads that share a KV head form one block of G queries: no KV repeat, and
+            # SDPA's own kernel (fp32 softmax, scale inside) as in prefill.
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, kv, h // kv, hd), p.cache.k[layer], p.cache.v[layer], attn_mask=p.mask
+            )  # (B, kv, G, d)
+        elif p.mask is None:
+            # A fresh row: the keys are exactly this chunk, laid down from slot 0.
+            p.cache.write(layer, p.row, 0, k[0], v[0])
             out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=True)
         else:
-            rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
-            # (B, kv, L, d) -> (B, L, kv, d) to scatter each row's new keys at its own slots.
-            k_cache.transpose(1, 2)[rows, write_pos] = k.transpose(1, 2)
-            v_cache.transpose(1, 2)[rows, write_pos] = v.transpose(1, 2)
-            keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
-            if n == 1:
-                out = self._decode_attention(q, keys, values, mask)
-            else:
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-    def _decode_attention(self, q, keys, values, mask) -> torch.Tensor:
-        """One query per row: two small matmuls, several times faster than SDPA's kernels for q_len 1.
-
-        q (B, H, 1, d); keys/values (B, kv, T, d); mask (B, 1, 1, T) -> (B, H, 1, d).
-        """
-        b, kv, t = keys.shape[0], self.num_kv_heads, keys.shape[2]
-        groups = self.num_heads // kv
-        qg = q.view(b, kv, groups, self.head_dim)  # the query heads that share each key head
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.head_dim**-0.5  # (B, kv, G, T)
-        scores = scores.masked_fill(~mask.view(b, 1, 1, t), float("-inf"))
-        probs = scores.softmax(dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).view(b, self.num_heads, 1, self.head_dim)
+            p.cache.write(layer, p.row, p.start, k[0], v[0])
+            end = p.start + n
+            keys, values = p.cache.k[layer, p.row : p.row + 1, :, :end], p.cache.v[layer, p.row : p.row + 1, :, :end]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, enable_gqa=True)
+        return self.o_proj(out.reshape(b, h, n, hd).transpose(1, 2).reshape(b, n, h * hd))
 
 
 class MLP(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         d, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, i, bias=False)
-        self.up_proj = nn.Linear(d, i, bias=False)
+        self.gate_up_proj = FusedLinear(d, (("gate_proj", i), ("up_proj", i)), bias=False)
         self.down_proj = nn.Linear(i, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -173,6 +218,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), p, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 class Qwen2Model(nn.Module):
     def __init__(self, config: TextConfig):
@@ -181,36 +230,41 @@ class Qwen2Model(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope_cos: torch.Tensor | None = None  # (max_position_embeddings, d), see init_rope
+        self.rope_sin: torch.Tensor | None = None
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, L, d) in `dtype` for integer positions (B, L); computed in fp32."""
-        d = self.config.head_dim
-        inv_freq = 1.0 / (
-            self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=positions.device) / d)
-        )
-        freqs = positions[..., None].float() * inv_freq  # (B, L, d/2)
-        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, L, d)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+    def init_rope(self, device, dtype) -> None:
+        """The cos/sin table of every position, computed in fp32 then cast (as transformers does)."""
+        d, n = self.config.head_dim, self.config.max_position_embeddings
+        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
+        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, d/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (n, d)
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(
-        self,
-        embeds: torch.Tensor,
-        cache: KVCache,
-        positions: torch.Tensor,
-        mask: torch.Tensor | None,
-        attend_len: int,
-    ) -> torch.Tensor:
-        """Run embeds (B, L, D) at `positions` (B, L), which are also their cache slots.
-
-        `mask` (B, 1, L, attend_len) says which cache slots each query sees; None means a fresh
-        single-row prefill (causal, slots 0..L-1). Returns the final hidden states (B, L, D).
-        """
-        cos, sin = self.rope(positions, embeds.dtype)
-        x = embeds
+    def prefill(self, embeds: torch.Tensor, cache: KVCache, row: int, start: int) -> torch.Tensor:
+        """Run one row's chunk `embeds` (L, D) at positions start..start+L-1; final hidden states (L, D)."""
+        n = embeds.shape[0]
+        cos, sin = self.rope_cos[start : start + n][None, None], self.rope_sin[start : start + n][None, None]
+        mask = None
+        if start:
+            slots = torch.arange(start + n, device=embeds.device)
+            queries = torch.arange(start, start + n, device=embeds.device)
+            mask = (slots[None, :] <= queries[:, None])[None, None]  # (1, 1, L, start+L)
+        p = Pass(cos, sin, cache, mask, row=row, start=start)
+        x = embeds[None]
         for i, layer in enumerate(self.layers):
-            h = layer.self_attn(
-                layer.input_layernorm(x), cos, sin, cache.k[i], cache.v[i], positions, mask, attend_len
-            )
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+            x = layer(x, p, i)
+        return self.norm(x[0])
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token (B,) for every row of `cache`, entering at slot lengths[b]; hidden states (B, D).
+
+        Pure tensor code of fixed shapes (no host reads); the caller then calls `cache.advance()`.
+        """
+        x = self.embed_tokens(tokens)[:, None]  # (B, 1, D)
+        positions = cache.lengths.clamp(max=self.rope_cos.shape[0] - 1)
+        cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]  # (B, 1, 1, d)
+        p = Pass(cos, sin, cache, cache.mask(), slots=cache.slots())
+        for i, layer in enumerate(self.layers):
+            x = layer(x, p, i)
+        return self.norm(x[:, 0])

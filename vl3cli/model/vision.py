@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import frame_attention
+from ..attention import Segments, frame_attention
 from ..config import VisionConfig
 
 
@@ -51,7 +51,7 @@ class VisionAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x, cos, sin, seqlens: list[int], backend: str) -> torch.Tensor:
+    def forward(self, x, cos, sin, segments: Segments, backend: str) -> torch.Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(n, self.num_heads, self.head_dim)
@@ -60,7 +60,7 @@ class VisionAttention(nn.Module):
         qf, kf = q.float(), k.float()
         q = (qf * cos + rotate_half(qf) * sin).to(x.dtype)
         k = (kf * cos + rotate_half(kf) * sin).to(x.dtype)
-        out = frame_attention(q, k, v, seqlens, backend, self.head_dim**-0.5)  # (N, H, d)
+        out = frame_attention(q, k, v, segments, backend, self.head_dim**-0.5)  # (N, H, d)
         return self.out_proj(out.reshape(n, -1))
 
 
@@ -83,8 +83,8 @@ class VisionEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x, cos, sin, seqlens: list[int], backend: str) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), cos, sin, seqlens, backend)
+    def forward(self, x, cos, sin, segments: Segments, backend: str) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), cos, sin, segments, backend)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -128,11 +128,11 @@ class VisionEncoder(nn.Module):
         merge_sizes: list[int],
         backend: str = "sdpa",
     ) -> torch.Tensor:
-        seqlens = [h * w for t, h, w in grids for _ in range(t)]
         x = self.embeddings(pixel_values)
+        segments = Segments.build([h * w for t, h, w in grids for _ in range(t)], backend, x.device)
         cos, sin = self.rope(grids, merge_sizes, x.device)
         for layer in self.encoder.layers:
-            x = layer(x, cos, sin, seqlens, backend)
+            x = layer(x, cos, sin, segments, backend)
         x = self.post_layernorm(x)
         return downsample(x, grids, merge_sizes)
 

@@ -35,16 +35,11 @@ class VideoLlama3(nn.Module):
         """(N, 3*p*p) patches of the given grids -> (merged tokens, D_text) embeddings."""
         return self.projector(self.vision(pixel_values, grids, merge_sizes, backend))
 
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings (L, D) of `input_ids` (L,) with `features` at the placeholder positions."""
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (L, D) of `input_ids` (L,) with `features` (P, D) at `positions` (P,)."""
         embeds = self.language.embed_tokens(input_ids)
-        placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-        count = int(placeholders.sum())
-        given = 0 if features is None else features.shape[0]
-        if count != given:
-            raise ValueError(f"the prompt has {count} visual placeholder tokens but {given} visual features were given")
-        if count:
-            embeds[placeholders] = features.to(embeds.dtype)
+        if features is not None and features.shape[0]:
+            embeds.index_copy_(0, positions, features.to(embeds.dtype))
         return embeds
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

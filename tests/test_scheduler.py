@@ -1,0 +1,153 @@
+"""The Scheduler: per-row decoding parameters and seeds, cancellation, prefix reuse, multi-turn KV.
+
+Float32 on CPU, greedy answers compared exactly (token for token).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny
+from test_engine import chat, ids_of, image_case
+
+from vl3cli.decoding import DecodingParams, RowParams, filter_top_k_top_p, gumbel_noise, sample
+from vl3cli.engine import Engine
+from vl3cli.errors import Vl3Error
+from vl3cli.generate import Request, Scheduler
+
+GREEDY = DecodingParams(max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def engine(hf_checkpoint) -> Engine:
+    return Engine.load(hf_checkpoint, device="cpu", dtype="float32")
+
+
+def run(engine, requests: dict, params=GREEDY, slots=4, cancel_after=None):
+    """Every request's tokens and its finishing event, through one scheduler."""
+    scheduler = Scheduler(engine, params, slots)
+    for key, request in requests.items():
+        scheduler.add(key, request)
+    tokens = {key: [] for key in requests}
+    finished = {}
+    steps = 0
+    with torch.inference_mode():
+        while not scheduler.idle:
+            for event in scheduler.step():
+                assert event.key not in finished
+                if event.token is not None:
+                    tokens[event.key].append(event.token)
+                if event.finished:
+                    finished[event.key] = event
+            steps += 1
+            if cancel_after and steps == cancel_after[1]:
+                scheduler.cancel(cancel_after[0])
+    return tokens, finished
+
+
+def alone(engine, request, params=GREEDY):
+    return run(engine, {0: request}, params, slots=1)[0][0]
+
+
+def image_request(engine, seed, **kw):
+    ids, pixels, grid = image_case(seed=seed, grid=(1, 4, 6))
+    with torch.inference_mode():
+        return Request(ids, engine.encode_pixels(pixels, grid, 1), **kw)
+
+
+def test_per_row_parameters_and_seeds_in_one_batch_equal_each_request_alone(engine):
+    hot = DecodingParams(max_new_tokens=10, temperature=8.0, top_k=100, top_p=0.95, ignore_eos=True)
+    requests = {
+        "greedy": image_request(engine, 1),
+        "sampled": Request(chat([], "Describe this image in detail."), params=hot, seed=7),
+        "other seed": Request(chat([], "Describe this image in detail."), params=hot, seed=8),
+        "penalised": Request(chat([], "Hi"), params=DecodingParams(max_new_tokens=8, repetition_penalty=1.5), seed=3),
+    }
+    together, finished = run(engine, requests)
+    for key, request in requests.items():
+        assert together[key] == alone(engine, request, request.params or GREEDY), key
+    assert together["sampled"] != together["other seed"]  # the seed matters...
+    assert len(together["sampled"]) == 10 and finished["sampled"].reason == "length"
+    assert run(engine, {0: requests["sampled"]})[0][0] == together["sampled"]  # ...and repeats
+
+
+def test_cancel_frees_the_row_and_leaves_the_others_unchanged(engine):
+    requests = {k: image_request(engine, 10 + k) for k in range(3)}
+    requests[3] = Request(chat([], "Hi"))
+    full, _ = run(engine, requests, DecodingParams(max_new_tokens=12, ignore_eos=True), slots=3)
+    cut, finished = run(engine, requests, DecodingParams(max_new_tokens=12, ignore_eos=True), slots=3,
+                        cancel_after=(1, 4))
+    assert len(cut[1]) == 4 and 1 not in finished  # no more events, no finishing event
+    assert {k: cut[k] for k in (0, 2, 3)} == {k: full[k] for k in (0, 2, 3)}
+    assert sorted(finished) == [0, 2, 3]  # request 3 got the freed row
+
+
+def test_prefix_reuse_equals_prefilling_everything(engine):
+    """Three questions on one image, batched: the shared image prefix is prefilled once."""
+    ids, pixels, grid = image_case(seed=5, grid=(1, 4, 6))
+    im_start = tiny.token_id("<|im_start|>")
+    visual = [tiny.token_id("<|image_pad|>")] * 24
+    shared = [im_start] + ids_of("user\n") + visual
+    questions = ["What is it?", "Describe this image in detail.", "Hi"]
+    full = [chat(visual, q) for q in questions]
+    assert all(f[: len(shared)] == shared for f in full)
+    with torch.inference_mode():
+        features = engine.encode_pixels(pixels, grid, 1)
+        prefix = engine.prefill_prefix(shared, features)
+    plain, _ = run(engine, {i: Request(f, features) for i, f in enumerate(full)})
+    reused, finished = run(engine, {i: Request(f, None, prefix=prefix) for i, f in enumerate(full)})
+    assert reused == plain and all(len(t) > 3 for t in plain.values())
+    assert {e.cached_tokens for e in finished.values()} == {len(shared)}
+
+
+def test_second_turn_from_kept_kv_equals_second_turn_from_scratch(engine):
+    first = image_request(engine, 6, keep_kv=True)
+    tokens, finished = run(engine, {"turn1": first})
+    kept = finished["turn1"].prefix
+    assert kept.ids == first.input_ids + tokens["turn1"][: len(kept.ids) - len(first.input_ids)]
+    im_start, im_end = tiny.token_id("<|im_start|>"), tiny.token_id("<|im_end|>")
+    follow = (first.input_ids + tokens["turn1"] + [im_end] + ids_of("\n") + [im_start]
+              + ids_of("user\nWhat happens after the cat jumps?") + [im_end] + ids_of("\n") + [im_start]
+              + ids_of("assistant\n"))
+    scratch, _ = run(engine, {"turn2": Request(follow, first.visual_features)})
+    reused, done = run(engine, {"turn2": Request(follow, None, prefix=kept)})
+    assert reused == scratch and len(scratch["turn2"]) > 3
+    assert done["turn2"].cached_tokens == len(kept.ids)
+
+
+def test_requests_that_cannot_be_served_are_refused(engine):
+    scheduler = Scheduler(engine, GREEDY)
+    with torch.inference_mode():
+        prefix = engine.prefill_prefix(chat([], "Hi")[:-1])
+    with pytest.raises(Vl3Error, match="do not start with its prefix"):
+        scheduler.add(0, Request(chat([], "Ho"), prefix=prefix))
+    with pytest.raises(Vl3Error, match="more than the model's 4096"):
+        scheduler.add(1, Request([5] * 4090))
+    assert scheduler.idle
+
+
+def test_gumbel_draws_follow_the_softmax():
+    """4000 draws with distinct seeds: frequencies within 4 standard deviations of the probabilities."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])
+    n = 4000
+    noise = gumbel_noise(torch.arange(n), torch.zeros(n, dtype=torch.long), 5)
+    counts = torch.bincount((logits + noise).argmax(-1), minlength=5).float()
+    p = logits.softmax(-1)
+    assert ((counts / n - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9).all()
+    # a draw depends on (seed, step) only
+    again = gumbel_noise(torch.tensor([17, 3]), torch.tensor([2, 0]), 5)
+    assert torch.equal(again[0], gumbel_noise(torch.tensor([17]), torch.tensor([2]), 5)[0])
+    assert not torch.equal(again[0], gumbel_noise(torch.tensor([17]), torch.tensor([3]), 5)[0])
+
+
+def test_top_k_top_p_per_row_match_their_definitions():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]] * 3)
+    out = filter_top_k_top_p(logits, torch.tensor([2, 0, 0]), torch.tensor([1.0, 0.7, 1.0]))
+    keep = out.isfinite()
+    assert keep[0].tolist() == [True, True, False, False, False]  # top-2
+    p = logits[1].softmax(-1)  # top-p 0.7: the smallest prefix reaching 0.7
+    assert p[0] < 0.7 <= p[:2].sum() and keep[1].tolist() == [True, True, False, False, False]
+    assert keep[2].all()
+    params = RowParams.allocate(3, "cpu")
+    seen = torch.zeros(3, 5, dtype=torch.bool)
+    assert sample(logits, params, seen, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)).tolist() == [0, 0, 0]

@@ -1,0 +1,159 @@
+"""Weight-only int8 / int4 quantization: packed weights and their linear layer.
+
+`--quantize int8|int4` applies to the language model's linear layers (qkv, o, gate/up, down) and
+to the output head `lm_head` (with tied embeddings the head gets its own quantized copy, while
+the token embeddings stay in the compute dtype); the vision tower, the projector and the norms
+are never quantized. The loader fills a `QuantizedLinear` a block of rows at a time
+(`fill_rows`), so neither a full-precision copy of the model nor of one large matrix is held.
+
+- int8: one symmetric scale per output channel: w ~ q * s, q in [-127, 127], s = max|w_row| / 127.
+- int4: per output channel and group of `group_size` input columns (128, else 64 or 32),
+  asymmetric: w ~ (q - 8) * s + z, q in [0, 15], s = (max - min) / 15, z = min + 8 s (the
+  convention of PyTorch's int4 kernels). Two 4-bit values per byte.
+Scales (and zero points) are rounded to the compute dtype before q is computed, so q is chosen
+against the scale the kernels will actually use.
+
+Kernels (`kernel`): "packed" on CPU uses PyTorch's own matrix kernels for packed weights,
+`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (on a 2-core AVX512-BF16
+Xeon, 84 products with an 8960x1536 matrix: ~105 ms bf16, ~42 ms int8, ~37 ms int4; torchao's CPU
+int4 layout is built on the same kernel, so vl3 does without that dependency). "generic", on
+every other device and for shapes the packed kernels refuse, dequantizes the layer's weight to the
+compute dtype right before its matmul: correct anywhere, and the memory saving stays (only one
+layer's weight is ever expanded). Fast CUDA / MPS kernels belong to the GPU work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4")
+INT4_GROUPS = (128, 64, 32)
+PACK_ROWS = 4096  # rows repacked at a time for the CPU int4 kernel (a multiple of its 64-row blocks)
+
+
+def int4_group_size(in_features: int) -> int | None:
+    return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q int8 (N, K), scales (N,) in `dtype`."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(dtype)
+    q = (w / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q uint8 (N, K) in 0..15, scales_and_zeros (K/group, N, 2) in `dtype`."""
+    n, k = w.shape
+    wg = w.float().view(n, k // group, group)
+    lo, hi = torch.aminmax(wg, dim=-1)  # (N, K/g)
+    scales = ((hi - lo) / 15).to(dtype)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a constant group: any scale
+    zeros = (lo + 8 * scales.float()).to(dtype)
+    q = (wg - zeros.float()[..., None]).div_(scales.float()[..., None]).add_(8).round_().clamp_(0, 15)
+    return q.to(torch.uint8).view(n, k), torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8, even columns in the low nibble."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 values 0..15."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize(mode: str, qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, K) weight in `dtype` that plain-layout quantized storage stands for."""
+    if mode == "int8":
+        return qweight.to(dtype) * scales[:, None].to(dtype)
+    q = unpack_int4(qweight)
+    n, k = q.shape
+    groups = scales.shape[0]
+    s, z = scales.to(dtype).permute(1, 0, 2).unbind(-1)  # (N, K/g) each
+    w = (q.view(n, groups, k // groups).to(dtype) - 8) * s[..., None] + z[..., None]
+    return w.view(n, k)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W held as int8 or int4 (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str, bias: bool, dtype: torch.dtype,
+                 device: torch.device, kernel: str = "auto"):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown quantization {mode!r}")
+        self.in_features, self.out_features, self.mode, self.dtype = in_features, out_features, mode, dtype
+        self.group_size = int4_group_size(in_features) if mode == "int4" else None
+        if mode == "int4" and self.group_size is None:
+            raise ValueError(f"int4 needs in_features divisible by 32 (got {in_features})")
+        if kernel == "auto":
+            kernel = "packed" if torch.device(device).type == "cpu" and self.packable else "generic"
+        self.kernel = kernel
+        n, k = out_features, in_features
+        if mode == "int8":
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device), persistent=False)
+            self.register_buffer("scales", torch.empty(n, dtype=dtype, device=device), persistent=False)
+        else:
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device), persistent=False)
+            self.register_buffer("scales", torch.empty(k // self.group_size, n, 2, dtype=dtype, device=device),
+                                 persistent=False)
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
+        self._packed = False
+
+    @property
+    def packable(self) -> bool:
+        """Whether PyTorch's packed CPU kernel takes this shape."""
+        return self.mode == "int8" or self.out_features % 16 == 0
+
+    def fill_rows(self, start: int, w: torch.Tensor) -> None:
+        """Quantize rows start..start+len(w)-1 of the full-precision weight into this layer."""
+        stop = start + w.shape[0]
+        if self.mode == "int8":
+            q, s = quantize_int8(w, self.dtype)
+            self.qweight[start:stop] = q.to(self.qweight.device)
+            self.scales[start:stop] = s.to(self.scales.device)
+        else:
+            q, sz = quantize_int4(w, self.group_size, self.dtype)
+            self.qweight[start:stop] = pack_int4(q).to(self.qweight.device)
+            self.scales[:, start:stop] = sz.to(self.scales.device)
+
+    def finish(self) -> None:
+        """After every row is filled: repack int4 for the CPU kernel, 64 rows at a time."""
+        if self.mode != "int4" or self.kernel != "packed" or self._packed:
+            return
+        for start in range(0, self.out_features, PACK_ROWS):
+            block = unpack_int4(self.qweight[start : start + PACK_ROWS]).to(torch.int32)
+            self.qweight[start : start + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
+        self._packed = True
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized (N, K) weight in the compute dtype (generic kernel, tests)."""
+        if self._packed:
+            raise RuntimeError("the int4 weight is in the CPU kernel's layout")
+        return dequantize(self.mode, self.qweight, self.scales, self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel == "generic":
+            y = F.linear(x2, self.weight())
+        elif self.mode == "int8":
+            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.qweight, self.group_size, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}, kernel={self.kernel}"
+
+
+def quantizable(name: str, module: nn.Module) -> bool:
+    """The layers `--quantize` applies to: the language model's linears and the output head."""
+    return isinstance(module, nn.Linear) and (name.startswith("language.") or name == "lm_head")
