@@ -145,3 +145,28 @@ def test_reset_and_save(models, files, tmp_path):
     with pytest.raises(vl3cli.api.UsageError, match="not a saved vl3 chat"):
         chat.save(notes)
     assert notes.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_questions_share_their_media_prefix_and_answer_as_alone(models, files, kind):
+    """Three questions about one file: the common start (the media) is prefilled once; each answer
+    equals the question asked on its own (greedy, float32)."""
+    model = models["original"]
+    questions = ["What is shown?", "Which colours?", "Is anything moving?"]
+    together = model.ask(str(files[kind]), questions)
+    alone = [model.ask(str(files[kind]), q)[0] for q in questions]
+    assert [r.state.ids for r in together] == [r.state.ids for r in alone]
+    assert [r.prompt_tokens for r in together] == [r.prompt_tokens for r in alone]
+    shared = together[1].prompt_tokens_cached
+    assert alone[0].prompt_tokens_cached == together[0].prompt_tokens_cached == 0
+    assert shared == together[2].prompt_tokens_cached and shared >= together[0].visual_tokens_kept
+
+
+def test_a_conversation_prefills_only_its_new_turn(models, files):
+    chat = models["hf"].chat(str(files["video"]))
+    first = chat.ask(QUESTIONS[0])
+    second = chat.ask(QUESTIONS[1])
+    assert first.prompt_tokens_cached == 0
+    # everything before the new turn came from the kept KV: the first prompt and the answer fed back
+    assert second.prompt_tokens_cached == first.prompt_tokens + len(first.state.ids) - (first.finish_reason == "length")
+    assert second.timings["encode_s"] == 0.0  # the video was not encoded again

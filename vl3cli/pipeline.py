@@ -105,6 +105,7 @@ class Answer:
     ids: list[int] = field(default_factory=list)
     first: float | None = None  # when its first token came
     cached: int = 0  # prompt tokens served from a prefix
+    paid_prefix: bool = False  # the shared start was prefilled for this answer: its prefill_s counts it
     prefix: object = None  # with Item.keep_kv: the KV of the prompt and answer (engine.Prefix)
 
 
@@ -119,6 +120,7 @@ class Runner:
         # A server's limits on what it reads: the longest video (s) and the largest download (bytes).
         self.max_duration: float | None = None
         self.max_download_bytes: int | None = None
+        self.share_prefix = True  # several prompts about the same media prefill their common start once
 
     def media_options(self, options: Options):
         """`options.media()` for this checkpoint, with the runner's limits and the context left for visual tokens."""
@@ -274,7 +276,7 @@ class Loop:
                 out.append((event.key, piece))
             answer.timings.update(prefill_s=answer.timings.get("prefill_s", 0.0) + (event.prefill_s or 0.0),
                                   decode_s=now - answer.first)  # fmt: skip
-            answer.cached = event.cached_tokens
+            answer.cached = 0 if answer.paid_prefix else event.cached_tokens
             answer.prefix = event.prefix
             out.append((event.key, self._record(answer, event.reason)))
         return out
@@ -344,7 +346,7 @@ class Loop:
         features = torch.cat(features) if len(features) else None
         prefix, prefix_s, shared = item.prefix, 0.0, 0
         try:
-            if prefix is None and len(a.ids) > 1:  # several questions: their common start, once
+            if prefix is None and len(a.ids) > 1 and self.runner.share_prefix:  # several questions: their common start, once
                 shared = _common_start(a.ids)
                 if shared:
                     placeholders = _count_placeholders(a.ids[0][:shared], self.engine.config)
@@ -361,7 +363,8 @@ class Loop:
         for i, (prompt, input_ids) in enumerate(zip(a.prompts, a.ids)):
             timings = {"media_s": a.media_s, "encode_s": encode_s, "prefill_s": prefix_s} if i == 0 else {}
             decoder = StreamDecoder(self.engine.tokenizer) if a.reading.stream else None
-            answer = Answer(item, options, a.visuals, item.prompts[i], prompt, input_ids, timings, decoder)
+            answer = Answer(item, options, a.visuals, item.prompts[i], prompt, input_ids, timings, decoder,
+                            paid_prefix=i == 0 and prefix_s > 0)  # fmt: skip
             request = Request(input_ids, features, options.decoding, options.seed, prefix, keep_kv=item.keep_kv)
             try:
                 self.scheduler.add((a.key, a.first + i), request)
