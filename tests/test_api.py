@@ -117,3 +117,13 @@ def test_media_read_elsewhere_gives_the_same_record(model, files):
     same(theirs.to_dict(), mine.to_dict())
     ((_, failed),) = list(model.run([Item((path,), ("Why?",), prepared=MediaError(f"{path}: truncated"))]))
     assert failed.error == f"{path}: truncated" and failed.prompt == "Why?"
+
+
+def test_weights_never_build_an_autograd_graph(model, files):
+    """Inference only: a run must not keep activations for a backward pass (a gigabyte at 2B)."""
+    import torch
+
+    assert not any(p.requires_grad for p in model.engine.model.parameters())
+    with torch.enable_grad():
+        r = model.describe(str(files["image"]))
+    assert r.error is None

@@ -170,7 +170,7 @@ class Engine:
         load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings, quantize=quantize,
                   vision_dtype=vision_dt)
         model.language.init_rope(dev, dt)
-        model.eval()
+        model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls
         chunk = MPS_PREFILL_CHUNK if dev.type == "mps" else None
         graphs = CudaGraphs() if dev.type == "cuda" else None
         return cls(path, config, processor, tokenizer, model, dev, dt, quantize, backend, vision_dt, chunk, graphs)

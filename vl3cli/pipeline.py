@@ -259,7 +259,9 @@ class Loop:
                     admissions.append(admitted)
         if admissions:
             out += self._admit(admissions)
-        for event in self.scheduler.step():
+        with torch.inference_mode():
+            events = self.scheduler.step()
+        for event in events:
             answer = self.answers.get(event.key)
             if answer is None:  # cancelled
                 continue
