@@ -78,3 +78,44 @@ def test_quantized_logits_stay_close_to_float32(engines):
     assert (logits["int8"] - ref).abs().max() <= 1.0 and cosine(logits["int8"]) >= 0.999
     assert cosine(logits["int4"]) >= 0.85
     assert (logits["int4"] - ref).abs().max() > (logits["int8"] - ref).abs().max() > 0
+
+
+def test_packed_bf16_linear_equals_the_plain_product():
+    """oneDNN's prepacked bf16 linear (the CPU default for bf16) computes what F.linear does."""
+    from vl3cli.quantize import PackedLinear, packs
+
+    if not packs(torch.device("cpu"), torch.bfloat16, None):
+        pytest.skip("this CPU has no native bf16")
+    gen = torch.Generator().manual_seed(4)
+    lin = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(160, 96, generator=gen))
+        lin.bias.copy_(torch.randn(160, generator=gen))
+    packed = PackedLinear(lin)
+    for shape in ((1, 1, 96), (2, 7, 96)):
+        x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+        ref = (x.float() @ lin.weight.float().T + lin.bias.float())
+        got, plain = packed(x).float(), torch.nn.functional.linear(x, lin.weight, lin.bias).float()
+        assert got.shape == plain.shape
+        # bf16 products, fp32 sums, one bf16 rounding of the result: within 2 bf16 steps of the exact value
+        assert ((got - ref).abs() / ref.abs().clamp(min=1)).max() < 2 ** -7
+        assert ((got - plain).abs() / plain.abs().clamp(min=1)).max() < 2 ** -7
+
+
+def test_bf16_engine_packs_its_language_model_and_stays_close(hf_checkpoint, monkeypatch):
+    from vl3cli import engine as engine_module
+    from vl3cli.quantize import PackedLinear, packs
+
+    if not packs(torch.device("cpu"), torch.bfloat16, None):
+        pytest.skip("this CPU has no native bf16")
+    packed = Engine.load(hf_checkpoint, device="cpu", dtype="bfloat16")
+    assert isinstance(packed.model.lm_head, PackedLinear)
+    assert all(isinstance(layer.mlp.gate_up_proj, PackedLinear) for layer in packed.model.language.layers)
+    assert not any(isinstance(m, PackedLinear) for m in packed.model.vision.modules())
+    monkeypatch.setattr(engine_module, "packs", lambda *a: False)
+    plain = Engine.load(hf_checkpoint, device="cpu", dtype="bfloat16")
+    ids = list(range(10, 60))
+    with torch.inference_mode():
+        a, b = packed.forward_logits(ids), plain.forward_logits(ids)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cos.min() > 0.999 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9

@@ -27,6 +27,7 @@ from .attention import BACKENDS, choose_vision_backend
 from .config import ModelConfig
 from .errors import UsageError, Vl3Error
 from .model import KVCache, VideoLlama3
+from .quantize import packs
 from .quantize import MODES
 from .tokenizer import Tokenizer
 from .weights import SafetensorsFile, load_into, stored_dtype, weight_files
@@ -168,7 +169,7 @@ class Engine:
         with torch.device("meta"):
             model = VideoLlama3(config)
         load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings, quantize=quantize,
-                  vision_dtype=vision_dt)
+                  vision_dtype=vision_dt, pack=packs(dev, dt, quantize))
         model.language.init_rope(dev, dt)
         model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls
         chunk = MPS_PREFILL_CHUNK if dev.type == "mps" else None

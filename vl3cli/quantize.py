@@ -154,6 +154,43 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, kernel={self.kernel}"
 
 
+class PackedLinear(nn.Module):
+    """y = x W^T + b in bf16 with W reordered once, at load, for oneDNN (`torch.ops.mkldnn`).
+
+    On a CPU with native bf16, PyTorch's plain bf16 matrix-vector product streams weights at about
+    half the speed of oneDNN's with prepacked weights (2-core AVX512-BF16 Xeon: 11.5 against 18.7
+    GB/s over 28 matrices of 17920x1536), and decoding reads every weight per token. The same
+    arithmetic (bf16 products, fp32 accumulation); only the kernel and the weight's layout differ.
+    The plain weight is not kept.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1), persistent=False)
+        self.bias = linear.bias
+        if hasattr(linear, "parts"):
+            self.parts = linear.parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none", [], "")
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kernel=oneDNN packed bf16"
+
+
+def packs(device: torch.device, dtype: torch.dtype, quantize: str | None) -> bool:
+    """Whether the language model's linears run as PackedLinear: bf16 on a CPU with native bf16."""
+    if quantize or device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def quantizable(name: str, module: nn.Module) -> bool:
     """The layers `--quantize` applies to: the language model's linears and the output head."""
     return isinstance(module, nn.Linear) and (name.startswith("language.") or name == "lm_head")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 from collections import Counter
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
-from .quantize import QuantizedLinear, quantizable
+from .quantize import PackedLinear, QuantizedLinear, quantizable
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -239,23 +240,24 @@ def _quantize_modules(model: nn.Module, mode: str, device: torch.device, dtype: 
             q = QuantizedLinear(module.in_features, module.out_features, mode, module.bias is not None, dtype, device)
             if hasattr(module, "parts"):
                 q.parts = module.parts
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, q)
+            _swap(model, name, q)
 
 
 def load_into(
     model: nn.Module, path: Path, fmt: str, device: torch.device, dtype: torch.dtype, tie_lm_head: bool,
-    quantize: str | None = None, vision_dtype: torch.dtype | None = None,
+    quantize: str | None = None, vision_dtype: torch.dtype | None = None, pack: bool = False,
 ) -> None:
     """Fill a meta-device `model` with the checkpoint's weights (assign, no second copy).
 
     Floating-point weights become `dtype`, those of the vision tower and projector `vision_dtype`
-    (default: `dtype`). Raises WeightsError naming every missing, unexpected or wrongly shaped key,
-    before reading any.
+    (default: `dtype`). With `pack` (bf16 on a CPU that computes in it natively) the language
+    model's linears and the head become `quantize.PackedLinear`s: their weights are read (not
+    mapped) and reordered for oneDNN one at a time. Raises WeightsError naming every missing,
+    unexpected or wrongly shaped key, before reading any.
     """
     files = [SafetensorsFile(f) for f in weight_files(path)]
     try:
-        _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype)
+        _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack)
     finally:
         for f in files:
             f.close()
@@ -271,7 +273,7 @@ def _return_freed_memory() -> None:
         pass
 
 
-def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype) -> None:
+def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack=False) -> None:
     if quantize:
         _quantize_modules(model, quantize, device, dtype)
     parts = _parts(model)
@@ -291,8 +293,9 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
     head, embed = parts.get("lm_head.weight"), parts["language.embed_tokens.weight"]
     if tie_lm_head and head is not None and not head.key:  # no lm_head stored: the embedding is the head
         head.file, head.key = embed.file, embed.key
-    # A quantized head gets its own copy, read from the embedding's bytes; otherwise they share one tensor.
-    shared_head = head is not None and head.key == embed.key and not isinstance(model.lm_head, QuantizedLinear)
+    # A quantized or packed head gets its own copy, read from the embedding's bytes; otherwise they share one tensor.
+    shared_head = (head is not None and head.key == embed.key and not isinstance(model.lm_head, QuantizedLinear)
+                   and not pack)  # fmt: skip
     missing = sorted(name for name, p in parts.items() if not p.key)
     problems = []
     if missing:
@@ -308,6 +311,11 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
     for p in parts.values():
         by_param.setdefault(p.param, []).append(p)
     state: dict[str, torch.Tensor] = {}
+    staging = None  # packing: one read buffer for every weight, each reordered out of it
+    if pack:
+        largest = max(sum(math.prod(p.shape) for p in group) for param, group in by_param.items()
+                      if param.endswith(".weight") and quantizable(param.rpartition(".")[0], model.get_submodule(param.rpartition(".")[0])))  # fmt: skip
+        staging = torch.empty(largest, dtype=dtype, device=device)
     for param, group in by_param.items():
         module_name = param.rpartition(".")[0]
         module = model.get_submodule(module_name)
@@ -320,10 +328,22 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
         if param == "lm_head.weight" and shared_head:
             continue  # the same tensor as the embedding, below
         vision = param.startswith(("vision.", "projector."))
-        state[param] = _materialise(group, (vision_dtype or dtype) if vision else dtype, device)
+        packed = pack and param.endswith(".weight") and quantizable(module_name, module)
+        tensor = _materialise(group, (vision_dtype or dtype) if vision else dtype, device, mapped=not packed,
+                              staging=staging if packed else None)  # fmt: skip
+        if packed:  # reordered out of the staging buffer now
+            module.weight = nn.Parameter(tensor, requires_grad=False)
+            _swap(model, module_name, PackedLinear(module))
+        else:
+            state[param] = tensor
     if shared_head:
         state["lm_head.weight"] = state["language.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _blocks(p: _Part):
@@ -335,15 +355,22 @@ def _blocks(p: _Part):
         yield start, p.file.read_rows(p.key, start, min(rows, start + step))
 
 
-def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """One parameter from its checkpoint tensor(s): a mapped view when usable as is, else read into place."""
+def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device, mapped: bool = True,
+                 staging: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """One parameter from its checkpoint tensor(s): a mapped view when usable as is (and `mapped`),
+    else read into place: into `staging` (a flat buffer reused from one parameter to the next, so its
+    pages are faulted in once) when given and the dtypes agree."""
     first = group[0]
     info = first.file.tensors[first.key]
     target = dtype if info.dtype.is_floating_point else info.dtype
-    if len(group) == 1 and info.dtype == target and device.type == "cpu":
+    if mapped and len(group) == 1 and info.dtype == target and device.type == "cpu":
         return first.file.view(first.key)
     rows = sum(p.shape[0] for p in group)
-    out = torch.empty((rows, *first.shape[1:]), dtype=target, device=device)
+    shape = (rows, *first.shape[1:])
+    if staging is not None and staging.dtype == target:
+        out = staging[: math.prod(shape)].view(shape)
+    else:
+        out = torch.empty(shape, dtype=target, device=device)
     for p in group:
         if p.file.tensors[p.key].dtype == target and device.type == "cpu":
             p.file.read_rows(p.key, 0, p.shape[0], out=out[p.row : p.row + p.shape[0]])
