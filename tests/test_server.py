@@ -259,3 +259,35 @@ def test_a_client_leaving_mid_stream_does_not_disturb_the_others(server, ckpt, f
 def health(url: str) -> dict:
     with urllib.request.urlopen(f"{url}/health") as r:
         return json.loads(r.read())
+
+
+def test_an_internal_error_answers_500_and_the_server_goes_on(ckpt, monkeypatch):
+    """A bug anywhere in the engine thread fails the requests in flight with 500 instead of leaving
+    them waiting forever; the next requests are served."""
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from vl3cli import server
+    from vl3cli.server import Limits, create_app
+
+    model = vl3cli.load(str(ckpt), max_new_tokens=3)
+    real, calls = server.Service._deliver, []
+
+    def flaky(self, loop, ticket, out):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(self, loop, ticket, out)
+
+    monkeypatch.setattr(server.Service, "_deliver", flaky)
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+    answers = []
+    with TestClient(create_app(model, Limits())) as client:
+        for _ in range(2):
+            t = threading.Thread(target=lambda: answers.append(client.post("/v1/chat/completions", json=body)))
+            t.start()
+            t.join(timeout=60)
+            assert not t.is_alive(), "the request was left waiting"
+    assert answers[0].status_code == 500 and "boom" in answers[0].json()["error"]["message"]
+    assert answers[1].status_code == 200 and answers[1].json()["usage"]["completion_tokens"] == 3

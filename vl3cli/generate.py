@@ -124,7 +124,8 @@ class Scheduler:
         self._queue = deque(item for item in self._queue if item[0] != key)
         for row, state in enumerate(self._rows):
             if state.key == key:
-                self._free([row])
+                with torch.inference_mode():  # the cache's tensors are inference tensors
+                    self._free([row])
                 return
 
     # -- one step ----------------------------------------------------------------------------

@@ -124,33 +124,36 @@ class Service:
                     command, ticket = self.inbox.get(block=loop.idle, timeout=None)
                 except queue.Empty:
                     command = None
-                while command is not None:
-                    if command == "stop":
-                        return
-                    if command == "submit":
-                        self.tickets[ticket.id] = ticket
-                        loop.submit(ticket.id, ticket.item, stream=True)
-                    elif command == "cancel" and not ticket.done:
-                        loop.cancel(ticket.id)
-                        self.cancelled += 1
-                        self._end(ticket, None)
-                    try:
-                        command, ticket = self.inbox.get_nowait()
-                    except queue.Empty:
-                        command = None
                 try:
-                    outputs = loop.step()
+                    while command is not None:
+                        if command == "stop":
+                            return
+                        self._command(loop, command, ticket)
+                        try:
+                            command, ticket = self.inbox.get_nowait()
+                        except queue.Empty:
+                            command = None
+                    for (key, _), out in loop.step():
+                        ticket = self.tickets.get(key)
+                        if ticket is not None:
+                            self._deliver(loop, ticket, out)
                 except Exception as e:  # noqa: BLE001 -- a bug must not take the server down with it
+                    error = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
                     for t in list(self.tickets.values()):
-                        loop.cancel(t.id)
-                        self._end(t, ("error", ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")))
-                    continue
-                for (key, _), out in outputs:
-                    ticket = self.tickets.get(key)
-                    if ticket is not None:
-                        self._deliver(loop, ticket, out)
+                        self._end(t, ("error", error))
+                    loop.close()  # a fresh batch for the requests to come
+                    loop = self.model.runner.loop(self.model.defaults, self.limits.max_batch, self.workers)
         finally:
             loop.close()
+
+    def _command(self, loop, command: str, ticket: Ticket) -> None:
+        if command == "submit":
+            self.tickets[ticket.id] = ticket
+            loop.submit(ticket.id, ticket.item, stream=True)
+        elif command == "cancel" and not ticket.done:
+            loop.cancel(ticket.id)
+            self.cancelled += 1
+            self._end(ticket, None)
 
     def _deliver(self, loop, ticket: Ticket, out) -> None:
         if isinstance(out, str):
