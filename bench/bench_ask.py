@@ -66,8 +66,9 @@ def main() -> None:
                 wall[share].append(time.perf_counter() - start)
                 prefill[share].append(sum(x.timings["prefill_s"] for x in results))
                 answers[share] = [x.text for x in results]
+                if share:
+                    cached = max(x.prompt_tokens_cached for x in results)
         tokens = results[0].prompt_tokens
-        cached = max(x.prompt_tokens_cached for x in results) if answers else 0
     assert answers[True] == answers[False], "prefix reuse changed an answer"
     print(f"\n{len(QUESTIONS)} questions about a {args.frames}-frame video ({args.geometry} geometry, prompts of "
           f"{tokens} tokens, {cached} of them shared), {args.max_new_tokens} tokens each; medians of {args.runs} runs\n")  # fmt: skip
