@@ -124,8 +124,7 @@ class Scheduler:
         self._queue = deque(item for item in self._queue if item[0] != key)
         for row, state in enumerate(self._rows):
             if state.key == key:
-                with torch.inference_mode():  # the cache's tensors are inference tensors
-                    self._free([row])
+                self._free([row])
                 return
 
     # -- one step ----------------------------------------------------------------------------
@@ -216,6 +215,7 @@ class Scheduler:
 
     # -- compaction --------------------------------------------------------------------------
 
+    @torch.inference_mode()  # the cache's tensors are inference tensors, whoever frees a row
     def _free(self, rows: list[int], events: list[Event] | None = None) -> None:
         """Rows leave (finishing events appended to `events`); the last rows move into the holes."""
         for row in sorted(rows, reverse=True):
