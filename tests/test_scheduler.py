@@ -151,3 +151,30 @@ def test_top_k_top_p_per_row_match_their_definitions():
     params = RowParams.allocate(3, "cpu")
     seen = torch.zeros(3, 5, dtype=torch.bool)
     assert sample(logits, params, seen, torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)).tolist() == [0, 0, 0]
+
+
+def test_the_cache_holds_only_the_rows_in_use_and_grows_mid_answer(engine):
+    """One answer holds one row of KV cache whatever `slots` is; requests joining while it decodes
+    grow the cache (rows in powers of two, and positions for a longer prompt) without changing
+    any answer."""
+    params = DecodingParams(max_new_tokens=10, ignore_eos=True)
+    first = image_request(engine, 21)
+    later = [Request(chat([], "Hi")), Request(chat([], "Describe this image in detail. " * 40))]
+    scheduler = Scheduler(engine, params, slots=8)
+    scheduler.add(0, first)
+    tokens = {0: [], 1: [], 2: []}
+    shapes = []
+    with torch.inference_mode():
+        while not scheduler.idle:
+            for event in scheduler.step():
+                if event.token is not None:
+                    tokens[event.key].append(event.token)
+            shapes.append((scheduler._cache.batch, scheduler._cache.max_len))
+            if len(shapes) == 3:
+                for key, request in enumerate(later, start=1):
+                    scheduler.add(key, request)
+    assert shapes[0][0] == 1 and max(b for b, _ in shapes) == 4  # 3 answers at most: a 4-row bucket
+    assert shapes[-1][1] > shapes[0][1] >= len(first.input_ids) + 10
+    assert len(later[1].input_ids) + 10 > shapes[0][1]  # the long prompt needed more positions
+    for key, request in enumerate([first, *later]):
+        assert tokens[key] == alone(engine, request, params), key

@@ -289,6 +289,11 @@ class Engine:
         """
         return out.copy_(self.model.logits(self.model.language.decode_step(tokens, cache)))
 
+    def forget_graphs(self, cache: KVCache) -> None:
+        """`cache` is being dropped: free the decode graphs captured on its buffers."""
+        if self.graphs is not None:
+            self.graphs.forget(cache)
+
     def decode(self, cache: KVCache, tokens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """One step for every row of `cache` (free rows compute unused values); logits (B, V) float32."""
         if cache.host_lengths[cache.host_active].max(initial=0) >= cache.max_len:
@@ -315,7 +320,9 @@ class CudaGraphs:
 
     The step reads only tensors that live as long as the cache (tokens are copied into a static
     buffer), so a graph captured once per batch bucket serves every later step of that bucket.
-    `capture_s` records what each capture cost.
+    A graph is keyed by the address, shape and strides of every cache tensor it reads, so a cache
+    allocated where a dropped one was never replays a graph of another layout; `forget` frees the
+    graphs of a cache that is dropped. `capture_s` records what each capture cost.
     """
 
     def __init__(self):
@@ -323,7 +330,7 @@ class CudaGraphs:
         self.capture_s: dict[tuple, float] = {}
 
     def run(self, engine: Engine, cache: KVCache, tokens: torch.Tensor, out: torch.Tensor) -> None:
-        key = (cache.k.data_ptr(), cache.batch, cache.max_len, out.data_ptr())
+        key = self._key(cache) + (out.data_ptr(), tuple(out.shape))
         if key not in self.graphs:
             start = time.perf_counter()
             static = tokens.clone()
@@ -342,3 +349,14 @@ class CudaGraphs:
         graph, static = self.graphs[key]
         static.copy_(tokens, non_blocking=True)
         graph.replay()
+
+    @staticmethod
+    def _key(cache: KVCache) -> tuple:
+        tensors = (cache.k, cache.v, cache.lengths, cache.active, cache.row_index, cache.slot_index)
+        return tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in tensors)
+
+    def forget(self, cache: KVCache) -> None:
+        """Drop the graphs captured on any rows of `cache` (their buffers are about to be freed)."""
+        base = cache.k.data_ptr()
+        for key in [key for key in self.graphs if key[0][0] == base]:
+            del self.graphs[key]  # capture_s keeps what it cost

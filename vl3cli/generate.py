@@ -180,8 +180,8 @@ class Scheduler:
         while self._queue and len(self._rows) < self.slots:
             key, request = self._queue.popleft()
             params = request.params or self.params
-            self._ensure_cache(len(request.input_ids) + params.max_new_tokens)
             row = len(self._rows)
+            self._ensure_cache(len(request.input_ids) + params.max_new_tokens, row + 1)
             start = time.perf_counter()
             cached = 0
             ids, features = request.input_ids, request.visual_features
@@ -198,19 +198,26 @@ class Scheduler:
             self._seen[row, torch.tensor(request.input_ids, device=self._seen.device).clamp(max=self._seen.shape[1] - 1)] = True
             self._rows.append(_Row(key, request, params, time.perf_counter() - start, cached))
 
-    def _ensure_cache(self, need: int) -> None:
-        """A cache of `slots` rows and at least `need` positions (re-allocated between steps, rarely)."""
-        if self._cache is not None and need <= self._cache.max_len:
+    def _ensure_cache(self, need: int, rows: int) -> None:
+        """A cache of at least `need` positions and `rows` rows (re-allocated between steps, rarely).
+
+        Rows grow in powers of two up to `slots` as answers join, so a single answer (`vl3 describe`,
+        one question) holds one row, not `slots` of them: for the 7B model and a 6,400-token video
+        prompt a row is 0.37 GB. The rows in use are copied over."""
+        old = self._cache
+        if old is not None and need <= old.max_len and rows <= old.batch:
             return
-        limit = self.engine.config.text.max_position_embeddings
-        length = min(limit, -(-need // CACHE_ROUND) * CACHE_ROUND)
-        cache = self.engine.new_cache(self.slots, length)
-        if self._cache is not None:
+        length = min(self.engine.config.text.max_position_embeddings, -(-need // CACHE_ROUND) * CACHE_ROUND)
+        if old is not None:
+            length, rows = max(length, old.max_len), max(rows, old.batch)
+        cache = self.engine.new_cache(min(self.slots, bucket(rows)), length)
+        if old is not None:
             for row in range(len(self._rows)):
-                n = int(self._cache.host_lengths[row])
-                cache.k[:, row, :, :n] = self._cache.k[:, row, :, :n]
-                cache.v[:, row, :, :n] = self._cache.v[:, row, :, :n]
+                n = int(old.host_lengths[row])
+                cache.k[:, row, :, :n] = old.k[:, row, :, :n]
+                cache.v[:, row, :, :n] = old.v[:, row, :, :n]
                 cache.set_row(row, n)
+            self.engine.forget_graphs(old)
         self._cache = cache
 
     # -- compaction --------------------------------------------------------------------------
