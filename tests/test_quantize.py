@@ -8,7 +8,16 @@ import torch
 from test_engine import image_case
 
 from vl3cli.engine import Engine
-from vl3cli.quantize import QuantizedLinear, dequantize, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from vl3cli.quantize import (
+    QuantizedLinear,
+    activation_digits,
+    dequantize,
+    onednn_int8,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 
 
 def weights(n=400, k=128, seed=0):
@@ -25,13 +34,59 @@ def test_int8_and_int4_round_to_within_half_a_step():
     assert (dequantize("int4", pack_int4(q4), sz, torch.float32) - w).abs().le(step / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_activation_digits_write_each_row_exactly_to_24_bits():
+    """The digits are bytes of an integer X (zero point 128 each) with |x - s X| <= 3/4 s (half a
+    step for the rounding, a quarter for the float32 quotient x / s, whose step is 1/2 below 2^23) and s =
+    max|x| / (127 * 65793 - 2): checked by rebuilding X in float64, for rows with a 10^4 outlier, a
+    zero row, a single nonzero element and large and tiny magnitudes."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 300, generator=gen, dtype=torch.float64)
+    x[1, 7] = 2.5e4  # a massive activation
+    x[2] = 0
+    x[3] = 0
+    x[3, 299] = -3.0
+    x[4] *= 1e-30
+    x[5] *= 1e30
+    digits, s = activation_digits(x.float())
+    assert digits.dtype == torch.uint8 and digits.shape == (18, 300) and s.shape == (6, 1)
+    d = digits.double().view(3, 6, 300) - 128
+    whole = d[0] + 256 * d[1] + 65536 * d[2]
+    xf = x.float().double()
+    top = 127 * (1 + 256 + 65536)  # three signed 8-bit digits
+    assert whole.abs().max() <= top
+    assert ((xf - s.double() * whole).abs() <= 0.75 * s.double()).all()
+    amax = xf.abs().amax(1, keepdim=True)
+    assert torch.allclose(s.double()[amax > 0], (amax / (top - 2))[amax > 0], rtol=1e-6)
+    assert whole[2].abs().max() == 0 and whole[3, 299] == -(top - 2)
+
+
+def test_onednn_int8_product_is_exact_here_or_not_chosen():
+    """The check behind the "onednn" kernel agrees with an exact integer product; where it fails
+    (no VNNI), int8 layers fall back to PyTorch's packed kernel."""
+    layer = QuantizedLinear(128, 64, "int8", False, torch.float32, torch.device("cpu"))
+    assert layer.kernel == ("onednn" if onednn_int8() else "packed")
+    if not onednn_int8():
+        pytest.skip("no exact oneDNN int8 product on this CPU")
+    from vl3cli.quantize import _qlinear
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randint(-127, 128, (80, 512), dtype=torch.int8, generator=gen)
+    x = torch.randint(0, 256, (7, 512), dtype=torch.uint8, generator=gen)
+    with torch.inference_mode():
+        y = _qlinear(x, torch.ops.onednn.qlinear_prepack(w, None), torch.full((80,), 0.5), torch.zeros(80, dtype=torch.long))
+    assert torch.equal(y.double(), 0.5 * ((x.double() - 128) @ w.double().T))
+
+
+@pytest.mark.parametrize("mode,kernel", [("int8", "packed"), ("int8", "onednn"), ("int4", "packed")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_cpu_kernel_equals_the_generic_path(mode, dtype):
+def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype):
     """Same stored values, two kernels: within float rounding of each other (relative to |y|)."""
+    if kernel == "onednn" and not onednn_int8():
+        pytest.skip("no exact oneDNN int8 product on this CPU")
     w, x = weights(), torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[1, 5] = 300  # an outlier: the oneDNN kernel's activation rows must keep the small elements too
     layers = {}
-    for kernel in ("generic", "packed"):
+    for kernel in ("generic", kernel):
         layer = QuantizedLinear(128, 400, mode, True, dtype, torch.device("cpu"), kernel=kernel)
         layer.fill_rows(0, w[:150])  # filled in two blocks, as the loader does
         layer.fill_rows(150, w[150:])
@@ -39,11 +94,12 @@ def test_packed_cpu_kernel_equals_the_generic_path(mode, dtype):
         layer.finish()
         with torch.inference_mode():
             layers[kernel] = layer(x).float()
-    scale = layers["generic"].abs().max()
+    layers["packed"] = layers.pop(kernel)
+    scale = layers["generic"].abs().max(dim=1, keepdim=True).values  # per row
     # fp32: the two products sum in another order (1e-5); bf16: the generic path rounds the
     # dequantized weight to bf16 first, the packed kernel does not (measured < 1%).
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (layers["generic"] - layers["packed"]).abs().max() <= tol * scale
+    assert ((layers["generic"] - layers["packed"]).abs() <= tol * scale).all()
 
 
 @pytest.fixture(scope="module")

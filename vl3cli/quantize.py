@@ -13,16 +13,29 @@ are never quantized. The loader fills a `QuantizedLinear` a block of rows at a t
 Scales (and zero points) are rounded to the compute dtype before q is computed, so q is chosen
 against the scale the kernels will actually use.
 
-Kernels (`kernel`): "packed" on CPU uses PyTorch's own matrix kernels for packed weights,
-`torch._weight_int8pack_mm` and `torch._weight_int4pack_mm_for_cpu` (on a 2-core AVX512-BF16
-Xeon, 84 products with an 8960x1536 matrix: ~105 ms bf16, ~42 ms int8, ~37 ms int4; torchao's CPU
-int4 layout is built on the same kernel, so vl3 does without that dependency). "generic", on
-every other device and for shapes the packed kernels refuse, dequantizes the layer's weight to the
-compute dtype right before its matmul: correct anywhere, and the memory saving stays (only one
-layer's weight is ever expanded). Fast CUDA / MPS kernels belong to the GPU work.
+Kernels (`kernel`):
+- "onednn", int8 on a CPU with VNNI: oneDNN's integer matrix product on the weight prepacked at
+  load (`torch.ops.onednn.qlinear_*`). That kernel multiplies int8 weights by 8-bit activations,
+  so each row of activations x is written exactly as three 8-bit digits of a 24-bit fixed-point
+  number, X = round(x / s) = d0 + 256 d1 + 65536 d2 with s = max|x| / ~2^23 per row; the
+  three digit rows go through one product (int32 sums, exact) and y = s w_scale (Y0 + 256 Y1 +
+  65536 Y2). The activations thus keep 24 bits per row (an element's rounding is at most 3/4 s,
+  below bf16's own rounding for every element within 2^14 of the row's largest): the only
+  precision given up is the weights'. On the 2-core AVX512-BF16 Xeon a decode step's products run
+  1.5x faster than with the packed bf16 weights and 1.3x faster than `_weight_int8pack_mm`, and
+  prefill too is faster (integer products at twice the rate of bf16 ones).
+- "packed" on CPU: PyTorch's own kernels for packed weights, `torch._weight_int8pack_mm` (int8
+  where "onednn" is not available) and `torch._weight_int4pack_mm_for_cpu` (int4; torchao's CPU
+  int4 layout is built on the same kernel, so vl3 does without that dependency).
+- "generic", on every other device and for shapes the packed kernels refuse, dequantizes the
+  layer's weight to the compute dtype right before its matmul: correct anywhere, and the memory
+  saving stays (only one layer's weight is ever expanded). Fast CUDA / MPS kernels belong to the
+  GPU work.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +44,10 @@ from torch import nn
 MODES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)
 PACK_ROWS = 4096  # rows repacked at a time for the CPU int4 kernel (a multiple of its 64-row blocks)
+
+
+DIGITS_OFFSET = 128 * (1 + 256 + 65536)  # X + this = the three digits as unsigned bytes (zero point 128 each)
+DIGITS_MAX = (1 << 24) - 1 - DIGITS_OFFSET  # the largest |X| whose three digits fit: 8,355,711, about 2^23
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -79,6 +96,45 @@ def dequantize(mode: str, qweight: torch.Tensor, scales: torch.Tensor, dtype: to
     return w.view(n, k)
 
 
+@cache
+def onednn_int8() -> bool:
+    """Whether oneDNN's int8 product is available here and exact over the full 8-bit ranges.
+
+    Checked by running it: without VNNI, x86 int8 kernels may saturate 16-bit partial sums."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return False
+    try:
+        if not torch.cpu._is_vnni_supported():
+            return False
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (48, 256), dtype=torch.int8, generator=gen)
+        w[0], w[1] = 127, -127  # the largest sums of both signs
+        x = torch.randint(0, 256, (5, 256), dtype=torch.uint8, generator=gen)
+        x[0], x[1] = 255, 0
+        with torch.inference_mode():
+            y = _qlinear(x, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(48), torch.zeros(48, dtype=torch.long))
+        return torch.equal(y.double(), (x.double() - 128) @ w.double().T)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _qlinear(qx: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_zeros: torch.Tensor) -> torch.Tensor:
+    """oneDNN: (qx - 128) @ W^T * w_scales, qx uint8 (M, K), as float32 (M, N)."""
+    return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, w_scales, w_zeros, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def activation_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> the digits (3M, K) uint8 (rows 0..M-1 the lowest, zero point 128) and the
+    row scales s (M, 1) float32, with x ~ s * (d0 + 256 d1 + 65536 d2), |x - s X| <= 3/4 s."""
+    m, k = x.shape
+    xf = x.float()
+    # DIGITS_MAX - 2: the division below may round max|x| / s up by one step
+    s = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(DIGITS_MAX - 2)
+    whole = xf.div_(s).round_().to(torch.int32).add_(DIGITS_OFFSET)  # 0 < whole < 2^24
+    return whole.view(torch.uint8).view(m, k, 4)[..., :3].permute(2, 0, 1).reshape(3 * m, k), s
+
+
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W held as int8 or int4 (see the module docstring)."""
 
@@ -92,7 +148,8 @@ class QuantizedLinear(nn.Module):
         if mode == "int4" and self.group_size is None:
             raise ValueError(f"int4 needs in_features divisible by 32 (got {in_features})")
         if kernel == "auto":
-            kernel = "packed" if torch.device(device).type == "cpu" and self.packable else "generic"
+            cpu = torch.device(device).type == "cpu"
+            kernel = "generic" if not (cpu and self.packable) else "onednn" if mode == "int8" and onednn_int8() else "packed"
         self.kernel = kernel
         n, k = out_features, in_features
         if mode == "int8":
@@ -123,8 +180,15 @@ class QuantizedLinear(nn.Module):
             self.scales[:, start:stop] = sz.to(self.scales.device)
 
     def finish(self) -> None:
-        """After every row is filled: repack int4 for the CPU kernel, 64 rows at a time."""
-        if self.mode != "int4" or self.kernel != "packed" or self._packed:
+        """After every row is filled: prepack int8 for oneDNN, or repack int4 for the CPU kernel 64 rows at a time."""
+        if self._packed or self.kernel == "generic" or (self.mode, self.kernel) == ("int8", "packed"):
+            return
+        if self.kernel == "onednn":
+            # laid out for a decode step's three digit rows; any number of rows works
+            self.qweight = torch.ops.onednn.qlinear_prepack(self.qweight, [3, self.in_features])  # the plain copy is freed
+            self.scales = self.scales.float()
+            self.register_buffer("zeros", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
+            self._packed = True
             return
         for start in range(0, self.out_features, PACK_ROWS):
             block = unpack_int4(self.qweight[start : start + PACK_ROWS]).to(torch.int32)
@@ -134,7 +198,7 @@ class QuantizedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized (N, K) weight in the compute dtype (generic kernel, tests)."""
         if self._packed:
-            raise RuntimeError("the int4 weight is in the CPU kernel's layout")
+            raise RuntimeError("the weight is in the CPU kernel's layout")
         return dequantize(self.mode, self.qweight, self.scales, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +206,11 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.kernel == "generic":
             y = F.linear(x2, self.weight())
+        elif self.kernel == "onednn":
+            digits, s = activation_digits(x2)
+            m = x2.shape[0]
+            y3 = _qlinear(digits, self.qweight, self.scales, self.zeros)
+            y = torch.add(y3[:m], torch.add(y3[m : 2 * m], y3[2 * m :], alpha=256), alpha=256).mul_(s).to(self.dtype)
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
