@@ -44,6 +44,8 @@ from torch import nn
 MODES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)
 PACK_ROWS = 4096  # rows repacked at a time for the CPU int4 kernel (a multiple of its 64-row blocks)
+QUANTIZE_ELEMENTS = 1 << 18  # weights quantized at a time: their float32 temporaries stay in the CPU's cache
+# (3x faster than whole 32 MB blocks on a 2-core Xeon, the same values)
 
 
 DIGITS_OFFSET = 128 * (1 + 256 + 65536)  # X + this = the three digits as unsigned bytes (zero point 128 each)
@@ -169,6 +171,11 @@ class QuantizedLinear(nn.Module):
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
         """Quantize rows start..start+len(w)-1 of the full-precision weight into this layer."""
+        step = max(1, QUANTIZE_ELEMENTS // self.in_features)
+        for first in range(0, w.shape[0], step):
+            self._fill(start + first, w[first : first + step])
+
+    def _fill(self, start: int, w: torch.Tensor) -> None:
         stop = start + w.shape[0]
         if self.mode == "int8":
             q, s = quantize_int8(w, self.dtype)

@@ -322,7 +322,7 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
         if isinstance(module, QuantizedLinear) and param.endswith(".weight"):
             for p in group:
                 for start, block in _blocks(p):
-                    module.fill_rows(p.row + start, block.float())
+                    module.fill_rows(p.row + start, block)
             module.finish()
             continue
         if param == "lm_head.weight" and shared_head:
