@@ -175,3 +175,23 @@ def test_bf16_engine_packs_its_language_model_and_stays_close(hf_checkpoint, mon
         a, b = packed.forward_logits(ids), plain.forward_logits(ids)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cos.min() > 0.999 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_filling_in_cache_sized_pieces_stores_what_one_piece_does(mode, monkeypatch):
+    """The loader's rows are quantized a few at a time; every row's values are its own, so the
+    stored weights are identical to quantizing the block at once."""
+    import vl3cli.quantize as quantize
+
+    w = weights(n=300, k=128, seed=6).to(torch.bfloat16)
+    layers = []
+    for elements in (1 << 30, 7 * 128):  # one piece; pieces of 7 rows (300 = 42 * 7 + 6)
+        monkeypatch.setattr(quantize, "QUANTIZE_ELEMENTS", elements)
+        layer = QuantizedLinear(128, 300, mode, False, torch.bfloat16, torch.device("cpu"), kernel="generic")
+        layer.fill_rows(0, w)
+        layers.append(layer)
+    assert torch.equal(layers[0].qweight, layers[1].qweight) and torch.equal(layers[0].scales, layers[1].scales)
+    # and against the quantizer called directly on the whole block
+    if mode == "int8":
+        q, s = quantize_int8(w, torch.bfloat16)
+        assert torch.equal(layers[1].qweight, q) and torch.equal(layers[1].scales, s)
