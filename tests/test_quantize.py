@@ -85,6 +85,7 @@ def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype):
         pytest.skip("no exact oneDNN int8 product on this CPU")
     w, x = weights(), torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
     x[1, 5] = 300  # an outlier: the oneDNN kernel's activation rows must keep the small elements too
+    given = x.clone()
     layers = {}
     for kernel in ("generic", kernel):
         layer = QuantizedLinear(128, 400, mode, True, dtype, torch.device("cpu"), kernel=kernel)
@@ -94,6 +95,7 @@ def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype):
         layer.finish()
         with torch.inference_mode():
             layers[kernel] = layer(x).float()
+    assert torch.equal(x, given)  # a layer never writes to its input
     layers["packed"] = layers.pop(kernel)
     scale = layers["generic"].abs().max(dim=1, keepdim=True).values  # per row
     # fp32: the two products sum in another order (1e-5); bf16: the generic path rounds the

@@ -27,8 +27,7 @@ from .attention import BACKENDS, choose_vision_backend
 from .config import ModelConfig
 from .errors import UsageError, Vl3Error
 from .model import KVCache, VideoLlama3
-from .quantize import packs
-from .quantize import MODES
+from .quantize import MODES, packs
 from .tokenizer import Tokenizer
 from .weights import SafetensorsFile, load_into, stored_dtype, weight_files
 

@@ -1,6 +1,7 @@
 """Generation: requests in, token events out. Knows nothing of text.
 
-`Scheduler` runs continuous batching over one static KV cache:
+`Scheduler` runs continuous batching over one KV cache of static buffers (re-allocated, rarely,
+when more rows or positions are needed):
 
     scheduler = Scheduler(engine, params, slots=8)
     scheduler.add(key, Request(input_ids, features, seed=1))

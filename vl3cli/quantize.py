@@ -130,10 +130,10 @@ def activation_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, K) float -> the digits (3M, K) uint8 (rows 0..M-1 the lowest, zero point 128) and the
     row scales s (M, 1) float32, with x ~ s * (d0 + 256 d1 + 65536 d2), |x - s X| <= 3/4 s."""
     m, k = x.shape
-    xf = x.float()
+    xf = x.float()  # x itself when it is float32: never written to
     # DIGITS_MAX - 2: the division below may round max|x| / s up by one step
     s = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(DIGITS_MAX - 2)
-    whole = xf.div_(s).round_().to(torch.int32).add_(DIGITS_OFFSET)  # 0 < whole < 2^24
+    whole = torch.div(xf, s).round_().to(torch.int32).add_(DIGITS_OFFSET)  # 0 < whole < 2^24
     return whole.view(torch.uint8).view(m, k, 4)[..., :3].permute(2, 0, 1).reshape(3 * m, k), s
 
 
@@ -188,18 +188,19 @@ class QuantizedLinear(nn.Module):
 
     def finish(self) -> None:
         """After every row is filled: prepack int8 for oneDNN, or repack int4 for the CPU kernel 64 rows at a time."""
-        if self._packed or self.kernel == "generic" or (self.mode, self.kernel) == ("int8", "packed"):
+        if self._packed:
             return
         if self.kernel == "onednn":
             # laid out for a decode step's three digit rows; any number of rows works
             self.qweight = torch.ops.onednn.qlinear_prepack(self.qweight, [3, self.in_features])  # the plain copy is freed
             self.scales = self.scales.float()
             self.register_buffer("zeros", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
-            self._packed = True
-            return
-        for start in range(0, self.out_features, PACK_ROWS):
-            block = unpack_int4(self.qweight[start : start + PACK_ROWS]).to(torch.int32)
-            self.qweight[start : start + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
+        elif self.kernel == "packed" and self.mode == "int4":
+            for start in range(0, self.out_features, PACK_ROWS):
+                block = unpack_int4(self.qweight[start : start + PACK_ROWS]).to(torch.int32)
+                self.qweight[start : start + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
+        else:
+            return  # the plain layout is the kernel's
         self._packed = True
 
     def weight(self) -> torch.Tensor:
