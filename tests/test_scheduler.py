@@ -10,7 +10,7 @@ import torch
 import tiny
 from test_engine import chat, ids_of, image_case
 
-from vl3cli.decoding import DecodingParams, RowParams, filter_top_k_top_p, gumbel_noise, sample
+from vl3cli.decoding import DecodingParams, RowParams, filter_top_k_top_p, gumbel_noise, sample, uniform_of
 from vl3cli.engine import Engine
 from vl3cli.errors import Vl3Error
 from vl3cli.generate import Request, Scheduler
@@ -138,6 +138,24 @@ def test_gumbel_draws_follow_the_softmax():
     again = gumbel_noise(torch.tensor([17, 3]), torch.tensor([2, 0]), 5)
     assert torch.equal(again[0], gumbel_noise(torch.tensor([17]), torch.tensor([2]), 5)[0])
     assert not torch.equal(again[0], gumbel_noise(torch.tensor([17]), torch.tensor([3]), 5)[0])
+
+
+def test_uniforms_stay_strictly_inside_0_1_so_the_noise_is_finite():
+    """At the extremes of the hash's 32 bits (hand-computed: (0 + 1/2) / 2^23 and (2^23 - 1/2) / 2^23)
+    the uniform is inside (0, 1); a uniform of exactly 1 made a token's noise +inf, and that token
+    won whatever its logit or its top-k/top-p mask."""
+    bits = torch.tensor([0, 511, 512, (1 << 32) - 1], dtype=torch.long)
+    u = uniform_of(bits)
+    assert u.tolist() == [0.5 / 2**23, 0.5 / 2**23, 1.5 / 2**23, (2**23 - 0.5) / 2**23]
+    assert (u > 0).all() and (u < 1).all() and (-torch.log(-torch.log(u))).isfinite().all()
+
+
+def test_top_p_of_one_keeps_every_token_of_a_large_vocabulary():
+    """float32 cumulative sums over 151,936 probabilities pass 1 before the last token; top-p 1
+    (off) must still keep the whole tail, as skipping the filter does."""
+    logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * 3
+    out = filter_top_k_top_p(logits, torch.zeros(4, dtype=torch.long), torch.ones(4))
+    assert torch.equal(out, logits)
 
 
 def test_top_k_top_p_per_row_match_their_definitions():

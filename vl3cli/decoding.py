@@ -68,8 +68,13 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
     key = _mix32(_mix32(_mix32(seed_lo) ^ seed_hi) ^ (steps & MASK32))  # (B,)
     index = torch.arange(vocab, device=seeds.device, dtype=torch.long)
     bits = _mix32(key[:, None] ^ _mix32(index)[None, :])  # (B, V) in [0, 2^32)
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits, strictly inside (0, 1)
-    return -torch.log(-torch.log(uniform))
+    return -torch.log(-torch.log(uniform_of(bits)))
+
+
+def uniform_of(bits: torch.Tensor) -> torch.Tensor:
+    """Integers in [0, 2^32) -> float32 strictly inside (0, 1): 23 bits, (n + 1/2) / 2^23, which float32
+    holds exactly (with 24 bits, (2^24 - 1/2) / 2^24 would round to 1.0, and its noise to +inf)."""
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 @dataclass
@@ -119,7 +124,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     # reaches p (the same set as transformers' ascending cumsum <= 1 - p, the most likely kept).
     probs = ordered.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs
-    drop_sorted = (before >= top_p[:, None]) & (torch.arange(vocab, device=logits.device) > 0)
+    # top_p >= 1 is off: float32 sums can pass 1 before the tail and must not drop it
+    drop_sorted = (before >= top_p[:, None]) & (top_p < 1)[:, None] & (torch.arange(vocab, device=logits.device) > 0)
     ordered = ordered.masked_fill(drop_sorted, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, ordered)
 
@@ -131,18 +137,24 @@ def sample(
     seeds: torch.Tensor,
     steps: torch.Tensor,
     any_sampling: bool = True,
+    any_penalty: bool = True,
+    any_filter: bool = True,
 ) -> torch.Tensor:
     """Next token ids (B,) from float32 logits (B, V); each row with its params, seed and draw number.
 
     `seen` (B, V) bool marks the tokens of each row's prompt and answer (repetition penalty).
-    `any_sampling=False` (every row greedy, known to the caller) skips the sort and the noise.
+    What the caller knows of every row skips work that would leave the logits as they are:
+    `any_sampling=False` (all greedy) the sort and the noise, `any_penalty=False` (all penalties 1)
+    the penalty, `any_filter=False` (no top-k, top-p 1) the sort.
     """
-    logits = apply_repetition_penalty(logits, seen, params.penalty[:, None])
+    if any_penalty:
+        logits = apply_repetition_penalty(logits, seen, params.penalty[:, None])
     greedy = logits.argmax(dim=-1)
     if not any_sampling:
         return greedy
     sampling = params.temperature > 0
     scaled = logits / torch.where(sampling, params.temperature, 1.0)[:, None]
-    scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
+    if any_filter:
+        scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     drawn = (scaled + gumbel_noise(seeds, steps, logits.shape[-1])).argmax(dim=-1)
     return torch.where(sampling, drawn, greedy)

@@ -136,9 +136,11 @@ class Scheduler:
         n = len(self._rows)
         if not n:
             return []
-        any_sampling = any(not r.params.greedy for r in self._rows)
-        tokens = sample(self._logits[:n], self._row_params_view(n), self._seen[:n], self._seeds[:n],
-                        self._steps[:n], any_sampling)
+        rows = [r.params for r in self._rows]
+        tokens = sample(self._logits[:n], self._row_params_view(n), self._seen[:n], self._seeds[:n], self._steps[:n],
+                        any_sampling=any(not p.greedy for p in rows),
+                        any_penalty=any(p.repetition_penalty != 1 for p in rows),
+                        any_filter=any(p.top_k > 0 or p.top_p < 1 for p in rows))
         self._tokens[:n] = tokens
         self._seen[torch.arange(n, device=tokens.device), tokens] = True
         self._steps[:n] += 1
