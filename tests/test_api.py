@@ -127,3 +127,16 @@ def test_weights_never_build_an_autograd_graph(model, files):
     with torch.enable_grad():
         r = model.describe(str(files["image"]))
     assert r.error is None
+
+
+def test_segments_as_a_default_are_refused_by_ask_and_chat(ckpt, files):
+    """`segments` given to load() applies to every call: ask and chat (one answer about the whole
+    media) refuse it with the same error as when passed to the call."""
+    segmented = vl3cli.load(str(ckpt), dtype="float32", max_new_tokens=N, segments=1)
+    with pytest.raises(vl3cli.api.UsageError, match="one answer per segment"):
+        segmented.ask(str(files["video"]), "What?")
+    with pytest.raises(vl3cli.api.UsageError, match="one answer per segment"):
+        segmented.describe(str(files["video"]))
+    with pytest.raises(vl3cli.api.UsageError, match="segments are for"):
+        segmented.chat(str(files["video"]))
+    assert [r.segment_start for r in segmented.segments(str(files["video"]), segments=1)] == [0.0, 1.0]

@@ -8,6 +8,7 @@ The original-format checkpoint holds the same weights as the HF-format one trans
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,9 @@ def test_reset_and_save(models, files, tmp_path):
     chat = models["hf"].chat(str(files["image"]))
     first = chat.ask(QUESTIONS[0])
     chat.ask(QUESTIONS[1])
+    # only the conversation's latest KV is kept: no earlier turn's copy rides on its Result
+    assert chat.prefix is not None
+    assert all(r.state.prefix is None and r.state.item.prefix is None for r in chat.results)
     chat.reset()
     again = chat.ask(QUESTIONS[0])
     assert again.text == first.text and again.prompt_tokens == first.prompt_tokens
@@ -145,6 +149,11 @@ def test_reset_and_save(models, files, tmp_path):
     with pytest.raises(vl3cli.api.UsageError, match="not a saved vl3 chat"):
         chat.save(notes)
     assert notes.read_text() == "mine"
+    chat.save(out)  # a saved chat is replaced
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(vl3cli.api.UsageError, match="not a saved vl3 chat"):
+        chat.save(fifo)  # refused without being opened (reading it would block)
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])

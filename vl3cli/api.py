@@ -125,7 +125,7 @@ class Model:
         prompts = tuple([questions] if questions is None or isinstance(questions, str) else questions)
         if not prompts:
             raise UsageError("ask needs at least one question")
-        if options.get("segments") is not None:
+        if self.options(**options).segments is not None:  # given here or as the model's default
             raise UsageError("with segments there is one answer per segment: use model.segments(...)")
         results: list[Result | None] = [None] * len(prompts)
         stream = (lambda key, piece: on_text(key[1], piece)) if on_text else None
@@ -154,7 +154,10 @@ class Model:
     def chat(self, media: str | Sequence[str] = (), **options) -> Chat:
         """A conversation about some images and/or videos (none: text only); see chat.py."""
         media = (media,) if isinstance(media, str) else tuple(media)
-        return Chat(self, media, self.options(**options))
+        options = self.options(**options)
+        if options.segments is not None:
+            raise UsageError("a chat is about the whole media; segments are for model.segments(...)")
+        return Chat(self, media, options)
 
     def caption_many(
         self,

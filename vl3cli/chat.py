@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import UsageError, Vl3Error
@@ -62,6 +63,8 @@ class Chat:
         visuals = self.visuals if not self.history else ()
         self.history += [Turn("user", question, visuals=tuple(visuals)), Turn("assistant", ids=tuple(answer.ids))]
         self.prefix = answer.prefix
+        # the KV lives on in self.prefix only: the Results kept per turn hold no copy of it
+        answer.prefix, answer.item = None, replace(answer.item, prefix=None)
         self.results.append(result)
         return result
 
@@ -91,15 +94,23 @@ class Chat:
     def save(self, path: str | Path) -> Path:
         """Write the conversation as JSON; an existing file is replaced only if it is a saved vl3 chat."""
         path = Path(path).expanduser()
-        if path.exists():
-            try:
-                ours = json.loads(path.read_text(encoding="utf-8")).get("format") == SAVE_FORMAT
-            except (OSError, ValueError, AttributeError):
-                ours = False
-            if not ours:
-                raise UsageError(f"{path} exists and is not a saved vl3 chat; choose another file name")
+        if path.exists() and not _saved_chat(path):
+            raise UsageError(f"{path} exists and is not a saved vl3 chat; choose another file name")
         try:
             path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         except OSError as e:
             raise Vl3Error(f"cannot write {path}: {e.strerror or e}") from e
         return path
+
+
+def _saved_chat(path: Path) -> bool:
+    """Whether `path` is a regular file that `Chat.save` wrote: its first bytes, never the whole file
+    (a device or a FIFO is not opened at all)."""
+    if not path.is_file():
+        return False
+    start = '{\n  "format": ' + json.dumps(SAVE_FORMAT) + ","
+    try:
+        with path.open("rb") as f:
+            return f.read(len(start.encode())) == start.encode()
+    except OSError:
+        return False
