@@ -196,3 +196,34 @@ def test_the_cache_holds_only_the_rows_in_use_and_grows_mid_answer(engine):
     assert len(later[1].input_ids) + 10 > shapes[0][1]  # the long prompt needed more positions
     for key, request in enumerate([first, *later]):
         assert tokens[key] == alone(engine, request, params), key
+
+
+def test_decode_graphs_are_forgotten_with_every_cache_dropped(engine, monkeypatch):
+    """CUDA graphs read the cache's buffers: each cache the scheduler drops (grown, or at close)
+    is handed to the engine's graphs to forget, and the steps still run through them."""
+
+    class Graphs:
+        def __init__(self):
+            self.ran, self.forgotten = set(), []
+
+        def run(self, engine, cache, tokens, out):
+            self.ran.add(cache.k.data_ptr())
+            engine.step(cache, tokens, out)
+
+        def forget(self, cache):
+            self.forgotten.append(cache.k.data_ptr())
+
+    graphs = Graphs()
+    monkeypatch.setattr(engine, "graphs", graphs)
+    params = DecodingParams(max_new_tokens=4, ignore_eos=True)
+    scheduler = Scheduler(engine, params, slots=4)
+    scheduler.add(0, Request(chat([], "Hi")))
+    with torch.inference_mode():
+        scheduler.step()
+        first = scheduler._cache.k.data_ptr()
+        scheduler.add(1, Request(chat([], "Hello there")))  # a second row: the cache grows
+        while not scheduler.idle:
+            scheduler.step()
+        last = scheduler._cache.k.data_ptr()
+        scheduler.close()
+    assert first != last and graphs.ran == {first, last} and graphs.forgotten == [first, last]

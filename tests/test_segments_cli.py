@@ -153,3 +153,30 @@ def test_python_api_segments(ckpt, clip):
     assert got == [(0.0, 5.0, "What?"), (0.0, 5.0, "Who?"), (5.0, 10.0, "What?"), (5.0, 10.0, "Who?")]
     with pytest.raises(vl3cli.api.UsageError, match="model.segments"):
         model.describe(str(clip), segments=5)
+    # an item of several media cannot be cut: an error record (a batch goes on), not a whole answer
+    ((_, record),) = list(model.run([vl3cli.Item((str(clip), str(clip)), ("What?",))], segments=5))
+    assert record.error and "cuts one video" in record.error and record.text is None
+
+
+def test_subtitles_and_segments_need_one_video_before_anything_is_written(ckpt, clip, tmp_path, monkeypatch):
+    """Refused as a usage error (one `Error:` line, exit 2, from main()) before the model loads or
+    --out is opened: an --overwrite target keeps its bytes."""
+    from media_factory import make_image
+
+    from vl3cli.cli import describe as describe_cli
+    from vl3cli.errors import UsageError
+
+    monkeypatch.setattr(describe_cli, "_load", lambda *a: pytest.fail("the model was loaded"))
+    image = make_image(tmp_path / "still.png", size=(28, 28))
+    out = tmp_path / "old.srt"
+    out.write_text("1\n00:00:00,000 --> 00:00:01,000\nkept\n")
+    cases = [
+        (["describe", image, "-f", "srt", "--out", out, "--overwrite"], "subtitles for one video"),
+        (["ask", clip, clip, "What?", "-f", "vtt", "--out", out, "--overwrite"], "subtitles for one video"),
+        (["ask", clip, image, "What?", "--segments", 2], "cuts one video"),
+    ]
+    for args, message in cases:
+        r = runner.invoke(app, [str(a) for a in [*args, "-m", ckpt]])
+        assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2, r.output
+        assert message in str(r.exception)
+        assert out.read_text() == "1\n00:00:00,000 --> 00:00:01,000\nkept\n"

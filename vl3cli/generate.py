@@ -93,6 +93,12 @@ class Scheduler:
         self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
         self._overlap = cuda
 
+    def close(self) -> None:
+        """Done with this scheduler: its cache's decode graphs (CUDA) are freed with it."""
+        if self._cache is not None:
+            self.engine.forget_graphs(self._cache)
+            self._cache = None
+
     # -- the queue ---------------------------------------------------------------------------
 
     @property

@@ -205,6 +205,7 @@ class Loop:
         for reading in self.reading.values():
             reading.cancel.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()
 
     @property
     def waiting(self) -> int:
@@ -550,9 +551,11 @@ def _read(reading: _Reading, processor, media, arrived: threading.Event) -> None
 def read_parts(item: Item, processor, media, options: Options) -> Iterator[tuple[tuple[VisualInput, ...], float]]:
     """An item's media as parts: the whole item once (`read_media`), or, for one video with
     `options.segments`, each window as soon as it is decoded (preprocess.prepare_segments)."""
-    if options.segments is None or len(item.to_read) != 1 or item.history or item.prepared is not None:
+    if options.segments is None or item.history or item.prepared is not None:
         yield read_media(item, processor, media)
         return
+    if len(item.to_read) != 1:
+        raise UsageError(f"--segments cuts one video into segments; this item has {len(item.to_read)} media")
     start = time.perf_counter()
     for visual in prepare_segments(item.media[0], processor, media, spans_of(options), skip=item.skip):
         now = time.perf_counter()

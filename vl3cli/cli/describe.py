@@ -99,6 +99,10 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
         raise UsageError("--stream shows one answer as it grows; with --segments each segment's line is printed when it is done")
     check_replaceable(target, fmt, overwrite)
     _check_media(media)  # before loading the model
+    if options.segments is not None and len(media) != 1:
+        raise UsageError(f"--segments cuts one video into segments (got {len(media)} media)")
+    if fmt in ("srt", "vtt"):
+        _check_subtitled(media, fmt)  # before the output is opened (and, with --overwrite, emptied)
     with opened(target, replace=overwrite or fmt != "jsonl") as f:
         model = _load(params, options)
         terminal = f.isatty()
@@ -121,6 +125,16 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
         finally:
             spinner.stop()
             printer.close()
+
+
+def _check_subtitled(media: list[str], fmt: str) -> None:
+    """Subtitles are for one video; a local file is judged now (a URL once it is fetched)."""
+    from ..fetch import is_url
+    from ..media import detect_kind
+
+    if len(media) != 1 or (not is_url(media[0]) and detect_kind(media[0]) != "video"):
+        what = media[0] if len(media) == 1 else f"{len(media)} media" if media else "a text-only prompt"
+        raise UsageError(f"--format {fmt} writes subtitles for one video; {what} is not one")
 
 
 def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list[str]]:
