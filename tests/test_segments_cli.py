@@ -180,3 +180,27 @@ def test_subtitles_and_segments_need_one_video_before_anything_is_written(ckpt, 
         assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2, r.output
         assert message in str(r.exception)
         assert out.read_text() == "1\n00:00:00,000 --> 00:00:01,000\nkept\n"
+
+
+def test_a_decoder_failure_while_cutting_is_one_error_naming_the_file(ckpt, clip, monkeypatch):
+    """Whatever the decoder raises mid-file (or while finding shots) becomes the item's error record
+    naming the file, as for a whole-file read: the answers before it stand (a server answers 400)."""
+    import vl3cli
+    from vl3cli import preprocess
+
+    model = vl3cli.load(str(ckpt), max_new_tokens=N)
+    real = video.decode_windows
+
+    def breaks_after_one(*args, **kwargs):
+        windows = real(*args, **kwargs)
+        yield next(windows)
+        raise RuntimeError("bitstream error")
+
+    monkeypatch.setattr(preprocess.video, "decode_windows", breaks_after_one)
+    records = [r for _, r in model.run([vl3cli.Item((str(clip),), ("What?",))], segments=5)]
+    assert [r.segment_start for r in records if r.error is None] == [0.0]
+    (failed,) = [r for r in records if r.error]
+    assert failed.error == f"{clip}: cannot decode video (RuntimeError: bitstream error)"
+    monkeypatch.setattr(vl3cli.pipeline, "detect_cuts", lambda *a: (_ for _ in ()).throw(OSError("gone")))
+    (record,) = [r for _, r in model.run([vl3cli.Item((str(clip),), ("What?",))], segments="scenes")]
+    assert record.error == f"{clip}: cannot decode video (OSError: gone)"

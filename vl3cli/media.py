@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -240,6 +241,19 @@ def is_animated_image(path) -> bool:
         return False
 
 
+@contextmanager
+def decoder_errors(path):
+    """Any decoder exception inside -> one MediaError naming `path` (vl3's own errors pass as they are)."""
+    try:
+        yield
+    except Vl3Error:
+        raise
+    except MemoryError as e:
+        raise _fail(path, "out of memory while decoding") from e
+    except Exception as e:  # noqa: BLE001 - decoder errors of every kind
+        raise _fail(path, f"cannot decode video ({type(e).__name__}: {e})") from e
+
+
 def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
     """Decode the frames ``plan(meta)`` asks for, at the size it asks for.
 
@@ -249,7 +263,7 @@ def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
     if backend not in ("auto", "decord", "pyav"):
         raise UsageError(f"unknown video decoder {backend!r}: use auto, decord or pyav")
     check_file(path)
-    try:
+    with decoder_errors(path):
         if is_animated_image(path):
             meta = _animated_meta(path)
             timestamps, size = plan(meta)
@@ -257,12 +271,6 @@ def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
         meta = container.probe(path)
         timestamps, size = plan(meta)
         frames, backend, end = video.decode(path, meta, timestamps, size, backend)
-    except Vl3Error:
-        raise
-    except MemoryError as e:
-        raise _fail(path, "out of memory while decoding") from e
-    except Exception as e:  # noqa: BLE001 - decoder errors of every kind
-        raise _fail(path, f"cannot decode video ({type(e).__name__}: {e})") from e
     if not len(frames):
         raise _fail(path, "truncated or corrupt video: no frame could be decoded")
     if end is not None:  # decoding stopped early: keep what was read

@@ -426,9 +426,10 @@ def prepare_segments(
         meta = container.probe(path)
     except Vl3Error as e:
         raise _with_path(name, e) if isinstance(e, MediaError) else e from None
-    windows = [span for span in spans(path, meta) if span not in skip]
+    with media.decoder_errors(name):  # shot detection decodes the file too
+        windows = [span for span in spans(path, meta) if span not in skip]
     plans = [plan_video(name, config, replace(options, start=s, end=e))(meta) for s, e in windows]
-    decoded = video.decode_windows(path, meta, plans, decoder)
+    decoded = _named_errors(name, video.decode_windows(path, meta, plans, decoder))
     for (s, e), (timestamps, _), (frames, backend, end) in zip(windows, plans, decoded):
         warnings = []
         if end is not None:  # the file breaks inside this window: what decodes of it, and nothing after
@@ -440,6 +441,16 @@ def prepare_segments(
         yield _video_input(name, frames, timestamps, meta, config, options, backend, warnings, (s, min(e, meta.duration)))
         if end is not None:
             return
+
+
+def _named_errors(name: str, items: Iterator):
+    """`items`, with a decoder's exception while producing one turned into a MediaError naming `name`."""
+    while True:
+        with media.decoder_errors(name):
+            item = next(items, None)
+        if item is None:
+            return
+        yield item
 
 
 def _prepare_url(url: str, config: ProcessorConfig, options: MediaOptions, decoder: str) -> VisualInput:
