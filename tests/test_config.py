@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,16 +127,19 @@ def test_device_and_dtype_resolution(monkeypatch):
 
 
 @pytest.mark.skipif(__import__("platform").machine().lower() not in ("x86_64", "amd64"), reason="x86 feature checks")
-def test_this_cpu_answers_the_native_bf16_question():
-    """The answer comes from PyTorch's own CPU feature checks (AVX512-BF16 / AMX), never from /proc."""
+def test_native_bf16_follows_pytorchs_cpu_feature_checks(monkeypatch):
+    """On x86 the answer is PyTorch's own feature checks: AVX512-BF16 or AMX, else not native."""
     from vl3cli.engine import cpu_native_bf16
 
-    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert cpu_native_bf16() == expected
+    for avx512_bf16, amx, native in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu_native_bf16() is native
 
 
-def test_stored_dtype_from_config_or_weights(checkpoints, tmp_path):
+def test_stored_dtype_from_config_or_weights(checkpoints, tmp_path, monkeypatch):
     """auto's input: torch_dtype / dtype in config.json (top level or text_config), else the header's."""
+    from vl3cli import engine as engine_module
     from vl3cli.engine import Engine
 
     hf = json.loads((checkpoints["hf-tied"] / "config.json").read_text())
@@ -145,6 +149,17 @@ def test_stored_dtype_from_config_or_weights(checkpoints, tmp_path):
     assert ModelConfig.from_dict(json.loads((DATA / "VideoLLaMA3-2B.config.json").read_text())).torch_dtype == "bfloat16"
     # The tiny checkpoints say nothing and are stored in fp32: auto stays fp32.
     assert Engine.load(checkpoints["hf-tied"], device="cpu").dtype == torch.float32
+    # The same weights stored in bf16, config silent: the header says bf16, which auto runs where native.
+    from safetensors.torch import load_file, save_file
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(checkpoints["hf-tied"], bf16)
+    for f in bf16.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)
+    monkeypatch.setattr(engine_module, "cpu_native_bf16", lambda: True)
+    assert Engine.load(bf16, device="cpu").dtype == torch.bfloat16
+    monkeypatch.setattr(engine_module, "cpu_native_bf16", lambda: False)
+    assert Engine.load(bf16, device="cpu").dtype == torch.float32
 
 
 def test_vision_backend_choice():
@@ -157,7 +172,7 @@ def test_vision_backend_choice():
 
 def test_fast_vision_kernels_need_ampere_and_a_varlen_that_takes_scale(monkeypatch):
     """T4 / V100 (compute capability 7.x) fall back to SDPA; a varlen_attn without scale= is not used."""
-    import torch.nn.attention.varlen as varlen
+    varlen = pytest.importorskip("torch.nn.attention.varlen")  # PyTorch >= 2.9
 
     import vl3cli.attention as attention
 
@@ -166,8 +181,8 @@ def test_fast_vision_kernels_need_ampere_and_a_varlen_that_takes_scale(monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert choose_vision_backend(cuda, torch.float16) == "sdpa"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert choose_vision_backend(cuda, torch.bfloat16) == ("varlen" if attention.has_torch_varlen() else "sdpa")
-    assert attention.has_torch_varlen() == ("scale" in __import__("inspect").signature(varlen.varlen_attn).parameters)
+    monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k, scale=None: q)
+    assert attention.has_torch_varlen() and choose_vision_backend(cuda, torch.bfloat16) == "varlen"
     monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k: q)  # an older signature
     assert not attention.has_torch_varlen()
     assert choose_vision_backend(cuda, torch.bfloat16) == "sdpa"
