@@ -103,3 +103,26 @@ def test_threshold_is_strict_and_scaled_by_255():
     big = torch.cat([torch.zeros(8, 3 * P * P), torch.full((8, 3 * P * P), d)])  # 2 tokens per frame
     assert prune_mask(big, (2, 2, 4), 2, threshold=0.4).tolist() == [True, True, True, True]
     assert prune_mask(big, (2, 2, 4), 2, threshold=0.6).tolist() == [True, True, True, False]
+
+
+def test_uint8_patches_prune_as_their_normalised_values_with_per_channel_statistics():
+    """With a mean and std that differ per channel, uint8 patches and a table give the mask of
+    the float values (x / 255 - mean_c) / std_c computed by hand, patch row by patch row."""
+    from vl3cli.preprocess import normalise_table
+
+    t, h, w, m, p = 4, 4, 6, 2, 2
+    gen = torch.Generator().manual_seed(8)
+    patches = torch.randint(0, 256, (t * h * w, 3 * p * p), generator=gen, dtype=torch.uint8)
+    patches = patches.clamp(20, 235)
+    patches[h * w : 2 * h * w] = patches[: h * w]  # frame 1 repeats frame 0...
+    patches[h * w + 7, 0:4] += 10  # ...but for the red channel of the 4th patch of its 2nd token
+    mean, std = (0.25, 0.5, 0.75), (0.25, 0.5, 1.0)
+    table = torch.from_numpy(normalise_table(mean, std))
+    rows = patches.double().view(-1, 3, p * p) / 255
+    by_hand = ((rows - torch.tensor(mean, dtype=torch.float64)[:, None]) / torch.tensor(std, dtype=torch.float64)[:, None])
+    floats = by_hand.view(patches.shape).float()
+    # that token's mean change: 4 red values by 10 levels over 48 values, red std 0.25 -> 10 * 4 / 48 / 0.25
+    for threshold in (0.5, 3.0, 3.5):
+        expected = prune_mask(floats, (t, h, w), m, threshold=threshold)
+        assert expected.view(t, -1)[1, 1].item() == (threshold < 10 * 4 / 48 / 0.25)  # (token 0: min_tokens)
+        assert torch.equal(prune_mask(patches, (t, h, w), m, threshold=threshold, table=table), expected)

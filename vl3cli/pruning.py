@@ -47,8 +47,10 @@ def prune_mask(
         return keep.flatten()
     frames = pixel_values.view(t, tokens, -1)  # (t, tokens, m*m*3*p*p)
 
-    def frame(i: int) -> torch.Tensor:
-        return frames[i] if table is None else normalise(frames[i], table)
+    def frame(i: int) -> torch.Tensor:  # uint8: normalised patch by patch (each row is 3*p*p channel-first)
+        if table is None:
+            return frames[i]
+        return normalise(frames[i].reshape(-1, pixel_values.shape[-1]), table).view(frames[i].shape)
 
     previous = frame(0)
     for i in range(1, t):
