@@ -93,8 +93,11 @@ class KVCache:
         self.v[layer][self.row_index, :, slots] = v[:, :, 0]
 
     def mask(self) -> torch.Tensor:
-        """(B, 1, 1, T) bool: slot j is visible to row b's new token iff j <= lengths[b]."""
-        return (self.slot_index[None, :] <= self.lengths[:, None])[:, None, None, :]
+        """(B, 1, 1, T) additive, in the cache's dtype: 0 where slot j is visible to row b's new token
+        (j <= lengths[b]), -inf elsewhere. Additive once per step: a boolean mask would be converted
+        to this by every layer's attention call, with the same result."""
+        visible = (self.slot_index[None, :] <= self.lengths[:, None])[:, None, None, :]
+        return torch.zeros(visible.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(~visible, float("-inf"))
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy row `src` (keys, values, length, activity) over row `dst`."""
@@ -128,13 +131,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x cos + rotate_half(x) sin, with rotate_half(x) = (-x2, x1): the halves swapped by one roll,
+    and the sign in the table (`signed_sin` = (-sin, sin) per half). Equal to the usual form bit for
+    bit: (-a) b and a (-b) round alike."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class FusedLinear(nn.Linear):
@@ -152,11 +153,11 @@ class Pass:
     Prefill (`start` is an int): one cache row, a chunk of L tokens at slots start..start+L-1;
     `mask` (1, 1, L, start+L) says which slots each query sees, None = causal over a fresh row.
     Decode (`start` is None): every row of `cache`, one token each at slot lengths[b];
-    `mask` (B, 1, 1, T) from `KVCache.mask`.
+    `mask` (B, 1, 1, T), additive, from `KVCache.mask`.
     """
 
     cos: torch.Tensor  # (B, 1, L, d)
-    sin: torch.Tensor
+    sin: torch.Tensor  # signed, see apply_rope
     cache: KVCache
     mask: torch.Tensor | None
     row: int = 0
@@ -175,9 +176,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
         b, n, _ = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([h * hd, kv * hd, kv * hd], dim=-1)
-        q = apply_rope(q.view(b, n, h, hd).transpose(1, 2), p.cos, p.sin)  # (B, H, L, d)
-        k = apply_rope(k.view(b, n, kv, hd).transpose(1, 2), p.cos, p.sin)  # (B, kv, L, d)
+        qk, v = self.qkv_proj(x).split([(h + kv) * hd, kv * hd], dim=-1)
+        qk = apply_rope(qk.view(b, n, h + kv, hd).transpose(1, 2), p.cos, p.sin)  # queries and keys at once
+        q, k = qk[:, :h], qk[:, h:]  # (B, H, L, d), (B, kv, L, d)
         v = v.view(b, n, kv, hd).transpose(1, 2)
         if p.start is None:
             p.cache.append(layer, k, v, p.slots)
@@ -231,7 +232,7 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope_cos: torch.Tensor | None = None  # (max_position_embeddings, d), see init_rope
-        self.rope_sin: torch.Tensor | None = None
+        self.rope_sin: torch.Tensor | None = None  # signed: (-sin, sin) per half
 
     def init_rope(self, device, dtype) -> None:
         """The cos/sin table of every position, computed in fp32 then cast (as transformers does)."""
@@ -239,7 +240,9 @@ class Qwen2Model(nn.Module):
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
         freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, d/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (n, d)
-        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        sin[:, : d // 2].neg_()
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), sin.to(dtype)
 
     def prefill(self, embeds: torch.Tensor, cache: KVCache, row: int, start: int) -> torch.Tensor:
         """Run one row's chunk `embeds` (L, D) at positions start..start+L-1; final hidden states (L, D)."""
