@@ -135,3 +135,22 @@ def test_decode_step_is_one_graph_over_20_growing_steps(engine):
             assert torch.equal(logits, eager)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_with_a_roll_and_signed_sines_equals_rotate_half_bit_for_bit(engine, dtype):
+    """apply_rope(x, cos, (-sin, sin)) against the textbook x cos + (-x2, x1) sin written out here,
+    on the engine's own table (positions 0..300) for queries and keys stacked as the layers do."""
+    from vl3cli.model.language import Qwen2Model, apply_rope
+
+    lm = Qwen2Model(engine.model.language.config)
+    lm.init_rope("cpu", dtype)
+    d = lm.config.head_dim
+    inv_freq = 1.0 / (lm.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+    angles = torch.arange(301).float()[:, None] * inv_freq
+    cos, sin = (f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin))
+    assert torch.equal(lm.rope_cos[:301], cos)
+    x = torch.randn(2, 7, 301, d, generator=torch.Generator().manual_seed(4)).to(dtype)  # (B, heads, L, d)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    expected = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    assert torch.equal(apply_rope(x, lm.rope_cos[:301], lm.rope_sin[:301]), expected)
