@@ -164,3 +164,22 @@ def test_a_pool_the_cluster_cannot_hold_is_refused(cluster, ckpt, folder, tmp_pa
     assert isinstance(r.exception, UsageError) and r.exception.exit_code == 2, r.output
     assert fragment in str(r.exception) and "the Ray cluster has 0 GPUs and 2 CPUs" in str(r.exception)
     assert out.read_text() == ""
+
+
+def test_resuming_a_finished_segmented_run_adds_nothing(cluster, ckpt, tmp_path):
+    """Every segment of the video answered: a second run reads the file to find its segments, finds
+    them all done and writes no record (no "lost" error for a video with nothing left to answer)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    make_video(media / "v.mp4", seconds=2.0, fps=6, size=(56, 42))
+    out = tmp_path / "seg.jsonl"
+    common = [media, "-m", ckpt, "--max-new-tokens", N, "--out", out, "--engine", "ray", "--segments", 1]
+    r = batch(*common)
+    assert r.exit_code == 0, r.output
+    first = out.read_bytes()
+    records = read_jsonl(out)
+    assert sorted((rec["segment_start"], rec["segment_end"]) for rec in records) == [(0.0, 1.0), (1.0, 2.0)]
+    assert not any(rec["error"] for rec in records)
+    r = batch(*common)
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == first

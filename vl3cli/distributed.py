@@ -60,6 +60,7 @@ BATCH_FACTOR = 2  # items per actor call, in units of --batch-size
 # Ray Data settings for the run: one block per record (so records stream back as they finish);
 # a failed block dropped rather than the run ended (its items get error records); no progress bars.
 DATA_CONTEXT = {"target_max_block_size": 1, "max_errored_blocks": -1, "enable_progress_bars": False}
+ANSWERED = "nothing left"  # a part standing for an item whose segments are all answered already (resume)
 LOST = "lost on the Ray cluster (a worker died before answering; see Ray's logs); redo it with --retry-failed"
 
 
@@ -152,6 +153,9 @@ class RayEngine:
         seen: set[tuple] = set()  # (index, segment): a retried task may repeat a record; keep the first
         with self._quiet_data_context():
             for row in _rows(ds, stop):
+                if not row["record"]:  # its segments were all answered by an earlier run
+                    pending.pop(int(row["index"]), None)
+                    continue
                 record = json.loads(row["record"])
                 if (mark := (int(row["index"]), record.get("segment_start"))) not in seen:
                     seen.add(mark)
@@ -244,8 +248,9 @@ def _absolute(path: str) -> str:
 
 def _read(batch, processor, media, options: Options):
     """CPU task: read every medium of each item -> (visuals, seconds), one row per part (a long
-    video cut into segments gives one per segment), or the error reading raised, made portable (a
-    vl3 error naming the files as the user spelled them)."""
+    video cut into segments gives one per segment; ANSWERED when its segments were all answered
+    before), or the error reading raised, made portable (a vl3 error naming the files as the user
+    spelled them)."""
     import numpy as np
 
     from .pipeline import Item, read_parts
@@ -257,7 +262,7 @@ def _read(batch, processor, media, options: Options):
         else:
             item = Item(tuple(_absolute(m) for m in entry.media), (entry.prompt,), skip=skip)
             try:
-                parts = [_spelled(part, entry) for part in read_parts(item, processor, media, options)]
+                parts = [_spelled(part, entry) for part in read_parts(item, processor, media, options)] or [ANSWERED]
             except Exception as e:  # noqa: BLE001 -- a file that cannot be read is its item's error record
                 message = error_message(e)
                 for m in entry.media:
@@ -296,10 +301,17 @@ class _Answerer:
         self.batch_size = batch_size
 
     def __call__(self, batch):
+        import numpy as np
+
         from .pipeline import Item
 
-        items = [Item(e.media, (e.prompt,), e.id, prepared=p) for e, p in zip(batch["entry"], batch["prepared"])]
-        left = dict(enumerate(int(i) for i in batch["index"]))  # item number in this call -> index in the run
+        items, left = [], {}  # left: item number in this call -> index in the run
+        for index, entry, part in zip(batch["index"], batch["entry"], batch["prepared"]):
+            if isinstance(part, str) and part == ANSWERED:
+                yield {"index": np.array([int(index)], dtype=np.int64), "record": np.array([""], dtype=object)}
+                continue
+            left[len(items)] = int(index)
+            items.append(Item(entry.media, (entry.prompt,), entry.id, prepared=part))
         try:
             for (n, _), result in self.model.run(items, batch_size=self.batch_size, workers=1):
                 yield _record_row(left.pop(n), result)
