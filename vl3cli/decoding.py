@@ -17,6 +17,7 @@ capturable in a CUDA graph; and the integer noise is the same bits on CPU, CUDA 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -62,12 +63,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@lru_cache(maxsize=4)
+def _token_hashes(vocab: int, device: torch.device) -> torch.Tensor:
+    """_mix32 of every token id: the same for every step, so hashed once per vocabulary and device."""
+    return _mix32(torch.arange(vocab, device=device, dtype=torch.long))
+
+
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """Gumbel(0, 1) noise (B, V) float32 for rows with `seeds` (B,) int64 at draw number `steps` (B,)."""
     seed_lo, seed_hi = seeds & MASK32, (seeds >> 32) & MASK32
     key = _mix32(_mix32(_mix32(seed_lo) ^ seed_hi) ^ (steps & MASK32))  # (B,)
-    index = torch.arange(vocab, device=seeds.device, dtype=torch.long)
-    bits = _mix32(key[:, None] ^ _mix32(index)[None, :])  # (B, V) in [0, 2^32)
+    bits = _mix32(key[:, None] ^ _token_hashes(vocab, seeds.device)[None, :])  # (B, V) in [0, 2^32)
     return -torch.log(-torch.log(uniform_of(bits)))
 
 
