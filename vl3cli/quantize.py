@@ -24,10 +24,10 @@ Kernels (`kernel`):
   3/4 s sum|w| (tested) and small against the weights' own rounding. Measured at the 2B geometry
   (bench_quality.py), the logits differ from those of `_weight_int8pack_mm` (bf16 activations,
   unrounded) no more than those of a 24-bit (three-digit) version did (norm of the difference 47.7
-  against 46.7, where each differs from the unquantized model's by 128), and the two-digit product
-  streams the weights 10% faster than the three-digit one. On the 2-core AVX512-BF16 Xeon a decode
-  step's products run 1.6x faster than with the packed bf16 weights and 1.4x faster than
-  `_weight_int8pack_mm`, and prefill too is faster (integer products at twice the rate of bf16 ones).
+  against 46.7, where each differs from the unquantized model's by 128). On the 2-core AVX512-BF16
+  Xeon a decode step's int8 products took 91 ms with two digits and 105 with three (the packed
+  bf16 ones 152-161; `_weight_int8pack_mm` was already 1.3x slower than three digits), and
+  prefill is faster than bf16's too (integer products at twice the rate of bf16 ones).
 - "packed" on CPU: PyTorch's own kernels for packed weights, `torch._weight_int8pack_mm` (int8
   where "onednn" is not available) and `torch._weight_int4pack_mm_for_cpu` (int4; torchao's CPU
   int4 layout is built on the same kernel, so vl3 does without that dependency).

@@ -235,7 +235,8 @@ class Qwen2Model(nn.Module):
         self.rope_sin: torch.Tensor | None = None  # signed: (-sin, sin) per half
 
     def init_rope(self, device, dtype) -> None:
-        """The cos/sin table of every position, computed in fp32 then cast (as transformers does)."""
+        """The cos and signed sin (see apply_rope) tables of every position, computed in fp32 then
+        cast (as transformers does)."""
         d, n = self.config.head_dim, self.config.max_position_embeddings
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
         freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, d/2)
