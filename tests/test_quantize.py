@@ -9,6 +9,7 @@ from test_engine import image_case
 
 from vl3cli.engine import Engine
 from vl3cli.quantize import (
+    DIGITS_STEPS,
     QuantizedLinear,
     activation_digits,
     dequantize,
@@ -47,17 +48,19 @@ def test_activation_digits_write_each_row_to_16_bits():
     x[3, 299] = -3.0
     x[4] *= 1e-30
     x[5] *= 1e30
-    digits, s = activation_digits(x.float())
-    assert digits.dtype == torch.uint8 and digits.shape == (12, 300) and s.shape == (6, 1)
+    digits, top = activation_digits(x.float())
+    assert digits.dtype == torch.uint8 and digits.shape == (12, 300) and top.shape == (6, 1)
+    s = top.double() / DIGITS_STEPS  # the step the layer multiplies back by
     d = digits.double().view(2, 6, 300) - 128
     whole = d[0] + 256 * d[1]
     xf = x.float().double()
-    top = 127 + 256 * 127  # two signed 8-bit digits, the upper one at most 127
-    assert whole.abs().max() <= top
-    assert ((xf - s.double() * whole).abs() <= 0.75 * s.double()).all()
+    top_digits = 127 + 256 * 127  # two signed 8-bit digits, the upper one at most 127
+    assert whole.abs().max() <= top_digits
+    assert ((xf - s * whole).abs() <= 0.75 * s).all()
     amax = xf.abs().amax(1, keepdim=True)
-    assert torch.allclose(s.double()[amax > 0], (amax / (top - 2))[amax > 0], rtol=1e-6)
-    assert whole[2].abs().max() == 0 and whole[3, 299] == -(top - 2)
+    assert DIGITS_STEPS == top_digits - 2
+    assert torch.equal(top.double()[amax > 0], amax[amax > 0]) and top[2].item() == pytest.approx(1e-30)
+    assert whole[2].abs().max() == 0 and whole[3, 299] == -(top_digits - 2)
 
 
 def test_onednn_int8_product_is_exact_here_or_not_chosen():
@@ -79,12 +82,14 @@ def test_onednn_int8_product_is_exact_here_or_not_chosen():
 
 @pytest.mark.parametrize("mode,kernel", [("int8", "packed"), ("int8", "onednn"), ("int4", "packed")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype):
+@pytest.mark.parametrize("rows", [3, 1])  # prefill, and a decode step (its own path in the oneDNN kernel)
+def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype, rows):
     """Same stored values, two kernels: within float rounding of each other (relative to |y|)."""
     if kernel == "onednn" and not onednn_int8():
         pytest.skip("no exact oneDNN int8 product on this CPU")
     w, x = weights(), torch.randn(3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
-    x[1, 5] = 300  # an outlier: the oneDNN kernel's activation rows must keep the small elements too
+    x[0, 5] = x[1, 5] = 300  # an outlier: the oneDNN kernel's activation rows must keep the small elements too
+    x = x[:rows]
     given = x.clone()
     layers = {}
     for kernel in ("generic", kernel):
@@ -103,7 +108,8 @@ def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     bound = tol * scale
     if kernel == "onednn":  # plus each activation's rounding to 16 bits: 3/4 s per element, times sum |w|
-        _, s = activation_digits(x.float())
+        _, top = activation_digits(x.float())
+        s = top / DIGITS_STEPS
         bound = bound + 0.75 * s * dequantize(mode, *quantize_int8(w, dtype), torch.float32).abs().sum(1)
     assert ((layers["generic"] - layers["packed"]).abs() <= bound).all()
 

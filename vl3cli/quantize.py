@@ -54,7 +54,9 @@ QUANTIZE_ELEMENTS = 1 << 18  # weights quantized at a time: their float32 tempor
 
 DIGITS_OFFSET = 128 * (1 + 256)  # X + this = the two digits as unsigned bytes (zero point 128 each)
 DIGITS_MAX = (1 << 16) - 1 - DIGITS_OFFSET  # the largest |X| whose two digits fit: 32,639, about 2^15
+DIGITS_STEPS = DIGITS_MAX - 2  # max|x| maps to this: its quotient may round a step above, never past DIGITS_MAX
 _HALF_OFFSET = torch.tensor(DIGITS_OFFSET + 0.5)
+_RECOMBINE = torch.tensor([[1.0, 256.0]])  # one row: Y0 + 256 Y1 as a (1, 2) @ (2, N) product
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -132,15 +134,15 @@ def _qlinear(qx: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_z
 
 
 def activation_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) float -> the digits (2M, K) uint8 (rows 0..M-1 the lower, zero point 128) and the
-    row scales s (M, 1) float32, with x ~ s * (d0 + 256 d1), |x - s X| <= 3/4 s."""
+    """(M, K) float -> the digits (2M, K) uint8 (rows 0..M-1 the lower, zero point 128) and each
+    row's max|x| as float32 (M, 1) (1e-30 for a zero row): with s = max|x| / DIGITS_STEPS,
+    x ~ s * (d0 + 256 d1), |x - s X| <= 3/4 s. For one row the digits are a strided view."""
     m, k = x.shape
-    # DIGITS_MAX - 2: the quotient below may come out a rounding step above max|x| / s
-    s = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-30).div_(DIGITS_MAX - 2)
-    # X + DIGITS_OFFSET = floor(x / s + DIGITS_OFFSET + 1/2), in float32 (positive, below 2^16, so
-    # converting to int32 floors it): two roundings of at most 2^-9 each, x itself never written
-    whole = torch.addcdiv(_HALF_OFFSET, x, s).to(torch.int32)
-    return whole.view(torch.uint8).view(m, k, 4)[..., :2].permute(2, 0, 1).reshape(2 * m, k), s
+    top = x.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-30)
+    # X + DIGITS_OFFSET = floor(DIGITS_STEPS x / max|x| + DIGITS_OFFSET + 1/2), in float32 (positive,
+    # below 2^16, so converting to int32 floors it): two roundings of at most 2^-9 each, x never written
+    whole = torch.addcdiv(_HALF_OFFSET, x, top, value=DIGITS_STEPS).to(torch.int32)
+    return whole.view(torch.uint8).as_strided((2, m, k), (1, 4 * k, 4)).reshape(2 * m, k), top
 
 
 class QuantizedLinear(nn.Module):
@@ -199,7 +201,7 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "onednn":
             # laid out for a decode step's two digit rows; any number of rows works
             self.qweight = torch.ops.onednn.qlinear_prepack(self.qweight, [2, self.in_features])  # the plain copy is freed
-            self.scales = self.scales.float()
+            self.scales = self.scales.float() / DIGITS_STEPS  # times a row's max|x| below: s w_scale
             self.register_buffer("zeros", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
         elif self.kernel == "packed" and self.mode == "int4":
             for start in range(0, self.out_features, PACK_ROWS):
@@ -221,10 +223,7 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "generic":
             y = F.linear(x2, self.weight())
         elif self.kernel == "onednn":
-            digits, s = activation_digits(x2)
-            m = x2.shape[0]
-            y2 = _qlinear(digits, self.qweight, self.scales, self.zeros)
-            y = torch.add(y2[:m], y2[m:], alpha=256).mul_(s).to(self.dtype)
+            return self._onednn(x2).view(*shape[:-1], self.out_features)
         elif self.mode == "int8":
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:
@@ -232,6 +231,21 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def _onednn(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N): y = s w_scale (Y0 + 256 Y1) + b, summed in float32 and rounded once."""
+        digits, top = activation_digits(x2)
+        y2 = _qlinear(digits, self.qweight, self.scales, self.zeros)  # (2M, N) float32, w_scale / DIGITS_STEPS in
+        bias = None if self.bias is None else self.bias.float()
+        if x2.shape[0] == 1:  # a decode step: both digit rows and the bias in one small product
+            coeff = _RECOMBINE * top
+            y = torch.mm(coeff, y2) if bias is None else torch.addmm(bias, coeff, y2)
+        else:
+            m = x2.shape[0]
+            y = torch.add(y2[:m], y2[m:], alpha=256).mul_(top)
+            if bias is not None:
+                y.add_(bias)
+        return y.to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, kernel={self.kernel}"
