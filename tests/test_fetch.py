@@ -134,3 +134,75 @@ def test_is_url():
     for path in ("cat.jpg", "/data/a:b.mp4", "C:\\videos\\a.mp4", "dir/https://x"):
         assert not fetch.is_url(path)
     fetch.check_url("https://example.com:8443/videos/cat.mp4?x=1")  # fine as it is
+
+
+@pytest.mark.parametrize("ip,kind", [
+    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("fc00::1", "private"),
+    ("169.254.169.254", "link-local"), ("fe80::1%eth0", "link-local"), ("0.0.0.0", "unspecified"),
+    ("224.0.0.1", "multicast"), ("100.64.0.1", "not a public"), ("198.18.0.1", "private"),
+    ("8.8.8.8", None), ("1.1.1.1", None), ("2606:4700:4700::1111", None), ("::ffff:8.8.8.8", None),
+])  # fmt: skip
+def test_address_refusal_follows_the_special_purpose_registries(ip, kind):
+    """RFC 1918 / 4193 private, RFC 3927 / 4291 link-local, 6598 shared (100.64/10), 2544 benchmarking."""
+    why = fetch.address_refusal(ip)
+    assert why is None if kind is None else kind in why
+
+
+@pytest.fixture
+def names(monkeypatch):
+    """Made-up names: media.example -> 127.0.0.1, which the policy is told to take for a public
+    address (the only server a test can reach), internal.example -> 10.0.0.1, a private one, and
+    public.example -> 8.8.8.8 (reachable here only through a proxy). Returns the real policy."""
+    real_resolve, real_refusal = socket.getaddrinfo, fetch.address_refusal
+    table = {"media.example": "127.0.0.1", "internal.example": "10.0.0.1", "public.example": "8.8.8.8"}
+
+    def resolve(host, port, *args, **kwargs):
+        return real_resolve(table.get(host, host), port, *args, **kwargs)
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(fetch, "address_refusal", lambda ip: None if ip == "127.0.0.1" else real_refusal(ip))
+    return real_refusal
+
+
+def test_public_only_never_connects_to_a_loopback_address(tmp_path):
+    with socket.socket() as listener:  # a server that would see any connection attempt
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/cat.png"
+        with pytest.raises(MediaError) as info:
+            fetch.download(url, tmp_path, public_only=True)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    message = str(info.value)
+    assert message.startswith(f"{url}: not downloaded: 127.0.0.1 ") and "127.0.0.1 (a loopback address)" in message
+    assert "--allow-private-urls" in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_public_only_checks_every_redirect(server, names, media_files, tmp_path):
+    base = server.replace("127.0.0.1", "media.example")
+    got = fetch.download(base + "/redirect", tmp_path, public_only=True)  # a public host, redirected within itself
+    assert got.read_bytes() == media_files["cat.png"].read_bytes()
+    got.unlink()
+    with pytest.raises(MediaError) as info:  # then a hop to a private address: refused before connecting
+        fetch.download(base + "/to-internal", tmp_path, public_only=True, timeout=2)
+    message = str(info.value)
+    assert message.startswith(f"{base}/to-internal: not downloaded: internal.example ") and "10.0.0.1 (a private address)" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_public_only_through_a_proxy_checks_the_target_not_the_proxy(server, names, media_files, tmp_path, monkeypatch):
+    """The test server also answers as a plain HTTP proxy (it serves the path of an absolute URL)."""
+    monkeypatch.setattr(fetch, "address_refusal", names)  # the real policy: the proxy itself is loopback
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server)
+    port = server.rsplit(":", 1)[1]
+    got = fetch.download(f"http://public.example:{port}/cat.png", tmp_path, public_only=True)
+    assert got.read_bytes() == media_files["cat.png"].read_bytes()
+    got.unlink()
+    with pytest.raises(MediaError, match=r"internal\.example .*10\.0\.0\.1 \(a private address\)"):
+        fetch.download(f"http://internal.example:{port}/cat.png", tmp_path, public_only=True)
+    assert list(tmp_path.iterdir()) == []

@@ -72,7 +72,7 @@ def start_server(ckpt: Path, *args: str):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    p, url = start_server(ckpt, "--api-key", KEY, "--allow-local-files", "--max-body-mb", "1", "--max-new-tokens", str(N),
+    p, url = start_server(ckpt, "--api-key", KEY, "--allow-local-files", "--allow-private-urls", "--max-body-mb", "1", "--max-new-tokens", str(N),
                           "--max-download-mb", "1", "--max-video-seconds", "3")  # fmt: skip
     yield url
     p.terminate()
@@ -214,6 +214,12 @@ def test_local_files_are_refused_unless_allowed(ckpt, files):
     try:
         status, body = post(url, {"messages": [user("Hi", ("image_url", files["image"].as_uri()))]}, key=None)
         assert status == 400 and "--allow-local-files" in body["error"]["message"]
+        from http_server import serve
+
+        with serve({"/a.png": ("image/png", files["image"].read_bytes())}) as base:  # 127.0.0.1: this host
+            status, body = post(url, {"messages": [user("Hi", ("image_url", base + "/a.png"))], "max_tokens": 2}, key=None)
+        assert status == 400 and "127.0.0.1 (a loopback address)" in body["error"]["message"]
+        assert "--allow-private-urls" in body["error"]["message"]
         status, body = post(url, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, key=None)
         assert status == 200 and body["choices"][0]["message"]["role"] == "assistant"
     finally:
@@ -291,3 +297,18 @@ def test_an_internal_error_answers_500_and_the_server_goes_on(ckpt, monkeypatch)
             assert not t.is_alive(), "the request was left waiting"
     assert answers[0].status_code == 500 and "boom" in answers[0].json()["error"]["message"]
     assert answers[1].status_code == 200 and answers[1].json()["usage"]["completion_tokens"] == 3
+
+
+def test_a_server_limits_the_downloads_of_a_model_already_used(model):
+    """Media options are cached per runner: a Service created after the model read media must
+    still switch its downloads to public addresses only."""
+    from vl3cli.server import Limits, Service
+
+    assert not model.runner.media_options(model.defaults).download_limits().get("public_only")
+    try:
+        Service(model, Limits())  # not started: the constructor sets the policy
+        assert model.runner.media_options(model.defaults).download_limits()["public_only"] is True
+        Service(model, Limits(allow_private_urls=True))
+        assert not model.runner.media_options(model.defaults).download_limits().get("public_only")
+    finally:
+        model.runner.public_urls_only = False

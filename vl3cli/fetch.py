@@ -14,16 +14,24 @@ Contract:
   download (default 600, env ``VL3_DOWNLOAD_TIMEOUT``); at most ``max_redirects`` redirects
   (default 5), to http or https only. Proxies come from ``HTTP_PROXY`` / ``HTTPS_PROXY`` /
   ``NO_PROXY`` (the standard library's rules); certificates are verified.
+- ``public_only`` (what ``vl3 serve`` uses unless started with ``--allow-private-urls``): every
+  connection, the first and each redirect's, goes only to a public address. The name is
+  resolved, loopback / private / link-local / shared / reserved / multicast addresses are
+  skipped, and the socket connects to a public one among those resolved, so a name that
+  resolves differently the second time (DNS rebinding) cannot slip through. Behind a proxy
+  the proxy connects; the target's name is checked as this machine resolves it. The command
+  line fetches from anywhere: a local user may reach what their machine can.
 - A web page (``text/html``) is refused as not media; any other body is kept and the caller
   checks its content like a local file's.
 - Failures are one-line ``MediaError("<url>: <reason>")`` (HTTP status, timeout, too large,
-  unreachable host, not media), chained to the network error behind them.
+  unreachable host, a refused address, not media), chained to the network error behind them.
 
 Nothing downloaded is ever executed: the file is only handed to the image and video decoders.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -95,7 +103,107 @@ def _size(n: float) -> str:
     return ""
 
 
-def _opener(max_redirects: int):
+def address_refusal(ip: str) -> str | None:
+    """Why ``public_only`` downloads may not connect to ``ip``: "a loopback address", ...; None
+    for a public (globally routable unicast) address. IPv4 mapped into IPv6 counts as IPv4."""
+    addr = ipaddress.ip_address(ip.partition("%")[0])  # an IPv6 zone (fe80::1%eth0) names no other host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    for test, kind in ((addr.is_loopback, "loopback"), (addr.is_link_local, "link-local"),
+                       (addr.is_unspecified, "unspecified"), (addr.is_multicast, "multicast"),
+                       (addr.is_private, "private")):  # fmt: skip
+        if test:
+            return f"a {kind} address"
+    return None if addr.is_global else "not a public address"
+
+
+class AddressRefused(Exception):
+    """A ``public_only`` download would have connected to a non-public address."""
+
+    def __init__(self, host: str, refused: list[str]):
+        super().__init__(f"{host} resolves only to non-public addresses: {', '.join(refused)}")
+        self.host, self.refused = host, refused
+
+
+def _public_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None):
+    """``socket.create_connection`` that connects only to a public address among those ``address``'s
+    host resolves to (raises AddressRefused when there is none, the last OSError when none answers)."""
+    host, port = address
+    refused, error = [], None
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        why = address_refusal(sockaddr[0])
+        if why:
+            refused.append(f"{sockaddr[0]} ({why})")
+            continue
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    if error is not None:
+        raise error
+    raise AddressRefused(host, refused)
+
+
+def _check_proxied(req) -> None:
+    """Through a proxy the proxy connects: refuse a target whose name resolves (here) to a non-public address."""
+    host = urlsplit(req.full_url).hostname
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # not resolvable here: the proxy resolves it
+    refused = [f"{i[4][0]} ({why})" for i in infos if (why := address_refusal(i[4][0]))]
+    if refused:
+        raise AddressRefused(host, refused)
+
+
+def _public_handlers():
+    """urllib handlers whose connections go only to public addresses (the proxy's excepted)."""
+    import http.client
+    import urllib.request
+
+    class Connect:
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._create_connection = self._connect
+
+        def _connect(self, address, *args):
+            if self._tunnel_host:  # to the proxy, which connects to the (checked) target
+                return socket.create_connection(address, *args)
+            return _public_connection(address, *args)
+
+    class HTTPConnection(Connect, http.client.HTTPConnection):
+        pass
+
+    class HTTPSConnection(Connect, http.client.HTTPSConnection):
+        pass
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            if req.has_proxy():
+                _check_proxied(req)
+                return self.do_open(http.client.HTTPConnection, req)
+            return self.do_open(HTTPConnection, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            if req._tunnel_host:
+                _check_proxied(req)
+            args = {"context": self._context}
+            if getattr(self, "_check_hostname", None) is not None:  # Python < 3.12
+                args["check_hostname"] = self._check_hostname
+            return self.do_open(HTTPSConnection, req, **args)
+
+    return [HTTPHandler, HTTPSHandler]
+
+
+def _opener(max_redirects: int, public_only: bool = False):
     import urllib.request
 
     class Redirects(urllib.request.HTTPRedirectHandler):
@@ -106,7 +214,8 @@ def _opener(max_redirects: int):
                 raise MediaError(f"{req.full_url}: redirected to {newurl}, which is not http(s)")
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
-    return urllib.request.build_opener(Redirects)  # + the proxy handler reading *_PROXY
+    # + the proxy handler reading *_PROXY; every hop of a redirect goes through the same handlers
+    return urllib.request.build_opener(Redirects, *(_public_handlers() if public_only else []))
 
 
 def _file_name(url: str) -> str:
@@ -118,7 +227,7 @@ def _file_name(url: str) -> str:
 
 def download(
     url: str, folder, *, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT_S,
-    total_timeout: float = TOTAL_TIMEOUT_S, max_redirects: int = MAX_REDIRECTS,
+    total_timeout: float = TOTAL_TIMEOUT_S, max_redirects: int = MAX_REDIRECTS, public_only: bool = False,
 ) -> Path:  # fmt: skip
     """Stream ``url`` into a new file in ``folder`` and return its path (see the module doc).
     On failure nothing is left in ``folder``."""
@@ -131,7 +240,7 @@ def download(
     )
     try:
         got = _stream(url, request, target, max_bytes=max_bytes, timeout=timeout, total_timeout=total_timeout,
-                      max_redirects=max_redirects)  # fmt: skip
+                      max_redirects=max_redirects, public_only=public_only)  # fmt: skip
     except BaseException:
         target.unlink(missing_ok=True)  # no partial file left behind
         raise
@@ -142,7 +251,7 @@ def download(
 
 
 def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, total_timeout: float,
-            max_redirects: int) -> int:  # fmt: skip
+            max_redirects: int, public_only: bool = False) -> int:  # fmt: skip
     """``download``'s transfer: the body into ``target``; returns its size in bytes."""
     import http.client
     import urllib.error
@@ -150,7 +259,7 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
     deadline = time.monotonic() + total_timeout
     got = 0
     try:
-        with _opener(max_redirects).open(request, timeout=timeout) as response:
+        with _opener(max_redirects, public_only).open(request, timeout=timeout) as response:
             kind = response.headers.get_content_type() if response.headers.get("Content-Type") else ""
             if kind in WEB_PAGE_TYPES:
                 raise MediaError(
@@ -177,6 +286,11 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
                 raise http.client.IncompleteRead(b"", length - got)
     except MediaError:
         raise
+    except AddressRefused as e:
+        raise MediaError(
+            f"{url}: not downloaded: {e} (this server fetches from public addresses only; "
+            "vl3 serve --allow-private-urls lifts that)"
+        ) from None
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise MediaError(f"{url}: too many redirects (more than {max_redirects})") from e

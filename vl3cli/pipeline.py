@@ -116,19 +116,23 @@ class Runner:
         self.engine = engine
         self.label = label
         self._unpaid_load_s = load_s  # charged to the next record
-        self._media: dict[Options, object] = {}
-        # A server's limits on what it reads: the longest video (s) and the largest download (bytes).
+        self._media: dict[tuple, object] = {}
+        # A server's limits on what it reads: the longest video (s), the largest download (bytes),
+        # and whether downloads may reach loopback / private addresses (fetch's public_only).
         self.max_duration: float | None = None
         self.max_download_bytes: int | None = None
+        self.public_urls_only = False
         self.share_prefix = True  # several prompts about the same media prefill their common start once
 
     def media_options(self, options: Options):
         """`options.media()` for this checkpoint, with the runner's limits and the context left for visual tokens."""
-        if options not in self._media:
+        limits = {"max_duration": self.max_duration, "max_download_bytes": self.max_download_bytes,
+                  "public_urls_only": self.public_urls_only}  # fmt: skip
+        key = (options, *limits.values())  # limits set after a first use count at once
+        if key not in self._media:
             budget = self.engine.config.text.max_position_embeddings - options.max_new_tokens
-            limits = {"max_duration": self.max_duration, "max_download_bytes": self.max_download_bytes}
-            self._media[options] = replace(options.media(self.engine.processor), token_budget=budget, **limits)
-        return self._media[options]
+            self._media[key] = replace(options.media(self.engine.processor), token_budget=budget, **limits)
+        return self._media[key]
 
     def prepare(self, item: Item, options: Options) -> tuple[tuple[VisualInput, ...], float]:
         """Read an item's media now (as a run would in its worker threads): its visuals and the seconds it took."""

@@ -57,10 +57,12 @@ class MediaOptions:
     # video that cannot fit be refused before it is decoded.
     max_duration: float | None = None
     max_download_bytes: int | None = None
+    public_urls_only: bool = False  # a server's downloads connect to public addresses only
     token_budget: int | None = None
 
     def download_limits(self) -> dict:
-        return {} if self.max_download_bytes is None else {"max_bytes": self.max_download_bytes}
+        limits = {} if self.max_download_bytes is None else {"max_bytes": self.max_download_bytes}
+        return limits | ({"public_only": True} if self.public_urls_only else {})
 
     def validate(self) -> None:
         """Raise UsageError for impossible values."""

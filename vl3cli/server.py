@@ -13,7 +13,8 @@ decode together and `max_queue` more wait; beyond that the server answers 503.
 
 Safety: binds to 127.0.0.1 unless told otherwise; with an API key every /v1 request needs
 `Authorization: Bearer KEY` (401 otherwise); request bodies, media downloads and video lengths
-are limited (413 / 400 with OpenAI's error body); `file://` media only with `allow_local_files`.
+are limited (413 / 400 with OpenAI's error body); `file://` media only with `allow_local_files`;
+http(s) media only from public addresses unless `allow_private_urls` (fetch's `public_only`).
 The request format lives in openai_format.py (pure); this module is HTTP and threads, and is
 imported only by `vl3 serve` (FastAPI is the `serve` extra).
 """
@@ -61,6 +62,7 @@ class Limits:
     max_batch: int = 8
     max_queue: int = 64
     allow_local_files: bool = False
+    allow_private_urls: bool = False  # http(s) media from loopback / private / link-local addresses
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Service:
 
     def __init__(self, model, limits: Limits, workers: int = 2):
         self.model, self.limits, self.workers = model, limits, workers
+        # what clients name is fetched from public addresses only (no probing of this host's network)
+        model.runner.public_urls_only = not limits.allow_private_urls
         self.inbox: queue.Queue = queue.Queue()
         self.tickets: dict[int, Ticket] = {}  # in flight (engine thread only)
         self.in_flight = 0  # submitted and not finished (any thread; guarded by the lock)

@@ -38,6 +38,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests that may wait for a free row; beyond, the server answers 503.")] = 64,
     workers: Annotated[int, typer.Option(help="Threads reading media (downloads, decoding) off the event loop.")] = 2,
     allow_local_files: Annotated[bool, typer.Option("--allow-local-files", help="Accept file:// media URLs (files this machine can read).")] = False,
+    allow_private_urls: Annotated[bool, typer.Option("--allow-private-urls", help="Fetch http(s) media from loopback, private and link-local addresses too (by default only public ones).")] = False,
     max_body_mb: Annotated[int, typer.Option(help="Largest request body, in MB (413 above).")] = 64,
     max_download_mb: Annotated[int, typer.Option(help="Largest media download for an http(s) URL, in MB (413 above).")] = 1024,
     max_video_seconds: Annotated[float, typer.Option(help="Longest video a request may send, in seconds (400 above).")] = 3600.0,
@@ -64,6 +65,7 @@ def serve(
     loaded.runner.max_download_bytes = max_download_mb * 1024 * 1024
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
-    limits = Limits(max_body_bytes=max_body_mb * 1024 * 1024, max_batch=max_batch, max_queue=max_queue, allow_local_files=allow_local_files)
+    limits = Limits(max_body_bytes=max_body_mb * 1024 * 1024, max_batch=max_batch, max_queue=max_queue, allow_local_files=allow_local_files,
+                    allow_private_urls=allow_private_urls)  # fmt: skip
     print(f"Serving {loaded.name} on http://{host}:{port}/v1 (OpenAI chat completions); Ctrl-C stops.", file=sys.stderr)
     run_server(loaded, host, port, limits, api_key, workers, log_level="info" if _env_debug() else "warning")
