@@ -22,6 +22,7 @@ from vl3cli.batch import (
     parse_exts,
     parse_shard,
     plan,
+    plan_segments,
     record_key,
     write_results,
 )  # fmt: skip
@@ -150,6 +151,40 @@ def test_resume_is_keyed_by_prompt_options_and_model(tmp_path):
     before = out.path.read_bytes()
     assert plan(keyed(["a"], prompt="Is it red?"), out, "retry-failed").todo == ["a"]
     assert out.path.read_bytes() == before  # nothing of that key to drop
+
+
+def segment_line(path, span, duration, error=None, **options):
+    record = json.loads(line(path, error, **options))
+    record.update(segment_start=span[0], segment_end=span[1], duration=duration)
+    return json.dumps(record) + "\n"
+
+
+def test_a_video_whose_segments_all_have_records_is_not_read_again(tmp_path):
+    """Segments tile their stretch (each starts where the one before ends), so records that reach
+    from --start to --end (or the video's end) without a gap finish the video: the resumed run
+    skips it without opening the file. Expected values worked out by hand."""
+    out = Target(tmp_path / "r.jsonl", True)
+    thirds = [(0.0, 10 / 3), (10 / 3, 20 / 3), (20 / 3, 10.0)]  # --max-segment splits, as scene_spans makes them
+    out.path.write_text(
+        "".join(segment_line("whole", s, 25.0) for s in [(0.0, 10.0), (10.0, 20.0), (20.0, 25.0)])
+        + segment_line("part", (0.0, 10.0), 25.0)
+        + "".join(segment_line("gap", s, 25.0) for s in [(0.0, 10.0), (20.0, 25.0)])
+        + "".join(segment_line("clip", s, 60.0, start=5.0, end=25.0) for s in [(5.0, 15.0), (15.0, 25.0)])
+        + segment_line("failed", (0.0, 10.0), 20.0) + segment_line("failed", (10.0, 20.0), 20.0, error="bad frame")
+        + segment_line("cut", (0.0, 10.0), 30.0) + segment_line("cut", (10.0, 17.5), 17.5)  # found cut short at 17.5 s
+        + "".join(segment_line("thirds", s, 10.0) for s in thirds)
+    )  # fmt: skip
+    names = ["whole", "part", "gap", "failed", "cut", "thirds", "new"]
+    items = keyed(names) | keyed(["clip"], start=5.0, end=25.0)
+    p = plan_segments(items, out, "resume")
+    assert {item: skip for item, skip in p.todo} == {
+        "part": {(0.0, 10.0)}, "gap": {(0.0, 10.0), (20.0, 25.0)}, "new": set(),
+    }  # fmt: skip
+    assert (p.done, p.failed_before) == (14, 1)
+    p = plan_segments(items, out, "retry-failed")  # the failed segment is done again
+    assert {item: skip for item, skip in p.todo} == {
+        "part": {(0.0, 10.0)}, "gap": {(0.0, 10.0), (20.0, 25.0)}, "failed": {(0.0, 10.0)}, "new": set(),
+    }  # fmt: skip
 
 
 def test_a_stream_is_never_read(tmp_path):

@@ -167,8 +167,8 @@ def test_a_pool_the_cluster_cannot_hold_is_refused(cluster, ckpt, folder, tmp_pa
 
 
 def test_resuming_a_finished_segmented_run_adds_nothing(cluster, ckpt, tmp_path):
-    """Every segment of the video answered: a second run reads the file to find its segments, finds
-    them all done and writes no record (no "lost" error for a video with nothing left to answer)."""
+    """Every segment of the video answered: a second run finds them all done (their records reach
+    the video's end) and writes no record (no "lost" error for a video with nothing left to answer)."""
     media = tmp_path / "media"
     media.mkdir()
     make_video(media / "v.mp4", seconds=2.0, fps=6, size=(56, 42))

@@ -13,7 +13,7 @@ import pytest
 import tiny
 from typer.testing import CliRunner
 
-from vl3cli import container, video
+from vl3cli import container, preprocess, video
 from vl3cli.cli import app
 
 runner = CliRunner()
@@ -143,6 +143,13 @@ def test_batch_resumes_per_segment(ckpt, clip, tmp_path, monkeypatch):
         return sorted(json.dumps({k: v for k, v in json.loads(x).items() if k != "timings"}) for x in lines)
 
     assert untimed(out.read_text().splitlines()) == untimed(full)  # the same records: each segment exactly once
+    finished = out.read_bytes()
+    probed = []
+    real_probe = preprocess.container.probe
+    monkeypatch.setattr(preprocess.container, "probe", lambda path: probed.append(path) or real_probe(path))
+    r = runner.invoke(app, [str(a) for a in args])  # every segment has its record: the file is not opened
+    assert r.exit_code == 0 and "5 already done" in r.stderr and out.read_bytes() == finished
+    assert probed == []
 
 
 def test_python_api_segments(ckpt, clip):

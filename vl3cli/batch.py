@@ -250,31 +250,60 @@ def plan(items: dict[str, object], target: Target, mode: str) -> Plan:
 
 
 def plan_segments(items: dict[str, object], target: Target, mode: str) -> Plan:
-    """`plan` for a run that cuts videos into segments: records are per segment, so an item is
-    never done as a whole (its segments are only known once its file is read). `todo` holds
-    (item, segments to skip) pairs: the (start, end) windows that already have a record (with
-    `retry-failed`, a successful one; their error records are dropped). An item whose file failed
-    as a whole (a record without a segment) counts as failed earlier, unless `retry-failed`."""
+    """`plan` for a run that cuts videos into segments: records are per segment. An item is done
+    as a whole when its records (with `retry-failed`, its successful ones) reach from --start to
+    --end or the video's end without a gap (`_tiled`): it is skipped without reading its file
+    again. Otherwise `todo` holds (item, segments to skip) pairs: the (start, end) windows that
+    already have a record (with `retry-failed`, a successful one; their error records are
+    dropped), and its file is read to find the rest. An item whose file failed as a whole (a
+    record without a segment) counts as failed earlier, unless `retry-failed`."""
     if not target.regular or mode == "overwrite" or not target.path.exists():
         return Plan([(item, frozenset()) for item in items.values()])
     done: dict[str, set] = {k: set() for k in items}
     failed: dict[str, set] = {k: set() for k in items}
+    reach: dict[str, tuple[float, float]] = {}  # where each item's segments must run: (start, end) in seconds
     for record in read_records(target.path):
         key = record_key({**record, "segment_start": None, "segment_end": None})
         if key in items:
             span = (record.get("segment_start"), record.get("segment_end"))
             (done if record.get("error") is None else failed)[key].add(span)
+            if span[0] is not None and isinstance(record.get("duration"), (int, float)):
+                reach[key] = _reach(record, reach.get(key))
     whole = (None, None)  # a record without a segment: an image, or a file that failed before any segment
     if mode == "retry-failed":
         retried = {k for k, spans in failed.items() if spans}
         if retried:
             rewrite_without(target.path, lambda r: r.get("error") is not None
                             and record_key({**r, "segment_start": None, "segment_end": None}) in retried)  # fmt: skip
-        todo = [(item, frozenset(done[k] - {whole})) for k, item in items.items() if whole not in done[k]]
+        todo = [(item, frozenset(done[k] - {whole})) for k, item in items.items()
+                if whole not in done[k] and not _tiled(done[k], reach.get(k))]  # fmt: skip
         return Plan(todo, done=sum(len(v) for v in done.values()))
     todo = [(item, frozenset((done[k] | failed[k]) - {whole})) for k, item in items.items()
-            if whole not in done[k] | failed[k]]  # fmt: skip
+            if whole not in done[k] | failed[k] and not _tiled(done[k] | failed[k], reach.get(k))]  # fmt: skip
     return Plan(todo, done=sum(len(v) for v in done.values()), failed_before=sum(len(v) for v in failed.values()))
+
+
+def _reach(record: dict, before: tuple[float, float] | None) -> tuple[float, float]:
+    """The stretch an item's segments tile: from --start to --end or the video's end. A file
+    found cut short records its shorter duration on the last segment, so the least one counts."""
+    options = record.get("options") or {}
+    start = options.get("start") or 0.0
+    end = min(record["duration"], options["end"]) if isinstance(options.get("end"), (int, float)) else record["duration"]
+    return (start, end) if before is None else (start, min(end, before[1]))
+
+
+def _tiled(spans: set, reach: tuple[float, float] | None, eps: float = 1e-6) -> bool:
+    """Whether `spans` (start, end) cover `reach` end to end without a gap: every segment of the
+    video has its record, so a resumed run need not read the file again (segments tile their
+    stretch exactly: each starts where the one before ends)."""
+    if reach is None:
+        return False
+    at, end = reach
+    for s, e in sorted(span for span in spans if span[0] is not None):
+        if abs(s - at) > eps:
+            return False
+        at = e
+    return at >= end - eps
 
 
 class StopSignal:
