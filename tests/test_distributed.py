@@ -183,3 +183,36 @@ def test_resuming_a_finished_segmented_run_adds_nothing(cluster, ckpt, tmp_path)
     r = batch(*common)
     assert r.exit_code == 0, r.output
     assert out.read_bytes() == first
+
+
+def test_the_reader_streams_parts_and_keeps_those_read_before_a_failure(monkeypatch, tmp_path):
+    """`_read` yields one row per window as soon as it is read (the task never holds a video's
+    windows all at once), and a file that breaks after two windows still gives those two, then its
+    error (named as the user spelled the path). Called in-process, without Ray."""
+    import numpy as np
+
+    from vl3cli import distributed, pipeline
+    from vl3cli.batch import Entry
+    from vl3cli.errors import MediaError
+
+    read = []
+
+    def parts(item, processor, media, options):
+        for n in range(2):
+            read.append(n)
+            yield (f"window {n}",), 0.1
+        raise MediaError(f"{item.media[0]}: damaged after 2 windows")
+
+    monkeypatch.setattr(pipeline, "read_parts", parts)
+    monkeypatch.setattr(distributed, "_spelled", lambda part, entry: part)
+    monkeypatch.chdir(tmp_path)
+    batch = {"index": np.array([7]), "entry": distributed._objects([Entry(("v.mp4",), "What?")]),
+             "skip": distributed._objects([frozenset()])}  # fmt: skip
+    rows = distributed._read(batch, None, None, None)
+    first = next(rows)
+    assert read == [0] and first["prepared"][0] == (("window 0",), 0.1)  # the second window not read yet
+    rest = list(rows)
+    assert [r["prepared"][0] for r in rest[:1]] == [(("window 1",), 0.1)] and len(rest) == 2
+    error = rest[1]["prepared"][0]
+    assert isinstance(error, MediaError) and str(error) == "v.mp4: damaged after 2 windows"
+    assert all(int(r["index"][0]) == 7 for r in [first, *rest])

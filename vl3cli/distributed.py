@@ -247,31 +247,36 @@ def _absolute(path: str) -> str:
 
 
 def _read(batch, processor, media, options: Options):
-    """CPU task: read every medium of each item -> (visuals, seconds), one row per part (a long
-    video cut into segments gives one per segment; ANSWERED when its segments were all answered
-    before), or the error reading raised, made portable (a vl3 error naming the files as the user
-    spelled them)."""
+    """CPU task, a generator: each item's media read -> one output row per part, (visuals,
+    seconds), yielded as soon as it is read: a long video cut into segments gives its windows one
+    at a time (the task never holds more than one window's frames, and those read before a failure
+    are kept); ANSWERED when its segments were all answered before; or the error reading raised,
+    made portable (a vl3 error naming the files as the user spelled them)."""
     import numpy as np
 
     from .pipeline import Item, read_parts
 
-    index, entries, prepared = [], [], []
+    def row(index, entry: Entry, part) -> dict:
+        return {"index": np.array([index], dtype=np.int64), "entry": _objects([entry]), "prepared": _objects([part])}
+
     for i, entry, skip in zip(batch["index"], batch["entry"], batch["skip"]):
         if entry.error is not None:
-            parts = [UsageError(entry.error)]
-        else:
-            item = Item(tuple(_absolute(m) for m in entry.media), (entry.prompt,), skip=skip)
-            try:
-                parts = [_spelled(part, entry) for part in read_parts(item, processor, media, options)] or [ANSWERED]
-            except Exception as e:  # noqa: BLE001 -- a file that cannot be read is its item's error record
-                message = error_message(e)
-                for m in entry.media:
-                    message = message.replace(_absolute(m), m)
-                parts = [type(e)(message) if isinstance(e, Vl3Error) else Vl3Error(message)]
-        index += [i] * len(parts)
-        entries += [entry] * len(parts)
-        prepared += parts
-    return {"index": np.array(index, dtype=np.int64), "entry": _objects(entries), "prepared": _objects(prepared)}
+            yield row(i, entry, UsageError(entry.error))
+            continue
+        item = Item(tuple(_absolute(m) for m in entry.media), (entry.prompt,), skip=skip)
+        parts = 0
+        try:
+            for part in read_parts(item, processor, media, options):
+                parts += 1
+                yield row(i, entry, _spelled(part, entry))
+        except Exception as e:  # noqa: BLE001 -- a file that cannot be read is its item's error record
+            message = error_message(e)
+            for m in entry.media:
+                message = message.replace(_absolute(m), m)
+            parts += 1
+            yield row(i, entry, type(e)(message) if isinstance(e, Vl3Error) else Vl3Error(message))
+        if not parts:
+            yield row(i, entry, ANSWERED)
 
 
 def _spelled(part, entry: Entry):
