@@ -173,3 +173,23 @@ def test_a_video_that_cannot_fit_is_refused_before_decoding(ckpt, tmp_path, monk
     r = CliRunner().invoke(app, ["describe", str(clip), "-m", str(ckpt), "--no-prune", "--fps", "10", *N])
     assert isinstance(r.exception, ContextError) and "--max-visual-tokens" in str(r.exception), r.output
     assert decoded == []
+
+
+def test_a_pruned_video_whose_first_frame_cannot_fit_is_refused_before_decoding(ckpt, tmp_path, monkeypatch):
+    """Pruning keeps the first frame whole: 4 frames of 1792x1792 take 64 x 64 = 4096 tokens for the
+    first one alone, plus at least one for each of the 3 others; the context is 4096."""
+    from typer.testing import CliRunner
+
+    from media_factory import make_video
+
+    from vl3cli import video
+    from vl3cli.cli import app
+    from vl3cli.errors import ContextError
+
+    clip = make_video(tmp_path / "wide.mp4", seconds=4.0, fps=1, size=(1792, 1792))
+    decoded = []
+    monkeypatch.setattr(video, "decode", lambda *a, **k: decoded.append(a) or (_ for _ in ()).throw(AssertionError))
+    r = CliRunner().invoke(app, ["describe", str(clip), "-m", str(ckpt), *N])
+    assert isinstance(r.exception, ContextError), r.output
+    assert "4 frames of 1792x1792 need at least 4099 visual tokens" in str(r.exception)
+    assert decoded == []

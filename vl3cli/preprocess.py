@@ -326,7 +326,8 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
             raise _with_path(path, e) from None
         if options.token_budget is not None:
             tokens = (h // (config.patch_size * m)) * (w // (config.patch_size * m))
-            fewest = len(timestamps) * (1 if options.prune else tokens)  # pruning keeps at least one token a frame
+            # pruning keeps the first frame whole and at least one token of every other frame
+            fewest = tokens + (len(timestamps) - 1) * (1 if options.prune else tokens)
             if fewest > options.token_budget:
                 raise ContextError(
                     f"{path}: {len(timestamps)} frames of {w}x{h} need at least {fewest} visual tokens; the model's "
