@@ -216,3 +216,17 @@ def test_the_reader_streams_parts_and_keeps_those_read_before_a_failure(monkeypa
     error = rest[1]["prepared"][0]
     assert isinstance(error, MediaError) and str(error) == "v.mp4: damaged after 2 windows"
     assert all(int(r["index"][0]) == 7 for r in [first, *rest])
+
+
+def test_a_video_that_cannot_fit_is_refused_by_the_reader(cluster, ckpt, tmp_path):
+    """The reading tasks know the context: 20 frames of 448x448 without pruning need 20 x 256 =
+    5120 visual tokens, over the 4096 positions, and the record says so from the plan (the refusal
+    after decoding would count the prompt's positions instead)."""
+    media = tmp_path / "media"
+    media.mkdir()
+    make_video(media / "big.mp4", seconds=2.0, fps=10, size=(448, 448))
+    out = tmp_path / "big.jsonl"
+    r = batch(media, "-m", ckpt, "--max-new-tokens", N, "--out", out, "--engine", "ray", "--no-prune", "--fps", 10)
+    assert r.exit_code == 1, r.output
+    (record,) = read_jsonl(out)
+    assert "20 frames of 448x448 need at least 5120 visual tokens" in record["error"], record["error"]

@@ -111,10 +111,13 @@ class RayEngine:
         from .hub import model_label, resolve_model
         from .preprocess import ProcessorConfig
 
+        from .pipeline import visual_token_budget
+
         ray = _import_ray()
         folder = resolve_model(model, revision, on_config=lambda f: check_budget(ModelConfig.from_dir(f), options))
         processor = ProcessorConfig.from_dir(folder)
-        media = options.media(processor)
+        # the readers refuse a video that cannot fit from its plan, before decoding it, as the local engine does
+        media = replace(options.media(processor), token_budget=visual_token_budget(ModelConfig.from_dir(folder), options))
         local = Path(model).expanduser().is_dir()
         load = {
             "model": str(folder.resolve()) if local else model, "revision": None if local else revision,

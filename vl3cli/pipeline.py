@@ -130,7 +130,7 @@ class Runner:
                   "public_urls_only": self.public_urls_only}  # fmt: skip
         key = (options, *limits.values())  # limits set after a first use count at once
         if key not in self._media:
-            budget = self.engine.config.text.max_position_embeddings - options.max_new_tokens
+            budget = visual_token_budget(self.engine.config, options)
             self._media[key] = replace(options.media(self.engine.processor), token_budget=budget, **limits)
         return self._media[key]
 
@@ -452,6 +452,12 @@ def _placed(item: Item, read) -> tuple[list[Turn], tuple]:
     history = [Turn(t.role, t.text, t.ids, tuple(next(it) if isinstance(v, str) else v for v in t.visuals))
                for t in item.history]  # fmt: skip
     return history, tuple(it)
+
+
+def visual_token_budget(config, options: Options) -> int:
+    """The positions a prompt's visual tokens may take at most: the context less the answer (so a
+    video that cannot fit is refused from its plan, before it is decoded)."""
+    return config.text.max_position_embeddings - options.max_new_tokens
 
 
 def read_media(item: Item, processor, media) -> tuple[tuple[VisualInput, ...], float]:
