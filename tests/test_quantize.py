@@ -82,7 +82,7 @@ def test_onednn_int8_product_is_exact_here_or_not_chosen():
 
 @pytest.mark.parametrize("mode,kernel", [("int8", "packed"), ("int8", "onednn"), ("int4", "packed")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [3, 1])  # prefill, and a decode step (its own path in the oneDNN kernel)
+@pytest.mark.parametrize("rows", [3, 1])  # prefill, and a decode step (one row: its digits a strided view)
 def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype, rows):
     """Same stored values, two kernels: within float rounding of each other (relative to |y|)."""
     if kernel == "onednn" and not onednn_int8():

@@ -109,9 +109,8 @@ class RayEngine:
         from .api import check_budget
         from .config import ModelConfig
         from .hub import model_label, resolve_model
-        from .preprocess import ProcessorConfig
-
         from .pipeline import visual_token_budget
+        from .preprocess import ProcessorConfig
 
         ray = _import_ray()
         folder = resolve_model(model, revision, on_config=lambda f: check_budget(ModelConfig.from_dir(f), options))

@@ -56,7 +56,6 @@ DIGITS_OFFSET = 128 * (1 + 256)  # X + this = the two digits as unsigned bytes (
 DIGITS_MAX = (1 << 16) - 1 - DIGITS_OFFSET  # the largest |X| whose two digits fit: 32,639, about 2^15
 DIGITS_STEPS = DIGITS_MAX - 2  # max|x| maps to this: its quotient may round a step above, never past DIGITS_MAX
 _HALF_OFFSET = torch.tensor(DIGITS_OFFSET + 0.5)
-_RECOMBINE = torch.tensor([[1.0, 256.0]])  # one row: Y0 + 256 Y1 as a (1, 2) @ (2, N) product
 
 
 def int4_group_size(in_features: int) -> int | None:
@@ -236,15 +235,10 @@ class QuantizedLinear(nn.Module):
         """(M, K) -> (M, N): y = s w_scale (Y0 + 256 Y1) + b, summed in float32 and rounded once."""
         digits, top = activation_digits(x2)
         y2 = _qlinear(digits, self.qweight, self.scales, self.zeros)  # (2M, N) float32, w_scale / DIGITS_STEPS in
-        bias = None if self.bias is None else self.bias.float()
-        if x2.shape[0] == 1:  # a decode step: both digit rows and the bias in one small product
-            coeff = _RECOMBINE * top
-            y = torch.mm(coeff, y2) if bias is None else torch.addmm(bias, coeff, y2)
-        else:
-            m = x2.shape[0]
-            y = torch.add(y2[:m], y2[m:], alpha=256).mul_(top)
-            if bias is not None:
-                y.add_(bias)
+        m = x2.shape[0]
+        y = torch.add(y2[:m], y2[m:], alpha=256).mul_(top)
+        if self.bias is not None:
+            y.add_(self.bias)  # in float32
         return y.to(self.dtype)
 
     def extra_repr(self) -> str:
