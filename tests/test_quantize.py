@@ -114,6 +114,35 @@ def test_cpu_kernels_equal_the_generic_path(mode, kernel, dtype, rows):
     assert ((layers["generic"] - layers["packed"]).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_one_row_equals_the_rows_path(dtype):
+    """A decode step's row goes through a shorter path (its max|x| a host scalar, the kernel's
+    activation scale); it must give what the several-row path gives for that row: the same digits
+    up to one step where the two float orders round a tie apart, so within one step times sum|w|."""
+    if not onednn_int8():
+        pytest.skip("no exact oneDNN int8 product on this CPU")
+    w = weights(n=272, k=96, seed=3)
+    layer = QuantizedLinear(96, 272, "int8", True, dtype, torch.device("cpu"))
+    layer.fill_rows(0, w)
+    layer.finish()
+    layer.bias.data.copy_(torch.linspace(-2, 2, 272))  # set after finish, as the loader assigns it
+    sum_w = dequantize("int8", *quantize_int8(w, dtype), torch.float32).abs().sum(1)
+    gen = torch.Generator().manual_seed(4)
+    rows = [torch.randn(1, 96, generator=gen), torch.zeros(1, 96), torch.full((1, 96), -0.25)]
+    rows[0][0, 7] = 900.0  # an outlier sets the step
+    with torch.inference_mode():
+        for x in rows:
+            x = x.to(dtype)
+            one = layer(x).float()
+            pair = layer(torch.cat([x, x])).float()  # two rows: the general path
+            assert one.shape == (1, 272)
+            assert torch.equal(pair[0], pair[1])
+            step = x.float().abs().max().clamp(min=1e-30) / DIGITS_STEPS
+            tol = step * sum_w + (1e-6 if dtype == torch.float32 else 1e-2) * pair[0].abs().max().clamp(min=1)
+            assert ((one[0] - pair[0]).abs() <= tol).all()
+        assert torch.equal(layer(torch.zeros(1, 96, dtype=dtype)).float()[0], layer.bias.float())
+
+
 @pytest.fixture(scope="module")
 def engines(hf_checkpoint):
     return {q: Engine.load(hf_checkpoint, device="cpu", dtype="float32", quantize=q) for q in (None, "int8", "int4")}
