@@ -221,3 +221,47 @@ def test_weights_stored_in_the_compute_dtype_are_mapped_not_copied(checkpoints, 
     converted = Engine.load(checkpoints["hf-untied"], device="cpu", dtype="bfloat16")
     maps = mapped_files()
     assert not in_file(converted.model.language.embed_tokens.weight)
+
+
+def mapped_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's first line
+            ours = len(head) >= 6 and head[5] == str(path)
+        elif ours and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_read_rows_copies_through_the_mapping_and_hands_its_pages_back(tmp_path):
+    """Bytes copied out of the file (fused, converted, packed, quantized weights) do not stay in
+    the process's memory as mapped pages, while a tensor used as a view keeps its pages."""
+    from vl3cli.weights import RELEASE, SafetensorsFile
+
+    if not RELEASE:
+        pytest.skip("no madvise here")
+    gen = torch.Generator().manual_seed(0)
+    stored = {"a": torch.randn(1024, 2048, generator=gen), "b": torch.randn(512, 2048, generator=gen)}  # 8 and 4 MiB
+    save_file(stored, str(tmp_path / "w.safetensors"))
+    f = SafetensorsFile(tmp_path / "w.safetensors")
+    try:
+        view = f.view("b")
+        assert float(view.sum()) == pytest.approx(float(stored["b"].sum()), rel=1e-6)  # its pages touched
+        kept = mapped_kb(tmp_path / "w.safetensors")
+        assert kept >= 4096
+        rows = f.read_rows("a", 100, 900)
+        assert torch.equal(rows, stored["a"][100:900])
+        # 6.25 MiB copied; what stays mapped is the neighbourhood the kernel maps around a fault (its
+        # fault-around window, or a page-cache folio) at the two ends, under half of it
+        assert mapped_kb(tmp_path / "w.safetensors") < kept + 3200
+        out = torch.empty(1024, 2048)
+        f.read_rows("a", 0, 1024, out=out)
+        assert torch.equal(out, stored["a"]) and torch.equal(view, stored["b"])
+        f.release("a")
+        assert mapped_kb(tmp_path / "w.safetensors") < kept + 4096  # of the 8 MiB copied
+        assert torch.equal(view, stored["b"])  # the view still reads its own bytes
+    finally:
+        f.close()

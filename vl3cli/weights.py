@@ -10,9 +10,12 @@
 - How each tensor gets into memory, so that nothing is held twice:
   * stored in the dtype asked for, on CPU, used as is: a zero-copy view of the memory-mapped file
     (a bf16 checkpoint loaded in bf16 copies nothing but the fused matrices);
-  * fused, converted (another dtype, another device) or quantized: its bytes are read with
-    `pread` straight into the destination (or a block of rows at a time through a small buffer),
-    never through the mapping, whose pages would otherwise count in the process's memory too.
+  * fused, converted (another dtype, another device), packed or quantized: its bytes are copied
+    from the mapping straight into the destination (or a block of rows at a time through a small
+    buffer), and the pages they came from are handed back at once (`madvise(MADV_DONTNEED)`: the
+    file stays in the page cache), so they never add up in the process's memory. Copying from the
+    mapping runs at about 1.7x `pread`'s speed (2-core Xeon VM, 3.4 GB from the page cache: 7.6
+    against 4.6 GB/s); where pages cannot be handed back (no madvise), bytes are read with `pread`.
 - `--quantize` (`quantize.QuantizedLinear`) fills each quantized layer a block of rows at a time.
 """
 
@@ -63,6 +66,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "BOOL": torch.bool}
 MAX_HEADER = 100 * 1024 * 1024
 BLOCK_BYTES = 32 * 1024 * 1024  # rows read (and converted or quantized) at a time
+RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # see the module docstring
 
 
 def rename_key(key: str, fmt: str) -> str | None:
@@ -165,20 +169,45 @@ class SafetensorsFile:
         info = self.tensors[key]
         if not info.nbytes:
             return torch.empty(info.shape, dtype=info.dtype)
+        count = info.nbytes // info.dtype.itemsize
+        return torch.frombuffer(self._mapping(), dtype=info.dtype, count=count, offset=info.offset).view(info.shape)
+
+    def release(self, key: str) -> None:
+        """Hand back the pages of `key` once its bytes have been copied elsewhere (it must not be in
+        use as a view): they stay in the page cache, out of this process's memory."""
+        if RELEASE:
+            info = self.tensors[key]
+            self._release(info.offset, info.nbytes)
+
+    def _mapping(self) -> mmap.mmap:
         if self._map is None:
             # Private and writable (copy on write): torch.frombuffer wants a writable buffer.
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
-        count = info.nbytes // info.dtype.itemsize
-        return torch.frombuffer(self._map, dtype=info.dtype, count=count, offset=info.offset).view(info.shape)
+        return self._map
+
+    def _release(self, offset: int, nbytes: int) -> None:
+        # Only the pages wholly inside the range: a page shared with a neighbouring tensor, which
+        # may be in use as a view, stays. Pages never written to are simply read again if touched.
+        first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > first and self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows start..stop-1 (along dim 0) read with pread into `out` (contiguous, CPU, stored dtype)."""
+        """Rows start..stop-1 (along dim 0) copied into `out` (contiguous, CPU, stored dtype); the
+        pages they were copied from are handed back (see the module docstring)."""
         info = self.tensors[key]
         row_bytes = prod(info.shape[1:]) * info.dtype.itemsize
         if out is None:
             out = torch.empty((stop - start, *info.shape[1:]), dtype=info.dtype)
+        offset, nbytes = info.offset + start * row_bytes, (stop - start) * row_bytes
+        if RELEASE and nbytes:
+            out.view(-1).view(torch.uint8).copy_(torch.frombuffer(self._mapping(), dtype=torch.uint8, count=nbytes,
+                                                                  offset=offset))  # fmt: skip
+            self._release(offset, nbytes)
+            return out
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
-        offset, done = info.offset + start * row_bytes, 0
+        done = 0
         while done < len(buffer):
             got = os.preadv(self._fd, [buffer[done:]], offset + done)
             if got <= 0:
@@ -331,9 +360,11 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
         packed = pack and param.endswith(".weight") and quantizable(module_name, module)
         tensor = _materialise(group, (vision_dtype or dtype) if vision else dtype, device, mapped=not packed,
                               staging=staging if packed else None)  # fmt: skip
-        if packed:  # reordered out of the staging buffer now
+        if packed:  # reordered out of the mapping or the staging buffer now
             module.weight = nn.Parameter(tensor, requires_grad=False)
             _swap(model, module_name, PackedLinear(module))
+            for p in group:
+                p.file.release(p.key)
         else:
             state[param] = tensor
     if shared_head:
@@ -357,13 +388,14 @@ def _blocks(p: _Part):
 
 def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device, mapped: bool = True,
                  staging: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """One parameter from its checkpoint tensor(s): a mapped view when usable as is (and `mapped`),
-    else read into place: into `staging` (a flat buffer reused from one parameter to the next, so its
+    """One parameter from its checkpoint tensor(s): a mapped view when usable as is (and `mapped`,
+    or `staging` is given: a weight about to be packed, whose pages its caller then releases), else
+    read into place: into `staging` (a flat buffer reused from one parameter to the next, so its
     pages are faulted in once) when given and the dtypes agree."""
     first = group[0]
     info = first.file.tensors[first.key]
     target = dtype if info.dtype.is_floating_point else info.dtype
-    if mapped and len(group) == 1 and info.dtype == target and device.type == "cpu":
+    if (mapped or staging is not None) and len(group) == 1 and info.dtype == target and device.type == "cpu":
         return first.file.view(first.key)
     rows = sum(p.shape[0] for p in group)
     shape = (rows, *first.shape[1:])
