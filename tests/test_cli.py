@@ -23,8 +23,8 @@ runner = CliRunner()
 
 
 def vl3(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    """The real entry point (`vl3 = vl3cli.cli:main`) in a fresh interpreter."""
-    code = "import sys; from vl3cli.cli import main; sys.argv = ['vl3'] + sys.argv[1:]; main()"
+    """The real entry point (`vl3 = vl3cli.cli:run`) in a fresh interpreter."""
+    code = "import sys; from vl3cli.cli import run; sys.argv = ['vl3'] + sys.argv[1:]; run()"
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, check=False, timeout=120,
         env=dict(os.environ, **(env or {})), cwd=cwd,
@@ -40,6 +40,35 @@ def test_import_and_help_load_no_heavy_module():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60)
     assert p.stdout.strip().endswith("[]"), p.stdout[-300:]
     assert "describe" in p.stdout and "batch" in p.stdout
+
+
+EXIT_PROBE = (
+    "import atexit, sys, tempfile, shutil, pathlib\n"
+    "folder = tempfile.mkdtemp()\n"
+    "atexit.register(lambda: (shutil.rmtree(folder), sys.stderr.write('HANDLER RAN')))\n"
+    "print(folder, flush=True)\n"
+    "from vl3cli.cli import run\n"
+    "sys.argv = ['vl3'] + sys.argv[1:]\n"
+    "run()\n"
+    "print('NOT REACHED')\n"
+)
+
+
+@pytest.mark.parametrize("args,code", [(["--help"], 0), (["--version"], 0), (["describe"], 2),
+                                        (["describe", "missing.png", "-m", "./no-model"], 1)])
+def test_the_program_exits_with_its_code_after_the_exit_handlers(args, code, tmp_path):
+    """`run()` leaves without the interpreter's teardown: the exit code, the exit handlers (a
+    temporary folder removed) and every byte written to stdout (piped, so block-buffered) stay."""
+    p = subprocess.run([sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, check=False,
+                       timeout=120, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == code, p.stderr
+    folder, _, rest = p.stdout.partition("\n")
+    assert not os.path.exists(folder) and p.stderr.endswith("HANDLER RAN")
+    assert "NOT REACHED" not in p.stdout
+    if args == ["--help"]:
+        assert rest.rstrip().endswith("╯") and "describe" in rest  # the whole help box
+    if code:
+        assert p.stderr.count("Error: ") == 1
 
 
 def test_version():

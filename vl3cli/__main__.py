@@ -1,5 +1,5 @@
 """`python -m vl3cli ...` is `vl3 ...`."""
 
-from .cli import main
+from .cli import run
 
-main()
+run()

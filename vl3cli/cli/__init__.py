@@ -17,7 +17,7 @@ registers every command.
 """
 
 from . import batch, chat, describe, serve  # noqa: F401 -- each registers its commands on `app`
-from .app import app, main
+from .app import app, main, run
 from .describe import _InOrder
 
-__all__ = ["_InOrder", "app", "main"]
+__all__ = ["_InOrder", "app", "main", "run"]

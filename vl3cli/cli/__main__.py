@@ -1,5 +1,5 @@
 """`python -m vl3cli.cli ...` is `vl3 ...`."""
 
-from .app import main
+from .app import run
 
-main()
+run()
