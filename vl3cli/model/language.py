@@ -239,11 +239,9 @@ class Qwen2Model(nn.Module):
         cast (as transformers does)."""
         d, n = self.config.head_dim, self.config.max_position_embeddings
         inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device=device) / d))
-        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, d/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (n, d)
-        sin = emb.sin()
-        sin[:, : d // 2].neg_()
-        self.rope_cos, self.rope_sin = emb.cos().to(dtype), sin.to(dtype)
+        freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, d/2): each angle once
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        self.rope_cos, self.rope_sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (n, d)
 
     def prefill(self, embeds: torch.Tensor, cache: KVCache, row: int, start: int) -> torch.Tensor:
         """Run one row's chunk `embeds` (L, D) at positions start..start+L-1; final hidden states (L, D)."""
