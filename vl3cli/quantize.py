@@ -129,10 +129,11 @@ def onednn_int8() -> bool:
         return False
 
 
-def _qlinear(qx: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_zeros: torch.Tensor) -> torch.Tensor:
-    """oneDNN: (qx - 128) @ W^T * w_scales, qx uint8 (M, K), as float32 (M, N)."""
-    return torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, w_scales, w_zeros, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+def _qlinear(qx: torch.Tensor, packed: torch.Tensor, w_scales: torch.Tensor, w_zeros: torch.Tensor,
+             x_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """oneDNN: x_scale (qx - 128) @ W^T * w_scales, qx uint8 (M, K), as float32 (M, N)."""
+    return torch.ops.onednn.qlinear_pointwise(qx, x_scale, 128, packed, w_scales, w_zeros, None, 1.0, 0,
+                                              torch.float32, "none", [], "")  # fmt: skip
 
 
 def activation_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +145,13 @@ def activation_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # X + DIGITS_OFFSET = floor(DIGITS_STEPS x / max|x| + DIGITS_OFFSET + 1/2), in float32 (positive,
     # below 2^16, so converting to int32 floors it): two roundings of at most 2^-9 each, x never written
     whole = torch.addcdiv(_HALF_OFFSET, x, top, value=DIGITS_STEPS).to(torch.int32)
-    return whole.view(torch.uint8).as_strided((2, m, k), (1, 4 * k, 4)).reshape(2 * m, k), top
+    return _digit_rows(whole), top
+
+
+def _digit_rows(whole: torch.Tensor) -> torch.Tensor:
+    """(M, K) int32 X + DIGITS_OFFSET -> its two low bytes as rows (2M, K) uint8, the lower first."""
+    m, k = whole.shape
+    return whole.view(torch.uint8).as_strided((2, m, k), (1, 4 * k, 4)).reshape(2 * m, k)
 
 
 class QuantizedLinear(nn.Module):
@@ -236,29 +243,19 @@ class QuantizedLinear(nn.Module):
 
     def _onednn(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N): y = s w_scale (Y0 + 256 Y1) + b, summed in float32 and rounded once."""
-        if x2.shape[0] == 1:
-            return self._onednn_row(x2)
-        digits, top = activation_digits(x2)
-        y2 = _qlinear(digits, self.qweight, self.scales, self.zeros)  # (2M, N) float32, w_scale / DIGITS_STEPS in
         m = x2.shape[0]
-        y = torch.add(y2[:m], y2[m:], alpha=256).mul_(top)
+        if m == 1:  # a decode step: max|x| read on the host is the kernel's activation scale (fewer operations)
+            top = max(float(x2.abs().max()), 1e-30)
+            whole = torch.add(_HALF_OFFSET_ROW, x2, alpha=DIGITS_STEPS / top).to(torch.int32)  # as activation_digits
+            y2 = _qlinear(_digit_rows(whole), self.qweight, self.scales, self.zeros, x_scale=top)
+            y = torch.add(y2[:1], y2[1:], alpha=256)
+        else:
+            digits, top = activation_digits(x2)
+            y2 = _qlinear(digits, self.qweight, self.scales, self.zeros)  # (2M, N) float32, w_scale / DIGITS_STEPS in
+            y = torch.add(y2[:m], y2[m:], alpha=256).mul_(top)
         if self.bias is not None:
             y.add_(self.bias)  # in float32
         return y.to(self.dtype)
-
-    def _onednn_row(self, x: torch.Tensor) -> torch.Tensor:
-        """One row (a decode step), the same arithmetic with fewer operations: max|x| read on the host
-        (a CPU tensor) becomes the kernel's activation scale."""
-        k = self.in_features
-        top = max(float(x.abs().max()), 1e-30)
-        whole = torch.add(_HALF_OFFSET_ROW, x, alpha=DIGITS_STEPS / top).to(torch.int32)  # as in activation_digits
-        digits = whole.view(torch.uint8).as_strided((2, k), (1, 4))
-        y2 = torch.ops.onednn.qlinear_pointwise(digits, top, 128, self.qweight, self.scales, self.zeros, None, 1.0, 0,
-                                                torch.float32, "none", [], "")  # fmt: skip
-        y = torch.add(y2[0], y2[1], alpha=256)
-        if self.bias is not None:
-            y.add_(self.bias)  # in float32
-        return y.to(self.dtype)[None]
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, kernel={self.kernel}"

@@ -173,8 +173,9 @@ class SafetensorsFile:
         return torch.frombuffer(self._mapping(), dtype=info.dtype, count=count, offset=info.offset).view(info.shape)
 
     def release(self, key: str) -> None:
-        """Hand back the pages of `key` once its bytes have been copied elsewhere (it must not be in
-        use as a view): they stay in the page cache, out of this process's memory."""
+        """Hand back the pages of `key` once its bytes have been copied elsewhere: they stay in the
+        page cache, out of this process's memory. A view of it stays valid (nothing writes to the
+        mapping, so a page touched again is read again from the file)."""
         if RELEASE:
             info = self.tensors[key]
             self._release(info.offset, info.nbytes)
@@ -358,7 +359,7 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
             continue  # the same tensor as the embedding, below
         vision = param.startswith(("vision.", "projector."))
         packed = pack and param.endswith(".weight") and quantizable(module_name, module)
-        tensor = _materialise(group, (vision_dtype or dtype) if vision else dtype, device, mapped=not packed,
+        tensor = _materialise(group, (vision_dtype or dtype) if vision else dtype, device,
                               staging=staging if packed else None)  # fmt: skip
         if packed:  # reordered out of the mapping or the staging buffer now
             module.weight = nn.Parameter(tensor, requires_grad=False)
@@ -386,16 +387,16 @@ def _blocks(p: _Part):
         yield start, p.file.read_rows(p.key, start, min(rows, start + step))
 
 
-def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device, mapped: bool = True,
+def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device,
                  staging: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """One parameter from its checkpoint tensor(s): a mapped view when usable as is (and `mapped`,
-    or `staging` is given: a weight about to be packed, whose pages its caller then releases), else
-    read into place: into `staging` (a flat buffer reused from one parameter to the next, so its
-    pages are faulted in once) when given and the dtypes agree."""
+    """One parameter from its checkpoint tensor(s): a mapped view when usable as is (for a weight
+    about to be packed, its caller then releases the pages), else read into place: into `staging`
+    (a flat buffer reused from one packed weight to the next, so its pages are faulted in once)
+    when given and the dtypes agree."""
     first = group[0]
     info = first.file.tensors[first.key]
     target = dtype if info.dtype.is_floating_point else info.dtype
-    if (mapped or staging is not None) and len(group) == 1 and info.dtype == target and device.type == "cpu":
+    if len(group) == 1 and info.dtype == target and device.type == "cpu":
         return first.file.view(first.key)
     rows = sum(p.shape[0] for p in group)
     shape = (rows, *first.shape[1:])
