@@ -236,3 +236,23 @@ def test_filling_in_cache_sized_pieces_stores_what_one_piece_does(mode, monkeypa
     if mode == "int8":
         q, s = quantize_int8(w, torch.bfloat16)
         assert torch.equal(layers[1].qweight, q) and torch.equal(layers[1].scales, s)
+
+
+@pytest.mark.parametrize("pieces", [
+    [(0, 64), (64, 100), (100, 256), (256, 400)],  # whole blocks, a block's start, a block's end, up to N
+    [(256, 400), (100, 256), (0, 64), (64, 100)],  # the same pieces out of order
+    [(0, 400)],  # one piece
+    [(i, min(400, i + 7)) for i in range(0, 400, 7)],  # none whole
+])
+def test_int4_kernel_layout_is_the_same_however_the_rows_arrive(pieces):
+    """Rows that arrive as whole 64-row blocks go straight into the CPU int4 kernel's layout, the
+    others through plain nibbles laid out at finish(): the stored bytes are what PyTorch's own
+    conversion makes of the whole quantized matrix at once."""
+    w = weights(n=400, k=128, seed=8).to(torch.bfloat16)
+    layer = QuantizedLinear(128, 400, "int4", False, torch.bfloat16, torch.device("cpu"), kernel="packed")
+    for start, stop in pieces:
+        layer.fill_rows(start, w[start:stop])
+    layer.finish()
+    q, sz = quantize_int4(w, layer.group_size, torch.bfloat16)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(layer.qweight, expected) and torch.equal(layer.scales, sz)

@@ -49,7 +49,8 @@ from torch import nn
 
 MODES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)
-PACK_ROWS = 4096  # rows repacked at a time for the CPU int4 kernel (a multiple of its 64-row blocks)
+INT4_BLOCK = 64  # rows of one block of the CPU int4 kernel's layout: each block is laid out on its own
+PACK_ROWS = 4096  # rows repacked at a time by finish() (a multiple of INT4_BLOCK)
 QUANTIZE_ELEMENTS = 1 << 18  # weights quantized at a time: their float32 temporaries stay in the CPU's cache
 # (3x faster than whole 32 MB blocks on a 2-core Xeon, the same values)
 
@@ -73,8 +74,9 @@ def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return q, scales
 
 
-def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> q uint8 (N, K) in 0..15, scales_and_zeros (K/group, N, 2) in `dtype`."""
+def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype,
+                  qdtype: torch.dtype = torch.uint8) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(N, K) float -> q (N, K) in 0..15 as `qdtype`, scales_and_zeros (K/group, N, 2) in `dtype`."""
     n, k = w.shape
     wg = w.float().view(n, k // group, group)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, K/g); 7x faster than aminmax over groups of 128
@@ -82,7 +84,7 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torc
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)  # a constant group: any scale
     zeros = (lo + 8 * scales.float()).to(dtype)
     q = (wg - zeros.float()[..., None]).div_(scales.float()[..., None]).add_(8).round_().clamp_(0, 15)
-    return q.to(torch.uint8).view(n, k), torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return q.to(qdtype).view(n, k), torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -148,6 +150,19 @@ def activation_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _digit_rows(whole), top
 
 
+def _row_runs(blocks: list[int], size: int, most: int, rows: int) -> list[tuple[int, int]]:
+    """Sorted block numbers -> row ranges (start, stop) of consecutive blocks, at most `most` rows
+    each (a multiple of `size`), the last one ending at `rows`: [0, 1, 2, 5], 64 -> (0, 192), (320, 384)."""
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        start, stop = b * size, min(rows, (b + 1) * size)
+        if runs and runs[-1][1] == start and stop - runs[-1][0] <= most:
+            runs[-1] = (runs[-1][0], stop)
+        else:
+            runs.append((start, stop))
+    return runs
+
+
 def _digit_rows(whole: torch.Tensor) -> torch.Tensor:
     """(M, K) int32 X + DIGITS_OFFSET -> its two low bytes as rows (2M, K) uint8, the lower first."""
     m, k = whole.shape
@@ -180,6 +195,7 @@ class QuantizedLinear(nn.Module):
                                  persistent=False)
         self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
         self._packed = False
+        self._plain_blocks: set[int] = set()  # int4 "packed": blocks still in the plain nibble layout
 
     @property
     def packable(self) -> bool:
@@ -189,6 +205,8 @@ class QuantizedLinear(nn.Module):
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
         """Quantize rows start..start+len(w)-1 of the full-precision weight into this layer."""
         step = max(1, QUANTIZE_ELEMENTS // self.in_features)
+        if self._int4_packed:  # whole blocks of the kernel's layout, so that they are laid out as they come
+            step = max(INT4_BLOCK, step - step % INT4_BLOCK)
         for first in range(0, w.shape[0], step):
             self._fill(start + first, w[first : first + step])
 
@@ -198,13 +216,26 @@ class QuantizedLinear(nn.Module):
             q, s = quantize_int8(w, self.dtype)
             self.qweight[start:stop] = q.to(self.qweight.device)
             self.scales[start:stop] = s.to(self.scales.device)
+        elif self._int4_packed and start % INT4_BLOCK == 0 and (stop % INT4_BLOCK == 0 or stop == self.out_features):
+            # whole blocks: straight into the CPU kernel's layout (no plain nibbles in between)
+            q, sz = quantize_int4(w, self.group_size, self.dtype, torch.int32)
+            self.qweight[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            self.scales[:, start:stop] = sz
+            self._plain_blocks.difference_update(range(start // INT4_BLOCK, (stop - 1) // INT4_BLOCK + 1))
         else:
             q, sz = quantize_int4(w, self.group_size, self.dtype)
             self.qweight[start:stop] = pack_int4(q).to(self.qweight.device)
             self.scales[:, start:stop] = sz.to(self.scales.device)
+            if self._int4_packed:  # laid out by finish()
+                self._plain_blocks.update(range(start // INT4_BLOCK, (stop - 1) // INT4_BLOCK + 1))
+
+    @property
+    def _int4_packed(self) -> bool:
+        return self.mode == "int4" and self.kernel == "packed"
 
     def finish(self) -> None:
-        """After every row is filled: prepack int8 for oneDNN, or repack int4 for the CPU kernel 64 rows at a time."""
+        """After every row is filled: prepack int8 for oneDNN, or lay out for the CPU int4 kernel the
+        blocks that were filled in pieces smaller than a block."""
         if self._packed:
             return
         if self.kernel == "onednn":
@@ -212,10 +243,11 @@ class QuantizedLinear(nn.Module):
             self.qweight = torch.ops.onednn.qlinear_prepack(self.qweight, [2, self.in_features])  # the plain copy is freed
             self.scales = self.scales.float() / DIGITS_STEPS  # times a row's max|x| below: s w_scale
             self.register_buffer("zeros", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
-        elif self.kernel == "packed" and self.mode == "int4":
-            for start in range(0, self.out_features, PACK_ROWS):
-                block = unpack_int4(self.qweight[start : start + PACK_ROWS]).to(torch.int32)
-                self.qweight[start : start + PACK_ROWS] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
+        elif self._int4_packed:
+            for start, stop in _row_runs(sorted(self._plain_blocks), INT4_BLOCK, PACK_ROWS, self.out_features):
+                block = unpack_int4(self.qweight[start:stop]).to(torch.int32)
+                self.qweight[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(block, 1)
+            self._plain_blocks.clear()
         else:
             return  # the plain layout is the kernel's
         self._packed = True

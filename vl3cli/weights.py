@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
-from .quantize import PackedLinear, QuantizedLinear, quantizable
+from .quantize import INT4_BLOCK, PackedLinear, QuantizedLinear, quantizable
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -383,6 +383,8 @@ def _blocks(p: _Part):
     info = p.file.tensors[p.key]
     rows = info.shape[0] if info.shape else 1
     step = max(1, BLOCK_BYTES // max(1, info.nbytes // max(1, rows)))
+    if step > INT4_BLOCK:  # whole blocks of the int4 kernel's layout (see QuantizedLinear.fill_rows)
+        step -= step % INT4_BLOCK
     for start in range(0, rows, step):
         yield start, p.file.read_rows(p.key, start, min(rows, start + step))
 
