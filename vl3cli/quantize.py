@@ -203,7 +203,8 @@ class QuantizedLinear(nn.Module):
         return self.mode == "int8" or self.out_features % 16 == 0
 
     def fill_rows(self, start: int, w: torch.Tensor) -> None:
-        """Quantize rows start..start+len(w)-1 of the full-precision weight into this layer."""
+        """Quantize rows start..start+len(w)-1 of the full-precision weight into this layer (each row
+        once, in any order, then `finish()`)."""
         step = max(1, QUANTIZE_ELEMENTS // self.in_features)
         if self._int4_packed:  # whole blocks of the kernel's layout, so that they are laid out as they come
             step = max(INT4_BLOCK, step - step % INT4_BLOCK)
@@ -221,7 +222,6 @@ class QuantizedLinear(nn.Module):
             q, sz = quantize_int4(w, self.group_size, self.dtype, torch.int32)
             self.qweight[start:stop] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             self.scales[:, start:stop] = sz
-            self._plain_blocks.difference_update(range(start // INT4_BLOCK, (stop - 1) // INT4_BLOCK + 1))
         else:
             q, sz = quantize_int4(w, self.group_size, self.dtype)
             self.qweight[start:stop] = pack_int4(q).to(self.qweight.device)
