@@ -176,6 +176,9 @@ def test_broken_inputs(tmp_path, clips):
     check_error(tmp_path / "truncated.mp4", "truncated", "moov")
     (tmp_path / "broken.png").write_bytes(make_image(tmp_path / "ok.png", size=(200, 200)).read_bytes()[:300])
     check_error(tmp_path / "broken.png", "corrupt or truncated image")
+    for name in ("garbage.png", "garbage.jpg"):  # FFmpeg's image2 demuxer opens these by extension alone
+        (tmp_path / name).write_bytes(b"garbage")
+        check_error(tmp_path / name, "not an image Pillow can read")
 
 
 def test_decompression_bomb(tmp_path):

@@ -113,10 +113,16 @@ class RayEngine:
         from .preprocess import ProcessorConfig
 
         ray = _import_ray()
-        folder = resolve_model(model, revision, on_config=lambda f: check_budget(ModelConfig.from_dir(f), options))
+        configs: list[ModelConfig] = []
+
+        def checked(folder: Path) -> None:
+            configs.append(ModelConfig.from_dir(folder))
+            check_budget(configs[0], options)
+
+        folder = resolve_model(model, revision, on_config=checked)
         processor = ProcessorConfig.from_dir(folder)
         # the readers refuse a video that cannot fit from its plan, before decoding it, as the local engine does
-        media = replace(options.media(processor), token_budget=visual_token_budget(ModelConfig.from_dir(folder), options))
+        media = replace(options.media(processor), token_budget=visual_token_budget(configs[0], options))
         local = Path(model).expanduser().is_dir()
         load = {
             "model": str(folder.resolve()) if local else model, "revision": None if local else revision,

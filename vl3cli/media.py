@@ -174,6 +174,9 @@ def _unreadable_picture(path) -> str:
     return "corrupt or unsupported HEIF picture" if kind == "heif" else "not an image Pillow can read"
 
 
+IMAGE_DEMUXERS = ("image2", "image2pipe")  # FFmpeg's still-picture demuxers, besides its *_pipe ones (png_pipe...)
+
+
 def detect_kind(path) -> str:
     """'image' or 'video', judged from the content (see the module doc)."""
     check_file(path)
@@ -191,6 +194,10 @@ def detect_kind(path) -> str:
     with container.av_open(path) as c:  # raises MediaError "not an image or video" when PyAV cannot open it
         if not c.streams.video:
             raise _fail(path, "no video stream (audio-only or not a video)")
+        demuxer = c.format.name
+        if (demuxer in IMAGE_DEMUXERS or demuxer.endswith("_pipe")) and not c.streams.video[0].codec_context.width:
+            # image2 opens any file named like a picture: garbage in x.png is a broken picture, not a video
+            raise _fail(path, _unreadable_picture(path))
     return "video"
 
 
