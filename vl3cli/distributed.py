@@ -309,8 +309,10 @@ class _Answerer:
 
     def __init__(self, load: dict, options: Options, batch_size: int):
         from .api import load as load_model
+        from .heap import keep_freed_memory
 
         self.model = load_model(**load, **asdict(options))
+        keep_freed_memory()  # the actor's process is vl3's, as the command's is
         self.batch_size = batch_size
 
     def __call__(self, batch):

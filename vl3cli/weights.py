@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import mmap
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import WeightsError
+from .heap import return_freed_memory
 from .quantize import INT4_BLOCK, PackedLinear, QuantizedLinear, quantizable
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -291,16 +291,7 @@ def load_into(
     finally:
         for f in files:
             f.close()
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap pages that loading's block buffers used back to the system: glibc keeps them
-    otherwise (about 0.45 GB after quantizing the 2B model). A no-op where there is no malloc_trim."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_memory()  # the block buffers' heap pages
 
 
 def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack=False) -> None:

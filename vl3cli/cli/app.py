@@ -187,9 +187,11 @@ class _Spinner:
 def _load(params: dict, options):
     """The model, loaded once for the whole command."""
     from ..api import load
+    from ..heap import keep_freed_memory
 
     with _Spinner(f"Loading {params['model']}"):
         model = load(**{k: params[k] for k in LOAD_KEYS}, **_as_kwargs(options))
+    keep_freed_memory()  # this process is vl3's: activations reuse freed heap (after loading, whose buffers are gone)
     label = model.label
     _debug_line(f"model: {label.model} -> {model.engine.path} (device {label.device}, dtype {label.dtype}, "
                 f"quantize {label.quantize or 'none'})")  # fmt: skip
