@@ -9,10 +9,10 @@ Two moments matter:
   the next layer starts. By default glibc maps blocks above a threshold that it moves with
   the sizes it sees (at most 32 MB). It also gives the top of the heap back to the system as
   soon as more than twice that threshold is free there. So a forward pass over a few hundred
-  tokens faults its activation pages in afresh, layer after layer: 0.58 GB of page faults per
+  tokens faults its activation pages in afresh, layer after layer: 0.55 GB of page faults per
   prefill of 290 tokens at the 2B geometry, 0.5-1.0 s of its 5-6 s on two Xeon cores.
   `keep_freed_memory` fixes the threshold at that 32 MB maximum and keeps up to 256 MB free at
-  the top of the heap. The peak memory of a run stays the same (2B geometry: within 20 MB).
+  the top of the heap. The peak memory of a run stays the same (2B geometry: within 10 MB).
 
 Both change the whole process's allocator, so the Python API leaves the second to its caller (a
 program may have its own reasons), and neither does anything where there is no glibc.
@@ -30,7 +30,7 @@ TRIM_THRESHOLD = 256 << 20  # free memory kept at the heap's top: a layer's acti
 def _libc():
     try:
         return ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # no C library to open by name (Windows)
         return None
 
 
