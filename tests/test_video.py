@@ -189,7 +189,21 @@ def test_truncated_mp4_without_index_fails_in_one_line(cut_files, fraction):
         prepare_visual(path, CONFIG, MediaOptions())
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"{path}: truncated video") and "'moov'" in message
-    assert isinstance(info.value.__cause__, av.FFmpegError)  # --debug shows the decoder's own error
+    # --debug shows the decoder's own error where FFmpeg refused the file; cut inside its index (0.9),
+    # FFmpeg opens some encodes' files anyway and finds no frame: the same diagnosis, nothing chained
+    assert info.value.__cause__ is None or isinstance(info.value.__cause__, av.FFmpegError)
+
+
+def test_mp4_cut_before_its_first_frame_names_the_cut(tmp_path):
+    """A streaming (index-first) MP4 cut a few bytes into its data: FFmpeg opens it, no frame comes."""
+    data = faststart_copy(make_video(tmp_path / "full.mp4", seconds=1.0, fps=10), tmp_path / "fast.mp4").read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: data.index(b"mdat") + 20])
+    with pytest.raises(MediaError) as info:
+        prepare_visual(path, CONFIG, MediaOptions())
+    message = str(info.value)
+    assert message.startswith(f"{path}: truncated video: the file ends inside its 'mdat' box (24 of "), message
+    assert info.value.__cause__ is None  # FFmpeg opened it: the diagnosis is vl3's, from the file's layout
 
 
 @pytest.mark.parametrize("fraction", CUTS)

@@ -142,10 +142,17 @@ def av_open(path):
         kind = signature(path)
         if kind is None:
             raise fail(path, f"not an image or video file ({reason})") from e
-        problem = mp4_layout_problem(path) if kind == "mp4" else None
-        if problem:
-            raise fail(path, f"truncated video: {problem}, so nothing can be decoded; copy or download it again") from e
-        raise fail(path, f"truncated or corrupt video ({reason})") from e
+        raise fail(path, _unreadable_video(path, kind, f"truncated or corrupt video ({reason})")) from e
+
+
+def _unreadable_video(path, kind: str | None, otherwise: str) -> str:
+    """Why nothing can be decoded: an MP4 / MOV file's broken layout when it has one (a file cut
+    before its index, whether FFmpeg refuses to open it or opens it and finds no frame), else
+    `otherwise`."""
+    problem = mp4_layout_problem(path) if kind == "mp4" else None
+    if problem:
+        return f"truncated video: {problem}, so nothing can be decoded; copy or download it again"
+    return otherwise
 
 
 def _first_frame_matrix(stream, packet) -> tuple | None:
@@ -215,7 +222,7 @@ def probe(path) -> VideoMeta:
         if not times and packets and header_fps:  # no timestamps at all (raw streams)
             times = [i / header_fps for i in range(packets)]
         if not times:
-            raise fail(path, "truncated or corrupt video: no frame could be read")
+            raise fail(path, _unreadable_video(path, signature(path), "truncated or corrupt video: no frame could be read"))
         if last_duration and tb and last_pts is not None and last_pts >= start:
             tail = last_duration * num / den
         elif len(times) > 1:
