@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import shutil
 from pathlib import Path
 
@@ -265,3 +266,98 @@ def test_read_rows_copies_through_the_mapping_and_hands_its_pages_back(tmp_path)
         assert torch.equal(view, stored["b"])  # the view still reads its own bytes
     finally:
         f.close()
+
+
+def present_pages(t: torch.Tensor) -> list[bool]:
+    """For each page wholly inside `t`'s bytes: is it mapped in this process? (/proc/self/pagemap,
+    bit 63: page present; readable without privileges.)"""
+    page = mmap.PAGESIZE
+    first, end = -(-t.data_ptr() // page), (t.data_ptr() + t.numel() * t.element_size()) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        data = f.read(max(0, end - first) * 8)
+    return [bool(int.from_bytes(data[i : i + 8], "little") >> 63) for i in range(0, len(data), 8)]
+
+
+def present_share(module: torch.nn.Module) -> float:
+    pages = [p for t in module.parameters() for p in present_pages(t)]
+    return sum(pages) / len(pages)
+
+
+needs_pagemap = pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs /proc/self/pagemap")
+
+
+@needs_pagemap
+def test_mapped_pages_hand_back_the_pages_of_one_module(tmp_path):
+    """Spans of one module's tensors are merged and handed back together; other modules' pages and
+    every tensor's values stay (a page handed back is read again from the file)."""
+    from vl3cli.weights import RELEASE, MappedPages, SafetensorsFile
+
+    if not RELEASE:
+        pytest.skip("no madvise here")
+    gen = torch.Generator().manual_seed(0)
+    stored = {k: torch.randn(512, 1024, generator=gen) for k in ("a", "b", "c")}  # 2 MiB each, in this order
+    save_file(stored, str(tmp_path / "w.safetensors"))
+    f = SafetensorsFile(tmp_path / "w.safetensors")
+    views = {k: f.view(k) for k in stored}
+    pages = MappedPages()
+    pages.add("m.x.weight", f, "a")
+    pages.add("m.y.weight", f, "b")
+    pages.add("n.weight", f, "c")
+    info = f.tensors
+    assert pages.under("m") == [(f, info["a"].offset, info["a"].nbytes + info["b"].nbytes)]
+    assert pages.under("n") == [(f, info["c"].offset, info["c"].nbytes)] and pages.under("o") == []
+    assert all(float(v.sum()) == pytest.approx(float(stored[k].sum()), rel=1e-5) for k, v in views.items())
+    assert all(all(present_pages(v)) for v in views.values())
+    pages.release("m")
+    a, b, c = (present_pages(views[k]) for k in "abc")
+    assert not any(a) and not any(b) and all(c)
+    assert all(torch.equal(views[k], stored[k]) for k in stored)  # read again, the same bytes
+    f.close()
+
+
+@pytest.fixture(scope="module")
+def wide_vision(tmp_path_factory):
+    """A tiny checkpoint whose vision layers (3 MiB each) are much larger than what one page fault maps."""
+    import tiny
+
+    vision = dict(tiny.VISION, hidden_size=256, intermediate_size=1024)
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("wide-vision") / "hf", "hf", vision=vision)
+
+
+@needs_pagemap
+def test_vision_layers_hand_back_their_mapped_pages_after_running(wide_vision):
+    """A vision layer whose weights are views of the file leaves them out of the process's memory
+    once it has run; encodes give the same features as with the pages kept, again and again."""
+    from vl3cli.weights import RELEASE
+
+    if not RELEASE:
+        pytest.skip("no madvise here")
+    engine = load(wide_vision)  # stored in float32, run in float32: the tower's weights are views
+    vision = engine.model.vision
+    release, vision.after_layer = vision.after_layer, None
+    assert release is not None
+    pixels = torch.randn(24, 588, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        kept = engine.encode_pixels(pixels, (1, 4, 6), 1)
+        held = [present_share(layer) for layer in vision.encoder.layers]
+        vision.after_layer = release
+        first = engine.encode_pixels(pixels, (1, 4, 6), 1)
+        after = [present_share(layer) for layer in vision.encoder.layers]
+        second = engine.encode_pixels(pixels, (1, 4, 6), 1)
+    assert held == [1.0] * len(held)
+    # what stays is what faults of neighbouring weights map around themselves, a small part of a layer
+    assert max(after) < 0.25, after
+    assert torch.equal(first, kept) and torch.equal(second, kept)
+
+
+def test_vision_weights_that_were_copied_are_never_handed_back(wide_vision):
+    """Converted weights (float32 file, bf16 run) are the only copy: no hand-back is set up, and
+    repeated encodes keep giving the same features."""
+    engine = Engine.load(wide_vision, device="cpu", dtype="bfloat16")
+    assert engine.model.vision.after_layer is None
+    pixels = torch.randn(24, 588, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        first = engine.encode_pixels(pixels, (1, 4, 6), 1)
+        second = engine.encode_pixels(pixels, (1, 4, 6), 1)
+    assert torch.equal(first, second) and first.abs().sum() > 0

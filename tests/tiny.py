@@ -80,7 +80,7 @@ def token_id(token: str) -> int:
     return Tokenizer.from_str(tokenizer_json()).token_to_id(token)
 
 
-def hf_config(tied: bool) -> dict:
+def hf_config(tied: bool, vision: dict | None = None) -> dict:
     text = dict(TEXT, model_type="qwen2", tie_word_embeddings=tied)
     return {
         "architectures": ["VideoLlama3ForConditionalGeneration"],
@@ -89,11 +89,11 @@ def hf_config(tied: bool) -> dict:
         "video_token_id": token_id("<|video_pad|>"),
         "tie_word_embeddings": tied,
         "text_config": text,
-        "vision_config": dict(VISION, model_type="video_llama_3_vision"),
+        "vision_config": dict(vision or VISION, model_type="video_llama_3_vision"),
     }
 
 
-def original_config(tied: bool) -> dict:
+def original_config(tied: bool, vision: dict | None = None) -> dict:
     return dict(
         TEXT,
         architectures=["Videollama3Qwen2ForCausalLM"],
@@ -103,16 +103,16 @@ def original_config(tied: bool) -> dict:
         use_token_compression=True,
         mm_projector_type="mlp2x_gelu",
         vision_encoder=None,
-        vision_encoder_config=dict(VISION, model_type="videollama3_vision_encoder"),
+        vision_encoder_config=dict(vision or VISION, model_type="videollama3_vision_encoder"),
         an_unknown_field_that_must_be_ignored=[1, 2, 3],
     )
 
 
-def hf_state_dict(seed: int, tied: bool) -> dict[str, torch.Tensor]:
+def hf_state_dict(seed: int, tied: bool, vision: dict | None = None) -> dict[str, torch.Tensor]:
     """Random weights under transformers' HF-format key names, with a non-trivial scale."""
     from transformers import VideoLlama3Config, VideoLlama3ForConditionalGeneration
 
-    config = VideoLlama3Config(**hf_config(tied))
+    config = VideoLlama3Config(**hf_config(tied, vision))
     with torch.device("meta"):
         model = VideoLlama3ForConditionalGeneration(config)
     gen = torch.Generator().manual_seed(seed)
@@ -161,14 +161,16 @@ def _write_weights(folder: Path, state: dict[str, torch.Tensor], sharded: bool) 
 
 
 def make_checkpoint(
-    folder: str | Path, fmt: str = "hf", tied: bool = True, sharded: bool = False, seed: int = 0
+    folder: str | Path, fmt: str = "hf", tied: bool = True, sharded: bool = False, seed: int = 0,
+    vision: dict | None = None,
 ) -> Path:
-    """Write a complete tiny checkpoint of format `fmt` into `folder` and return it."""
+    """Write a complete tiny checkpoint of format `fmt` into `folder` and return it (`vision`: other
+    vision-tower dimensions than `VISION`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(seed, tied)
+    state = hf_state_dict(seed, tied, vision)
     if fmt == "hf":
-        config = hf_config(tied)
+        config = hf_config(tied, vision)
         (folder / "preprocessor_config.json").write_text(
             json.dumps(
                 {
@@ -199,7 +201,7 @@ def make_checkpoint(
             )
         )
     elif fmt == "original":
-        config = original_config(tied)
+        config = original_config(tied, vision)
         state = {to_original_key(k): v for k, v in state.items()}
         (folder / "processor_config.json").write_text(
             json.dumps({"fps": 1, "max_frames": 128, "image_merge_size": 1, "video_merge_size": 2})

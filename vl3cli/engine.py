@@ -9,7 +9,10 @@
 
 Weights are loaded once, straight into the device and dtype (or quantized, see quantize.py).
 `dtype="auto"` runs the checkpoint's own dtype where the hardware computes in it natively (see
-`resolve_dtype`). A decode step (`step`) is pure tensor code over the cache's static buffers; on
+`resolve_dtype`). Where the vision tower's weights are views of the mapped checkpoint (CPU, the
+file's own dtype), each encode hands a layer's pages back as soon as that layer is done
+(`release_vision_layers`): the tower is read from the page cache layer by layer, and its 0.8 GB
+(2B and 7B) is neither in a run's peak memory nor held between encodes. A decode step (`step`) is pure tensor code over the cache's static buffers; on
 CUDA it is captured once per cache shape in a CUDA graph (`CudaGraphs`) and replayed. Everything
 runs under the caller's `torch.inference_mode()`; the engine keeps no per-request state.
 """
@@ -29,7 +32,7 @@ from .errors import UsageError, Vl3Error
 from .model import KVCache, VideoLlama3
 from .quantize import MODES, packs
 from .tokenizer import Tokenizer
-from .weights import SafetensorsFile, load_into, stored_dtype, weight_files
+from .weights import MappedPages, SafetensorsFile, load_into, stored_dtype, weight_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MPS_PREFILL_CHUNK = 2048  # long prompts on MPS are prefilled in chunks of this many tokens
@@ -111,6 +114,18 @@ def resolve_dtype(name: str, device: torch.device, stored: torch.dtype | None) -
     return torch.float16 if getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)() else torch.float32
 
 
+def release_vision_layers(model: VideoLlama3, pages: MappedPages) -> None:
+    """Have each vision layer hand back the pages of its mapped weights once it has run.
+
+    Measured on a 2-core Xeon, 2B geometry in bf16: a run's peak memory 0.76 GB lower (int4:
+    1959 -> 1201 MB), an encode of a 224x224 image 1% slower (1.275 against 1.262 s, medians: the
+    pages are mapped again from the page cache, 20-30 ms for the whole tower).
+    """
+    names = [f"vision.encoder.layers.{i}" for i in range(len(model.vision.encoder.layers))]
+    if any(pages.under(name) for name in names):
+        model.vision.after_layer = lambda i: pages.release(names[i])
+
+
 @dataclass
 class Prefix:
     """The KV cache of a prompt's first tokens, computed once and copied into any row that starts with them."""
@@ -167,8 +182,9 @@ class Engine:
             raise UsageError(str(exc)) from None
         with torch.device("meta"):
             model = VideoLlama3(config)
-        load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings, quantize=quantize,
-                  vision_dtype=vision_dt, pack=packs(dev, dt, quantize))
+        pages = load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings,
+                          quantize=quantize, vision_dtype=vision_dt, pack=packs(dev, dt, quantize))
+        release_vision_layers(model, pages)
         model.language.init_rope(dev, dt)
         model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls
         chunk = MPS_PREFILL_CHUNK if dev.type == "mps" else None

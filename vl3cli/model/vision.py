@@ -8,9 +8,13 @@ the frames' grids. Output: one feature per merged token, (sum over frames of h/m
 - Attention is block-diagonal per frame (`vl3cli.attention.frame_attention`).
 - Downsampling: per frame, bilinear resize from (h, w) to (h/m, w/m); for m = 2 this is the
   mean of each 2 x 2 window, for m = 1 the identity.
+- `after_layer(i)`, when set, is called once layer i is done in a forward pass: the loader uses it
+  to hand back the pages of weights that are views of the checkpoint file (`Engine.load`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +105,7 @@ class VisionEncoder(nn.Module):
         self.embeddings = VisionEmbeddings(config)
         self.encoder = TransformerEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.after_layer: Callable[[int], None] | None = None
 
     def rope(self, grids: list[tuple[int, int, int]], merge_sizes: list[int], device) -> tuple:
         """cos, sin of shape (N, 1, head_dim) for the patches of `grids`, in merge-window order."""
@@ -131,8 +136,10 @@ class VisionEncoder(nn.Module):
         x = self.embeddings(pixel_values)
         segments = Segments.build([h * w for t, h, w in grids for _ in range(t)], backend, x.device)
         cos, sin = self.rope(grids, merge_sizes, x.device)
-        for layer in self.encoder.layers:
+        for i, layer in enumerate(self.encoder.layers):
             x = layer(x, cos, sin, segments, backend)
+            if self.after_layer is not None:
+                self.after_layer(i)
         x = self.post_layernorm(x)
         return downsample(x, grids, merge_sizes)
 
