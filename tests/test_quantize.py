@@ -218,6 +218,63 @@ def test_bf16_engine_packs_its_language_model_and_stays_close(hf_checkpoint, mon
     assert cos.min() > 0.999 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
 
 
+def test_packed_linear_in_blocks_of_rows_computes_the_whole_product(monkeypatch):
+    """A weight packed a block of rows at a time (the mapped head) gives the plain product, bias
+    included, and hands back each block's rows once packed, in order, covering them all."""
+    import vl3cli.quantize as quantize
+    from vl3cli.quantize import PackedLinear, packs
+
+    if not packs(torch.device("cpu"), torch.bfloat16, None):
+        pytest.skip("this CPU has no native bf16")
+    gen = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(96, 250, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(250, 96, generator=gen))
+        lin.bias.copy_(torch.randn(250, generator=gen))
+    monkeypatch.setattr(quantize, "PACK_BLOCK_BYTES", 64 * 96 * 2)  # blocks of 64 rows: 64, 64, 64, 58
+    released = []
+    blocked = PackedLinear(lin, lambda a, b: released.append((a, b)))
+    assert released == [(0, 64), (64, 128), (128, 192), (192, 250)]
+    whole = PackedLinear(lin)  # no release: one block
+    assert len(whole.spans) == 1
+    for shape in ((1, 96), (3, 5, 96)):
+        x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+        ref = x.float() @ lin.weight.float().T + lin.bias.float()
+        got = blocked(x).float()
+        assert got.shape == ref.shape
+        assert ((got - ref).abs() / ref.abs().clamp(min=1)).max() < 2 ** -7
+        assert ((got - whole(x).float()).abs() / ref.abs().clamp(min=1)).max() < 2 ** -7
+
+
+def test_bf16_engine_packs_its_mapped_head_in_blocks(hf_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint stored in bf16 and run in bf16: the loader packs the tied head from the mapped
+    embedding a block of rows at a time; the logits are those of the engine that packs it whole."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import vl3cli.quantize as quantize
+    from vl3cli.quantize import packs
+
+    if not packs(torch.device("cpu"), torch.bfloat16, None):
+        pytest.skip("this CPU has no native bf16")
+    folder = tmp_path / "bf16"
+    shutil.copytree(hf_checkpoint, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(folder / "model.safetensors"))
+    whole = Engine.load(folder, device="cpu", dtype="bfloat16")
+    monkeypatch.setattr(quantize, "PACK_BLOCK_BYTES", 128 * whole.config.text.hidden_size * 2)
+    blocked = Engine.load(folder, device="cpu", dtype="bfloat16")
+    vocab = whole.config.text.vocab_size
+    assert len(whole.model.lm_head.spans) == 1 and blocked.model.lm_head.spans[:2] == [(0, 128), (128, 256)]
+    assert blocked.model.lm_head.spans[-1][1] == vocab
+    ids = list(range(10, 60))
+    with torch.inference_mode():
+        a, b = whole.forward_logits(ids), blocked.forward_logits(ids)
+    assert a.shape == (len(ids), vocab)
+    assert ((a - b).abs() / a.abs().clamp(min=1)).max() < 2 ** -7
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_filling_in_cache_sized_pieces_stores_what_one_piece_does(mode, monkeypatch):
     """The loader's rows are quantized a few at a time; every row's values are its own, so the

@@ -188,6 +188,12 @@ class SafetensorsFile:
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return self._map
 
+    def release_rows(self, key: str, start: int, stop: int) -> None:
+        """Hand back the pages of rows start..stop-1 of `key` (see `release`)."""
+        info = self.tensors[key]
+        row_bytes = prod(info.shape[1:]) * info.dtype.itemsize
+        self.release_range(info.offset + start * row_bytes, (stop - start) * row_bytes)
+
     def release_range(self, offset: int, nbytes: int) -> None:
         """Hand back the mapped pages wholly inside bytes offset..offset+nbytes (see `release`)."""
         if RELEASE:
@@ -387,8 +393,10 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
     pages = MappedPages()
     staging = None  # packing: one read buffer for every weight, each reordered out of it
     if pack:
-        largest = max(sum(math.prod(p.shape) for p in group) for param, group in by_param.items()
-                      if param.endswith(".weight") and quantizable(param.rpartition(".")[0], model.get_submodule(param.rpartition(".")[0])))  # fmt: skip
+        largest = max((sum(math.prod(p.shape) for p in group) for param, group in by_param.items()
+                       if param.endswith(".weight") and not _maps(group, dtype, device)
+                       and quantizable(param.rpartition(".")[0], model.get_submodule(param.rpartition(".")[0]))),
+                      default=0)  # fmt: skip
         staging = torch.empty(largest, dtype=dtype, device=device)
     for param, group in by_param.items():
         module_name = param.rpartition(".")[0]
@@ -405,9 +413,13 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
         packed = pack and param.endswith(".weight") and quantizable(module_name, module)
         target = (vision_dtype or dtype) if vision else dtype
         tensor = _materialise(group, target, device, staging=staging if packed else None)
-        if packed:  # reordered out of the mapping or the staging buffer now
+        if packed:  # reordered out of the mapping (a block of rows at a time) or the staging buffer now
             module.weight = nn.Parameter(tensor, requires_grad=False)
-            _swap(model, module_name, PackedLinear(module))
+            first, release = group[0], None
+            if _maps(group, target, device):
+                def release(start: int, stop: int, first=first) -> None:
+                    first.file.release_rows(first.key, start, stop)
+            _swap(model, module_name, PackedLinear(module, release))
             for p in group:
                 p.file.release(p.key)
         else:
