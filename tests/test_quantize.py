@@ -177,17 +177,26 @@ def test_quantized_logits_stay_close_to_float32(engines):
     assert (logits["int4"] - ref).abs().max() > (logits["int8"] - ref).abs().max() > 0
 
 
-def test_packed_bf16_linear_equals_the_plain_product():
-    """oneDNN's prepacked bf16 linear (the CPU default for bf16) computes what F.linear does."""
-    from vl3cli.quantize import PackedLinear, packs
+def bf16_linear(k: int, n: int, gen: torch.Generator) -> torch.nn.Linear:
+    """A bf16 linear layer with random weights and bias; skips where the CPU has no native bf16
+    (the packed layer's condition)."""
+    from vl3cli.quantize import packs
 
     if not packs(torch.device("cpu"), torch.bfloat16, None):
         pytest.skip("this CPU has no native bf16")
-    gen = torch.Generator().manual_seed(4)
-    lin = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    lin = torch.nn.Linear(k, n, bias=True).to(torch.bfloat16)
     with torch.no_grad():
-        lin.weight.copy_(torch.randn(160, 96, generator=gen))
-        lin.bias.copy_(torch.randn(160, generator=gen))
+        lin.weight.copy_(torch.randn(n, k, generator=gen))
+        lin.bias.copy_(torch.randn(n, generator=gen))
+    return lin
+
+
+def test_packed_bf16_linear_equals_the_plain_product():
+    """oneDNN's prepacked bf16 linear (the CPU default for bf16) computes what F.linear does."""
+    from vl3cli.quantize import PackedLinear
+
+    gen = torch.Generator().manual_seed(4)
+    lin = bf16_linear(96, 160, gen)
     packed = PackedLinear(lin)
     for shape in ((1, 1, 96), (2, 7, 96)):
         x = torch.randn(*shape, generator=gen).to(torch.bfloat16)
@@ -222,15 +231,10 @@ def test_packed_linear_in_blocks_of_rows_computes_the_whole_product(monkeypatch)
     """A weight packed a block of rows at a time (the mapped head) gives the plain product, bias
     included, and hands back each block's rows once packed, in order, covering them all."""
     import vl3cli.quantize as quantize
-    from vl3cli.quantize import PackedLinear, packs
+    from vl3cli.quantize import PackedLinear
 
-    if not packs(torch.device("cpu"), torch.bfloat16, None):
-        pytest.skip("this CPU has no native bf16")
     gen = torch.Generator().manual_seed(5)
-    lin = torch.nn.Linear(96, 250, bias=True).to(torch.bfloat16)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(250, 96, generator=gen))
-        lin.bias.copy_(torch.randn(250, generator=gen))
+    lin = bf16_linear(96, 250, gen)
     monkeypatch.setattr(quantize, "PACK_BLOCK_BYTES", 64 * 96 * 2)  # blocks of 64 rows: 64, 64, 64, 58
     released = []
     blocked = PackedLinear(lin, lambda a, b: released.append((a, b)))

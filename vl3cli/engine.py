@@ -12,9 +12,10 @@ Weights are loaded once, straight into the device and dtype (or quantized, see q
 `resolve_dtype`). Where the vision tower's weights are views of the mapped checkpoint (CPU, the
 file's own dtype), each encode hands a layer's pages back as soon as that layer is done
 (`release_vision_layers`): the tower is read from the page cache layer by layer, and its 0.8 GB
-(2B and 7B) is neither in a run's peak memory nor held between encodes. A decode step (`step`) is pure tensor code over the cache's static buffers; on
-CUDA it is captured once per cache shape in a CUDA graph (`CudaGraphs`) and replayed. Everything
-runs under the caller's `torch.inference_mode()`; the engine keeps no per-request state.
+(2B and 7B) is neither in a run's peak memory nor held between encodes. A decode step (`step`)
+is pure tensor code over the cache's static buffers; on CUDA it is captured once per cache shape
+in a CUDA graph (`CudaGraphs`) and replayed. Everything runs under the caller's
+`torch.inference_mode()`; the engine keeps no per-request state.
 """
 
 from __future__ import annotations

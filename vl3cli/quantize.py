@@ -317,7 +317,9 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        step = self.out_features if release is None else max(1, PACK_BLOCK_BYTES // (self.in_features * weight.element_size()))
+        step = self.out_features  # one block, unless its rows come from the mapped file
+        if release is not None:
+            step = max(1, PACK_BLOCK_BYTES // (self.in_features * weight.element_size()))
         bounds = [*range(0, self.out_features, step), self.out_features]
         self.spans = list(zip(bounds, bounds[1:]))  # rows of each block
         for i, (first, stop) in enumerate(self.spans):
