@@ -28,6 +28,7 @@ import math
 import mmap
 import os
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -178,9 +179,8 @@ class SafetensorsFile:
         """Hand back the pages of `key` once its bytes have been copied elsewhere: they stay in the
         page cache, out of this process's memory. A view of it stays valid (nothing writes to the
         mapping, so a page touched again is read again from the file)."""
-        if RELEASE:
-            info = self.tensors[key]
-            self._release(info.offset, info.nbytes)
+        info = self.tensors[key]
+        self.release_range(info.offset, info.nbytes)
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
@@ -196,15 +196,11 @@ class SafetensorsFile:
 
     def release_range(self, offset: int, nbytes: int) -> None:
         """Hand back the mapped pages wholly inside bytes offset..offset+nbytes (see `release`)."""
-        if RELEASE:
-            self._release(offset, nbytes)
-
-    def _release(self, offset: int, nbytes: int) -> None:
         # Only the pages wholly inside the range: a page shared with a neighbouring tensor, which
         # may be in use as a view, stays. Pages never written to are simply read again if touched.
         first = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
         end = (offset + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > first and self._map is not None:
+        if RELEASE and end > first and self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +214,7 @@ class SafetensorsFile:
         if RELEASE and nbytes:
             out.view(-1).view(torch.uint8).copy_(torch.frombuffer(self._mapping(), dtype=torch.uint8, count=nbytes,
                                                                   offset=offset))  # fmt: skip
-            self._release(offset, nbytes)
+            self.release_range(offset, nbytes)
             return out
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
         done = 0
@@ -337,8 +333,9 @@ def load_into(
 
     Floating-point weights become `dtype`, those of the vision tower and projector `vision_dtype`
     (default: `dtype`). With `pack` (bf16 on a CPU that computes in it natively) the language
-    model's linears and the head become `quantize.PackedLinear`s: their weights are read (not
-    mapped) and reordered for oneDNN one at a time. Raises WeightsError naming every missing,
+    model's linears and the head become `quantize.PackedLinear`s: each weight is reordered for
+    oneDNN straight from the mapping (a block of rows at a time, see `PackedLinear`) or, when fused
+    or converted, from a staging buffer, one weight at a time. Raises WeightsError naming every missing,
     unexpected or wrongly shaped key, before reading any. Returns where the parameters used as
     views of the mapped files lie (`MappedPages`).
     """
@@ -415,12 +412,10 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
         tensor = _materialise(group, target, device, staging=staging if packed else None)
         if packed:  # reordered out of the mapping (a block of rows at a time) or the staging buffer now
             module.weight = nn.Parameter(tensor, requires_grad=False)
-            first, release = group[0], None
-            if _maps(group, target, device):
-                def release(start: int, stop: int, first=first) -> None:
-                    first.file.release_rows(first.key, start, stop)
+            first = group[0]
+            release = partial(first.file.release_rows, first.key) if _maps(group, target, device) else None
             _swap(model, module_name, PackedLinear(module, release))
-            for p in group:
+            for p in group:  # also the pages that straddle two blocks (copies were handed back as read)
                 p.file.release(p.key)
         else:
             state[param] = tensor
