@@ -146,6 +146,32 @@ def test_cached_decode_equals_full_forward(engine):
     assert max_diff(torch.stack(stepped), full[3:]) <= TOL
 
 
+@pytest.mark.parametrize("start, keep", [(0, 1), (0, 3), (7, 1), (7, 3)])
+def test_prefill_of_the_last_positions_only(engine, start, keep):
+    """The last layer's attention output and MLP run for the kept positions alone; their hidden
+    states, and every key and value cached, equal those of the whole chunk's prefill."""
+    ids = chat([], "What happens after the cat jumps?")
+    language, last = engine.model.language, engine.model.language.layers[-1]
+    rows = []
+    hook = last.mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    try:
+        with torch.inference_mode():
+            embeds = engine.embed(ids, None)
+            caches = [engine.new_cache(1, len(ids)) for _ in range(2)]
+            for cache in caches:  # a prefix already in place, when start > 0
+                if start:
+                    language.prefill(embeds[:start], cache, 0, 0)
+            rows.clear()
+            whole = language.prefill(embeds[start:], caches[0], 0, start)
+            kept = language.prefill(embeds[start:], caches[1], 0, start, keep=keep)
+    finally:
+        hook.remove()
+    assert rows == [len(ids) - start, keep]
+    assert kept.shape == (keep, whole.shape[1])
+    assert max_diff(kept, whole[-keep:]) <= 1e-5
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+
+
 def test_32_greedy_tokens_equal_transformers_generate(engine, reference):
     ids, pixels, grid = image_case(seed=5)
     params = DecodingParams(max_new_tokens=32, ignore_eos=True)

@@ -287,7 +287,7 @@ class Engine:
         embeds = self.embed(input_ids, features)
         chunk = self.prefill_chunk or len(input_ids)
         for first in range(0, len(input_ids), chunk):
-            hidden = self.model.language.prefill(embeds[first : first + chunk], cache, row, start + first)
+            hidden = self.model.language.prefill(embeds[first : first + chunk], cache, row, start + first, keep=1)
         cache.set_row(row, end)
         return self.model.logits(hidden[-1])
 

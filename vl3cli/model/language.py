@@ -173,13 +173,17 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(d, (("q_proj", h * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)), bias=True)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, p: Pass, layer: int, keep: int | None = None) -> torch.Tensor:
+        """Attention output of every position of `x`, or (prefill, `keep` set) of its last `keep`
+        positions only; the keys and values of every position go into the cache either way."""
         b, n, _ = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv_proj(x).split([(h + kv) * hd, kv * hd], dim=-1)
         qk = apply_rope(qk.view(b, n, h + kv, hd).transpose(1, 2), p.cos, p.sin)  # queries and keys at once
         q, k = qk[:, :h], qk[:, h:]  # (B, H, L, d), (B, kv, L, d)
         v = v.view(b, n, kv, hd).transpose(1, 2)
+        if keep is not None and keep < n:
+            return self._last_queries(q, k, v, p, layer, keep)
         if p.start is None:
             p.cache.append(layer, k, v, p.slots)
             # The query heads that share a KV head form one block of G queries: no KV repeat, and
@@ -196,7 +200,28 @@ class Attention(nn.Module):
             end = p.start + n
             keys, values = p.cache.k[layer, p.row : p.row + 1, :, :end], p.cache.v[layer, p.row : p.row + 1, :, :end]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=p.mask, enable_gqa=True)
+        return self.output(out, b, n)
+
+    def output(self, out: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """o_proj over the heads' outputs (B, H, L, d), or decode's (B, kv, G, d) with L = 1."""
+        h, hd = self.num_heads, self.head_dim
         return self.o_proj(out.reshape(b, h, n, hd).transpose(1, 2).reshape(b, n, h * hd))
+
+    def _last_queries(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Pass, layer: int, keep: int
+    ) -> torch.Tensor:
+        """Prefill of one row where only the last `keep` positions' outputs are wanted: every key
+        and value is cached, and only those queries attend (the last one sees every key: no mask)."""
+        start, n = p.start or 0, q.shape[2]
+        p.cache.write(layer, p.row, start, k[0], v[0])
+        end = start + n
+        keys, values = p.cache.k[layer, p.row : p.row + 1, :, :end], p.cache.v[layer, p.row : p.row + 1, :, :end]
+        mask = None
+        if keep > 1:
+            slots = torch.arange(end, device=q.device)
+            mask = (slots[None, :] <= slots[end - keep :, None])[None, None]  # (1, 1, keep, end)
+        out = F.scaled_dot_product_attention(q[:, :, n - keep :], keys, values, attn_mask=mask, enable_gqa=True)
+        return self.output(out, 1, keep)
 
 
 class MLP(nn.Module):
@@ -219,8 +244,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, p: Pass, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), p, layer)
+    def forward(self, x: torch.Tensor, p: Pass, layer: int, keep: int | None = None) -> torch.Tensor:
+        """The layer over `x` (B, L, D); with `keep`, the output of its last `keep` positions only
+        (the keys and values of all of them are cached)."""
+        attended = self.self_attn(self.input_layernorm(x), p, layer, keep)
+        x = (x if keep is None else x[:, x.shape[1] - keep :]) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -243,8 +271,12 @@ class Qwen2Model(nn.Module):
         cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
         self.rope_cos, self.rope_sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (n, d)
 
-    def prefill(self, embeds: torch.Tensor, cache: KVCache, row: int, start: int) -> torch.Tensor:
-        """Run one row's chunk `embeds` (L, D) at positions start..start+L-1; final hidden states (L, D)."""
+    def prefill(
+        self, embeds: torch.Tensor, cache: KVCache, row: int, start: int, keep: int | None = None
+    ) -> torch.Tensor:
+        """Run one row's chunk `embeds` (L, D) at positions start..start+L-1; final hidden states (L, D),
+        or of the last `keep` >= 1 positions only (keep, D). With `keep`, the last layer runs its
+        attention output and MLP for those positions alone: nothing after it reads the others."""
         n = embeds.shape[0]
         cos, sin = self.rope_cos[start : start + n][None, None], self.rope_sin[start : start + n][None, None]
         mask = None
@@ -254,8 +286,9 @@ class Qwen2Model(nn.Module):
             mask = (slots[None, :] <= queries[:, None])[None, None]  # (1, 1, L, start+L)
         p = Pass(cos, sin, cache, mask, row=row, start=start)
         x = embeds[None]
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, p, i)
+            x = layer(x, p, i, keep if i == last else None)
         return self.norm(x[0])
 
     def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
