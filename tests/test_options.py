@@ -35,6 +35,15 @@ from vl3cli.preprocess import ProcessorConfig
         ({"max_frames": 2.5}, "--max-frames must be a whole number"),
         ({"prune": 1}, "--prune must be true or false"),
         ({"system": 3}, "--system must be text"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"temperature": float("inf")}, "--temperature"),
+        ({"temperature": 1e308}, "--temperature"),  # beyond float32: it could not reach the device
+        ({"repetition_penalty": float("nan")}, "--repetition-penalty"),
+        ({"repetition_penalty": float("inf")}, "--repetition-penalty"),
+        ({"top_p": float("nan")}, "--top-p"),
+        ({"top_k": 2**63}, "--top-k"),
+        ({"seed": 2**63}, "--seed must be between"),
+        ({"seed": -(2**63) - 1}, "--seed must be between"),
     ],
 )
 def test_bad_options_name_the_command_line_option(kwargs, message):
@@ -43,6 +52,12 @@ def test_bad_options_name_the_command_line_option(kwargs, message):
     assert message in str(e.value)
     if "unknown" not in message:  # the option as typed on the command line, never the Python name
         assert not any(f"{name} " in str(e.value) for name in kwargs if "_" in name)
+
+
+def test_extreme_values_that_fit_are_accepted():
+    """The bounds are those of the device tensors (int64 seeds and top-k, float32 temperatures)."""
+    options = Options.from_kwargs(seed=2**63 - 1, top_k=2**63 - 1, temperature=3e38, repetition_penalty=3e38)
+    assert options.seed == 2**63 - 1 and Options.from_kwargs(seed=-(2**63)).seed == -(2**63)
 
 
 def test_frame_bounds_follow_each_other():

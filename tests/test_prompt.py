@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import tokenizer_json
+from tokenizers import Tokenizer as Backend
 
 from vl3cli.errors import TokenizerError
 from vl3cli.prompt import Turn, build_input_ids, conversation_ids, conversation_pieces, follow_up_ids, render
@@ -16,9 +17,15 @@ from vl3cli.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    from tokenizers import Tokenizer as Backend
-
     return Tokenizer(Backend.from_str(tokenizer_json()))
+
+
+REFERENCE = Backend.from_str(tokenizer_json())  # the library as is: special tokens in a string are recognised
+
+
+def full_ids(text: str) -> list[int]:
+    """The ids of a whole chat string, as the tokenizers library gives them (the reference layout)."""
+    return REFERENCE.encode(text, add_special_tokens=False).ids
 
 
 def configs(tok):
@@ -47,13 +54,13 @@ def test_image_and_video_match_full_string(tok, fmt, system):
     config, image_tok, video_tok = configs(tok)[fmt]
     q = "What happens after the cat jumps?"
     ids = build_input_ids(tok, config, q, [visual("image", [12])], system=system)
-    assert ids == tok.encode(full_string(q, "image", [12], [], system, image_tok))
+    assert ids == full_ids(full_string(q, "image", [12], [], system, image_tok))
     assert ids.count(config.image_token_id) == 12
     tpf, ts = [6, 2, 1, 3], [0.0, 1.0, 2.5, 10.25]
     ids = build_input_ids(tok, config, q, [visual("video", tpf, ts)], system=system)
     text = full_string(q, "video", tpf, ts, system, video_tok)
     assert "Time 10.2s:" in text or "Time 10.3s:" in text
-    assert ids == tok.encode(text)
+    assert ids == full_ids(text)
     assert ids.count(config.video_token_id) == sum(tpf)
 
 
@@ -91,7 +98,7 @@ def test_any_question_matches_full_string(tok, question, tpf, video):
     kind = "video" if video else "image"
     ts = [i * 0.5 for i in range(len(tpf))]
     ids = build_input_ids(tok, config, question, [visual(kind, tpf, ts)])
-    assert ids == tok.encode(full_string(question, kind, tpf, ts, None, video_tok if video else image_tok))
+    assert ids == full_ids(full_string(question, kind, tpf, ts, None, video_tok if video else image_tok))
 
 
 def test_missing_chat_token_is_a_tokenizer_error(tok):
@@ -113,14 +120,14 @@ def test_conversation_ids_equal_tokenising_the_full_string(tok):
     v = visual("video", [2, 1], [0.0, 1.5])
     two = build_input_ids(tok, config, "What changed?", [visual("image", [3]), v])
     text = f"<|im_start|>user\n{image_tok * 3}\nTime 0.0s:{video_tok * 2},Time 1.5s:{video_tok}\nWhat changed?<|im_end|>\n<|im_start|>assistant\n"
-    assert two == tok.encode(text)
-    assert build_input_ids(tok, config, "What color is a banana?") == tok.encode(
+    assert two == full_ids(text)
+    assert build_input_ids(tok, config, "What color is a banana?") == full_ids(
         "<|im_start|>user\nWhat color is a banana?<|im_end|>\n<|im_start|>assistant\n"
     )
     answer = tok.encode("A cat, then a dog.")
     turns = [Turn("user", "What?", visuals=(v,)), Turn("assistant", ids=tuple(answer)), Turn("user", "And then?")]
     first = build_input_ids(tok, config, "What?", [v])
     assert conversation_ids(tok, config, turns) == first + answer + follow_up_ids(tok, "And then?")
-    full = tok.encode(f"<|im_start|>user\nTime 0.0s:{video_tok * 2},Time 1.5s:{video_tok}\nWhat?<|im_end|>\n<|im_start|>assistant\n")
+    full = full_ids(f"<|im_start|>user\nTime 0.0s:{video_tok * 2},Time 1.5s:{video_tok}\nWhat?<|im_end|>\n<|im_start|>assistant\n")
     assert first == full
-    assert follow_up_ids(tok, "And then?") == tok.encode("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")
+    assert follow_up_ids(tok, "And then?") == full_ids("<|im_end|>\n<|im_start|>user\nAnd then?<|im_end|>\n<|im_start|>assistant\n")

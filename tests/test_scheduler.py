@@ -126,6 +126,19 @@ def test_requests_that_cannot_be_served_are_refused(engine):
     assert scheduler.idle
 
 
+def test_a_request_whose_prefill_fails_ends_alone(engine):
+    """A request the engine cannot prefill (here its placeholders lack features) finishes at once
+    with reason "error" and the exception; the requests beside it get the answers they get alone."""
+    bad = Request(chat([tiny.token_id("<|image_pad|>")] * 3, "What is it?"))  # no visual features
+    good = {"a": image_request(engine, 21), "b": Request(chat([], "Hi"))}
+    expected = {key: alone(engine, request) for key, request in good.items()}
+    tokens, finished = run(engine, {"a": good["a"], "bad": bad, "b": good["b"]}, slots=2)
+    assert finished["bad"].reason == "error" and tokens["bad"] == []
+    assert isinstance(finished["bad"].error, Vl3Error) and "visual features" in str(finished["bad"].error)
+    assert {key: tokens[key] for key in good} == expected and all(len(t) > 3 for t in expected.values())
+    assert {finished[key].reason for key in good} <= {"stop", "length"}
+
+
 def test_gumbel_draws_follow_the_softmax():
     """4000 draws with distinct seeds: frequencies within 4 standard deviations of the probabilities."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0])

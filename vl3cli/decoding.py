@@ -24,6 +24,8 @@ import torch
 from .errors import UsageError
 
 MASK32 = 0xFFFFFFFF
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -36,16 +38,18 @@ class DecodingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        # Each test is written so that NaN fails it; the bounds keep every value representable in
+        # the device tensors that carry it (float32, int64).
+        if not 1 <= self.max_new_tokens <= INT64_MAX:
             raise UsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0 (got {self.temperature})")
+        if not 0 <= self.temperature <= FLOAT32_MAX:
+            raise UsageError(f"--temperature must be a finite number >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1] (got {self.top_p})")
-        if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0 (got {self.top_k})")
-        if self.repetition_penalty <= 0:
-            raise UsageError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty})")
+        if not 0 <= self.top_k <= INT64_MAX:
+            raise UsageError(f"--top-k must be >= 0 and at most {INT64_MAX} (got {self.top_k})")
+        if not 0 < self.repetition_penalty <= FLOAT32_MAX:
+            raise UsageError(f"--repetition-penalty must be a finite number > 0 (got {self.repetition_penalty})")
 
     @property
     def greedy(self) -> bool:

@@ -21,7 +21,9 @@ launched before the host reads them (a copy into pinned memory and an event, no 
 so a row that just finished may run one wasted step; on other devices the host reads first.
 
 A request finishes on one of the checkpoint's EOS ids (never emitted) or after
-`params.max_new_tokens` tokens ("stop" / "length"). `generate()` and `stream()` are thin wrappers.
+`params.max_new_tokens` tokens ("stop" / "length"); one whose prefill raises finishes at once
+with reason "error" and the exception, and the others go on. `generate()` (which raises it) and
+`stream()` are thin wrappers.
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ class Event:
     key: Hashable
     token: int | None  # a new token, or None on the finishing event
     finished: bool = False
-    reason: str | None = None  # on the finishing event: "stop" | "length"
+    reason: str | None = None  # on the finishing event: "stop" | "length" | "error"
     prefill_s: float | None = None  # on the finishing event: this request's prefill time
     cached_tokens: int = 0  # on the finishing event: prompt tokens served from its prefix
     prefix: Prefix | None = None  # on the finishing event, with keep_kv: the KV of prompt + answer
+    error: Exception | None = None  # reason "error": what its admission raised (the others go on)
 
 
 @dataclass
@@ -138,10 +141,10 @@ class Scheduler:
 
     def step(self) -> list[Event]:
         """Admit what fits, sample one token for every active row, run one decode step; the events."""
-        self._admit()
+        failed = self._admit()
         n = len(self._rows)
         if not n:
-            return []
+            return failed
         rows = [r.params for r in self._rows]
         tokens = sample(self._logits[:n], self._row_params_view(n), self._seen[:n], self._seeds[:n], self._steps[:n],
                         any_sampling=any(not p.greedy for p in rows),
@@ -160,7 +163,7 @@ class Scheduler:
         self._free(finished, events)
         if not self._overlap and self._rows:
             self._decode(len(self._rows))
-        return events
+        return failed + events
 
     def _row_params_view(self, n: int) -> RowParams:
         p = self._row_params
@@ -185,27 +188,40 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[Event]:
+        """Prefill queued requests into free rows; a request whose admission raises (a prompt the
+        model cannot take, memory running out) finishes with reason "error", and the rest go on."""
+        failed = []
         while self._queue and len(self._rows) < self.slots:
             key, request = self._queue.popleft()
-            params = request.params or self.params
-            row = len(self._rows)
-            self._ensure_cache(len(request.input_ids) + params.max_new_tokens, row + 1)
-            start = time.perf_counter()
-            cached = 0
-            ids, features = request.input_ids, request.visual_features
-            if request.prefix is not None:
-                cached = len(request.prefix.ids)
-                self._cache.k[:, row, :, :cached] = request.prefix.k
-                self._cache.v[:, row, :, :cached] = request.prefix.v
-                ids = ids[cached:]
-            self._logits[row] = self.engine.prefill(self._cache, row, ids, features, start=cached)
-            seed = request.seed if request.seed is not None else random.getrandbits(63)
-            self._seeds[row], self._steps[row] = seed, 0
-            self._row_params.set_row(row, params)
-            self._seen[row] = False
-            self._seen[row, torch.tensor(request.input_ids, device=self._seen.device).clamp(max=self._seen.shape[1] - 1)] = True
-            self._rows.append(_Row(key, request, params, time.perf_counter() - start, cached))
+            try:
+                self._admit_one(key, request)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # noqa: BLE001 -- one request's failure is its own
+                failed.append(Event(key, None, True, "error", error=e))
+        return failed
+
+    def _admit_one(self, key: Hashable, request: Request) -> None:
+        """Prefill one request into the next free row (the row is taken only once it succeeded)."""
+        params = request.params or self.params
+        row = len(self._rows)
+        self._ensure_cache(len(request.input_ids) + params.max_new_tokens, row + 1)
+        start = time.perf_counter()
+        cached = 0
+        ids, features = request.input_ids, request.visual_features
+        if request.prefix is not None:
+            cached = len(request.prefix.ids)
+            self._cache.k[:, row, :, :cached] = request.prefix.k
+            self._cache.v[:, row, :, :cached] = request.prefix.v
+            ids = ids[cached:]
+        self._logits[row] = self.engine.prefill(self._cache, row, ids, features, start=cached)
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        self._seeds[row], self._steps[row] = seed, 0
+        self._row_params.set_row(row, params)
+        self._seen[row] = False
+        self._seen[row, torch.tensor(request.input_ids, device=self._seen.device).clamp(max=self._seen.shape[1] - 1)] = True
+        self._rows.append(_Row(key, request, params, time.perf_counter() - start, cached))
 
     def _ensure_cache(self, need: int, rows: int) -> None:
         """A cache of at least `need` positions and `rows` rows (re-allocated between steps, rarely).
@@ -265,6 +281,8 @@ def generate(engine, requests: list[Request], params: DecodingParams) -> Iterato
     while not scheduler.idle:
         step: list[int | None] = [None] * len(requests)
         for event in scheduler.step():
+            if event.error is not None:
+                raise event.error
             if event.token is not None:
                 step[event.key] = event.token
         if any(t is not None for t in step):

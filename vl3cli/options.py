@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .decoding import DecodingParams
+from .decoding import INT64_MAX, INT64_MIN, DecodingParams
 from .errors import UsageError
 
 _KIND_NAMES = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
@@ -61,6 +61,8 @@ class Options:
                 raise UsageError(f"--{f.name.replace('_', '-')} must be {_KIND_NAMES[kind]} (got {value!r})")
             object.__setattr__(self, f.name, kind(value))
         self.decoding  # noqa: B018 -- DecodingParams checks the decoding values
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
+            raise UsageError(f"--seed must be between {INT64_MIN} and {INT64_MAX} (got {self.seed})")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise UsageError(f"--fps must be a positive number (got {self.fps:g})")
         for name in ("min_frames", "max_frames", "max_visual_tokens"):

@@ -228,14 +228,18 @@ class Loop:
             self.ready += self._failed(key, item, options, e)
             return
         reading = _Reading(item, options, stream)
-        reading.future = self.pool.submit(_read, reading, self.engine.processor, media, self.arrived)
+        if item.to_read or item.prepared is not None:
+            reading.future = self.pool.submit(_read, reading, self.engine.processor, media, self.arrived)
+        else:  # nothing to read (text only): ready now, never queued behind other items' downloads
+            _read(reading, self.engine.processor, media, self.arrived)
         self.reading[key] = reading
 
     def cancel(self, key) -> None:
         reading = self.reading.pop(key, None)
         if reading is not None:
             reading.cancel.set()
-            reading.future.cancel()
+            if reading.future is not None:
+                reading.future.cancel()
         for k in [k for k in self.answers if k[0] == key]:
             del self.answers[k]
             self.scheduler.cancel(k)
@@ -279,6 +283,10 @@ class Loop:
                     out.append((event.key, piece))
                 continue
             del self.answers[event.key]
+            if event.error is not None:  # its prefill failed: an error record, the batch goes on
+                out.append((event.key, self._error(answer.item, answer.options, answer.given, answer.prompt,
+                                                   answer.visuals, event.error)))  # fmt: skip
+                continue
             if answer.stream and (piece := answer.stream.finish()):
                 out.append((event.key, piece))
             answer.timings.update(prefill_s=answer.timings.get("prefill_s", 0.0) + (event.prefill_s or 0.0),
@@ -305,10 +313,14 @@ class Loop:
             visuals = (*(v for turn in history for v in turn.visuals), *final)  # every visual, in prompt order
             prompts = [p if p is not None else default_prompt([v.kind for v in final]) for p in item.prompts]
             turns = [[*history, Turn("user", p, visuals=final)] for p in prompts]
+            context = self.engine.config.text.max_position_embeddings
+            for t in turns:
+                check_text_length(self.engine.tokenizer, [options.system or "", *(u.text for u in t)], context)
             ids = [conversation_ids(self.engine.tokenizer, self.engine.config, t, options.system) for t in turns]
             kept = sum(v.visual_tokens_kept for v in visuals)
             for input_ids in ids:
-                check_context(len(input_ids), kept, options.max_new_tokens, self.engine.config.text.max_position_embeddings)
+                check_placeholders(_count_placeholders(input_ids, self.engine.config), kept)
+                check_context(len(input_ids), kept, options.max_new_tokens, context)
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
@@ -387,12 +399,15 @@ class Loop:
             used = prompt
             if prompt is None and visuals is not None:
                 used = default_prompt([v.kind for v in visuals])
-            record = self._base(item, options, prompt, used, visuals)
-            record.error = error_message(error)
-            record.exception = error
-            record.timings["load_s"] = record.timings["total_s"] = self.runner.take_load_s()
-            records.append(((key, first + i), record))
+            records.append(((key, first + i), self._error(item, options, prompt, used, visuals, error)))
         return records
+
+    def _error(self, item: Item, options: Options, given: str | None, used: str | None, visuals, error: BaseException):
+        record = self._base(item, options, given, used, visuals)
+        record.error = error_message(error)
+        record.exception = error
+        record.timings["load_s"] = record.timings["total_s"] = self.runner.take_load_s()
+        return record
 
     def _base(self, item: Item, options: Options, given: str | None, used: str | None, visuals) -> Result:
         label = self.runner.label
@@ -589,6 +604,25 @@ def spans_of(options: Options):
     return spans
 
 
+def check_text_length(tokenizer, texts: list[str], context: int) -> None:
+    """Refuse, before tokenising them, texts that cannot fit the context whatever their tokens
+    (a 30 MB question would otherwise hold the batch while it is tokenised)."""
+    if sum(map(len, texts)) <= context:  # short enough to tokenise; check_context has the last word
+        return
+    fewest = sum(tokenizer.fewest_tokens(t) for t in texts)
+    if fewest > context:
+        raise ContextError(f"the prompt's text ({sum(map(len, texts))} characters, at least {fewest} tokens) "
+                           f"is longer than the model's context of {context} positions: shorten it")  # fmt: skip
+
+
+def check_placeholders(found: int, expected: int) -> None:
+    """The prompt's visual placeholders are exactly those its media bring (a checkpoint whose
+    placeholder is not a special token could otherwise take one from the text)."""
+    if found != expected:
+        raise Vl3Error(f"the prompt holds {found} visual placeholder tokens where its media bring {expected}: "
+                       "a text (or an earlier answer) contains the model's image or video placeholder token")  # fmt: skip
+
+
 def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:
     """Raise when a prompt plus its answer needs more positions than the model has, saying what helps."""
     need = prompt_tokens + max_new_tokens
@@ -596,7 +630,7 @@ def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, c
         return
     text = prompt_tokens - visual_tokens
     room = context - text - max_new_tokens
-    advice = "lower --max-new-tokens"
+    advice = "lower --max-new-tokens" if text < context else "shorten the text"
     if visual_tokens and room > 0:
         advice = (f"pass --max-visual-tokens {room} (frames are made smaller; fewer frames would make each "
                   "one larger), or a shorter --start/--end clip, or lower --max-new-tokens")  # fmt: skip

@@ -15,7 +15,12 @@ from .errors import TokenizerError
 
 class Tokenizer:
     def __init__(self, backend):
+        # Text is text: a `<|im_end|>` or `<|image_pad|>` typed in a question is encoded as the
+        # characters it is made of, never as the special token (no role or placeholder injection).
+        # The chat's structure comes only from the ids prompt.py places.
+        backend.encode_special_tokens = True
         self._tok = backend
+        self._longest: int | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -50,8 +55,16 @@ class Tokenizer:
         return cls(backend)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; nothing is added, special tokens written in the text are recognised."""
+        """Token ids of `text`; nothing is added, and special tokens written in it stay plain text."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without encoding it: no token covers more characters
+        than the vocabulary's longest token is long (a byte-level token's string has one character
+        per byte, and a character is at least one byte). Lets a huge text be refused at once."""
+        if self._longest is None:
+            self._longest = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
+        return -(-len(text) // self._longest)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
