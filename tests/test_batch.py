@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from media_factory import make_image
+from typer.testing import CliRunner
 
 from vl3cli.batch import (
     DEFAULT_EXTS,
@@ -19,6 +22,7 @@ from vl3cli.batch import (
     Summary,
     expand_inputs,
     in_shard,
+    model_key,
     parse_exts,
     parse_shard,
     plan,
@@ -26,7 +30,9 @@ from vl3cli.batch import (
     record_key,
     write_results,
 )  # fmt: skip
+from vl3cli.cli import app
 from vl3cli.errors import UsageError
+from vl3cli.hub import model_label
 from vl3cli.outfile import Sink, Target
 from vl3cli.output import Result
 
@@ -69,6 +75,34 @@ def test_an_input_that_yields_nothing_is_a_usage_error(tree):
     Path("blank.txt").write_text("\n  \n")
     with pytest.raises(UsageError, match="lists no files"):
         expand_inputs([], "blank.txt", parse_exts(None))
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """Folders that cannot be listed (as `chmod 000` makes them for a user other than root):
+    os.walk's own scandir call raises PermissionError for them."""
+    denied: set[str] = set()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.normpath(os.fsdecode(path)) in denied:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return denied
+
+
+def test_a_folder_that_cannot_be_read_is_reported(tree, unreadable):
+    unreadable.add("d/sub")
+    found: dict[str, str] = {}
+    assert expand_inputs(["d"], None, parse_exts(None), unreadable=found) == ["d/a.jpg"]
+    assert found == {"d/sub": "Permission denied"}
+    with pytest.raises(UsageError, match="cannot read the folder d/sub: Permission denied"):
+        expand_inputs(["d"], None, parse_exts(None))  # no one to report it to: not skipped silently
+    unreadable.add("d")
+    with pytest.raises(UsageError, match="cannot read the folder d: Permission denied"):  # not "holds no files"
+        expand_inputs(["d"], None, parse_exts(None), unreadable={})
 
 
 def test_symlink_loops_are_walked_once(tree):
@@ -253,3 +287,63 @@ def test_exit_codes():
     assert Summary(3, 3, 0).exit_code == 0
     assert Summary(3, 2, 1).exit_code == 1  # a failure from an earlier run still counts
     assert Summary(3, 0, 0, ok=3).exit_code == 0
+
+
+def test_a_record_written_as_an_error_counts_as_failed():
+    class Refusing(Sink):
+        def write_record(self, result):
+            return Result(path=result.path, error="cannot write this record: no")
+
+    s = write_results(results(["a"]), Refusing(io.StringIO(), "memory"), Summary(1, 0, 0), StopSignal())
+    assert (s.ok, s.failed, s.exit_code) == (0, 1, 1)
+
+
+def test_one_local_model_however_it_is_spelled(tmp_path, monkeypatch):
+    """`-m ckpt`, `ckpt/`, `./ckpt`, the absolute path and a link are one model for resume, in
+    records written with any of those labels (earlier versions wrote the string as given)."""
+    monkeypatch.chdir(tmp_path)
+    Path("ckpt").mkdir()
+    os.symlink("ckpt", "alias")
+    spellings = ["ckpt", "ckpt/", "./ckpt", "./ckpt/", str(tmp_path / "ckpt"), "alias", "ckpt/../ckpt"]
+    assert {model_label(m, None) for m in spellings[:4]} == {"ckpt"}  # tidied, not made absolute
+    assert model_label(str(tmp_path / "ckpt"), "main") == str(tmp_path / "ckpt")  # a revision is for Hub ids
+    assert model_label("org/model", "main") == "org/model@main" and model_key("org/model@main") == "org/model@main"
+    out = Target(tmp_path / "r.jsonl", True)
+    for old in spellings:
+        out.path.write_text(line("a", model=old))
+        assert [plan(keyed(["a", "b"], model=model_label(m, None)), out, "resume").todo for m in spellings] == [["b"]] * 7
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    return str(make_image(tmp_path_factory.mktemp("batch-media") / "a.png", size=(32, 32)))
+
+
+def run_batch(ckpt, *args):
+    return CliRunner().invoke(app, ["batch", *map(str, args), "-m", str(ckpt), "--max-new-tokens", "2"])
+
+
+def test_overwrite_empties_the_file_when_nothing_is_left_to_run(hf_checkpoint, image, tmp_path):
+    empty = next(k for k in range(2) if not in_shard(image, (k, 2)))
+    full = 1 - empty
+    out = tmp_path / "r.jsonl"
+    assert run_batch(hf_checkpoint, image, "--shard", f"{full}/2", "--out", out).exit_code == 0
+    assert len(out.read_text().splitlines()) == 1
+    r = run_batch(hf_checkpoint, image, "--shard", f"{empty}/2", "--overwrite", "--out", out)
+    assert r.exit_code == 0 and "0 items" in r.stderr, r.output
+    assert out.read_bytes() == b""
+    r = run_batch(hf_checkpoint, image, "--shard", f"{empty}/2", "--out", out)  # without --overwrite: kept as is
+    assert r.exit_code == 0 and out.read_bytes() == b""
+
+
+def test_an_unreadable_folder_is_an_error_record_and_the_rest_goes_on(hf_checkpoint, image, tmp_path, unreadable):
+    top = tmp_path / "photos"
+    (top / "locked").mkdir(parents=True)
+    shutil.copy(image, top / "a.png")
+    unreadable.add(str(top / "locked"))
+    out = tmp_path / "r.jsonl"
+    r = run_batch(hf_checkpoint, top, "--out", out)
+    assert r.exit_code == 1 and "1 ok, 1 failed" in r.stderr, r.output
+    by_path = {x["path"]: x for x in records(out.read_text())}
+    assert by_path[str(top / "a.png")]["error"] is None
+    assert by_path[str(top / "locked")]["error"] == f"cannot read the folder {top / 'locked'}: Permission denied"

@@ -152,6 +152,22 @@ def test_json_record_schema(ckpt, media, tmp_path):
     assert img["kind"] == "image" and img["frames"] == 1 and img["timestamps"] is None and img["duration"] is None
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_a_file_name_that_is_not_utf8_is_written_and_read_back(ckpt, media, tmp_path, fmt):
+    """A name of arbitrary bytes (as Linux allows) is recorded as JSON escapes: valid UTF-8 that
+    json.loads turns back into the name os.fsdecode gives."""
+    name = os.fsdecode(bytes(tmp_path) + b"/\xff\xfe photo.png")
+    shutil.copy(media["image"], name)
+    out = tmp_path / f"r.{fmt}"
+    r = runner.invoke(app, ["describe", name, "-m", str(ckpt["hf"]), "--max-new-tokens", "2", "--format", fmt,
+                            "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, (r.output, r.exception)
+    data = out.read_bytes()
+    data.decode("utf-8")  # strict: the file is valid UTF-8
+    rec = json.loads(data)
+    assert rec["path"] == name and rec["error"] is None and rec["generated_tokens"] == 2
+
+
 def test_stream_prints_the_same_text(ckpt, media):
     args = ["ask", str(media["image"]), "What?", "-m", str(ckpt["hf"]), "--max-new-tokens", "20"]
     streamed = runner.invoke(app, [*args, "--stream"])

@@ -3,6 +3,7 @@ items run alone through the Python API (greedy, tiny checkpoint)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from media_factory import make_image, make_video
 from typer.testing import CliRunner
 
 import vl3cli
+from vl3cli.batch import read_manifest
 from vl3cli.cli import app
 from vl3cli.errors import MediaError, UsageError
 
@@ -78,6 +80,58 @@ def test_mixed_manifest_one_record_per_line_equal_to_each_item_alone(model, ckpt
     # resume by id: nothing left but the failures
     r, _ = invoke("batch", "--manifest", manifest, "--out", out, "-m", ckpt, "--dtype", "float32", "--max-new-tokens", N)
     assert "5 already done" in r.stderr and len(out.read_text().splitlines()) == 7
+
+
+def test_manifest_ids_duplicates_bom_and_bad_lines(folder, tmp_path):
+    manifest = tmp_path / "items.jsonl"
+    lines = [
+        {"id": 1.5, "media": "a.png"},
+        {"id": 1e20, "prompt": "Hi?"},
+        {"id": True, "media": ["a.png", "b.jpg"]},  # a bool is not a number here
+        {"id": float("nan"), "media": "a.png"},  # json.dumps writes NaN, json.loads reads it
+        {"id": float("inf"), "media": "a.png"},
+        {"media": "b.jpg", "prompt": "Hm?"},
+        {"media": "b.jpg", "prompt": "Hm?"},  # the same item again, without an id
+        {"media": "b.jpg"},  # another prompt: another item
+        {"media": ["a.png", 3]},  # not a list of paths
+    ]
+    manifest.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x) + "\n" for x in lines).encode())
+    entries = read_manifest(str(manifest))
+    here = str(tmp_path)
+    assert [(e.id, e.media, e.error is None) for e in entries] == [
+        ("1.5", (f"{here}/a.png",), True),  # line 1 despite the BOM before it
+        ("1e+20", (), True),
+        (f"{manifest}:3", (f"{here}/a.png", f"{here}/b.jpg"), False),
+        (f"{manifest}:4", (f"{here}/a.png",), False),
+        (f"{manifest}:5", (f"{here}/a.png",), False),
+        (None, (f"{here}/b.jpg",), True),
+        (f"{manifest}:7", (f"{here}/b.jpg",), False),
+        (None, (f"{here}/b.jpg",), True),
+        (f"{manifest}:9", (), False),
+    ]  # fmt: skip
+    assert entries[6].error == f"{manifest}:7: the same item as line 6 (give each line an id to ask twice)"
+    stdin = io.StringIO("\ufeff" + json.dumps({"id": 2, "prompt": "Hi?"}) + "\n")
+    assert [(e.id, e.error) for e in read_manifest("-", stdin=stdin)] == [("2", None)]
+
+
+def test_bad_and_repeated_lines_are_error_records_and_nothing_is_left(ckpt, folder, tmp_path):
+    manifest = folder / "again.jsonl"
+    manifest.write_text(
+        json.dumps({"id": 1.5, "media": "a.png", "prompt": "What?"}) + "\n"
+        + json.dumps({"media": "a.png", "prompt": "What?"}) + "\n" + json.dumps({"media": "a.png", "prompt": "What?"}) + "\n"
+        + json.dumps({"id": True, "media": ["a.png", "b.jpg"]}) + "\n" + "{not json\n"
+    )  # fmt: skip
+    out = tmp_path / "r.jsonl"
+    args = ("batch", "--manifest", manifest, "--out", out, "-m", ckpt, "--max-new-tokens", 2)
+    r, _ = invoke(*args)
+    assert r.exit_code == 1 and "Done: 5 items: 2 ok, 3 failed" in r.stderr and "left" not in r.stderr, r.output
+    recs = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert recs["1.5"]["error"] is None and recs["1.5"]["kind"] == "image"
+    bad = recs[f"{manifest}:4"]
+    assert bad["media"] == [str(folder / "a.png"), str(folder / "b.jpg")] and bad["kind"] is None
+    assert recs[f"{manifest}:5"]["media"] == [] and recs[f"{manifest}:5"]["kind"] is None  # not a text-only item
+    r, _ = invoke(*args)  # resume: the float id and the line without one are done
+    assert "2 already done, 3 failed earlier" in r.stderr and "left" not in r.stderr, r.output
 
 
 def test_manifest_usage_errors(ckpt, folder, tmp_path):

@@ -8,7 +8,13 @@ import os
 import pytest
 
 from vl3cli.errors import UsageError
-from vl3cli.outfile import Target, check_replaceable, read_records
+from vl3cli.outfile import (
+    Sink,
+    Target,
+    check_replaceable,
+    read_records,
+    rewrite_without,
+)
 from vl3cli.output import Result
 
 
@@ -40,6 +46,8 @@ def test_a_whole_last_record_gets_its_newline(tmp_path):
         b'{"x": 1',  # a cut-short line that is not one of our records
         rec("a") + b"[1, 2]",
         b"\x00" * 100_000,  # no newline at all
+        b'{"text": "t", "path": "a", "error": null}\n',  # has a record's keys, but vl3 never wrote it
+        b'{"',  # a start of a record, but no record before it: nothing says the file is ours
     ],
 )
 def test_files_that_are_not_ours_are_refused_byte_identical(tmp_path, content):
@@ -48,6 +56,55 @@ def test_files_that_are_not_ours_are_refused_byte_identical(tmp_path, content):
     with pytest.raises(UsageError, match=r"exists and is not a vl3 results file \(use --overwrite to replace it\)"):
         read_records(out)
     assert out.read_bytes() == content
+
+
+@pytest.mark.parametrize("tail", [b"{", b'{"', b'{"i', b'{"id":', b'{"pa', b"\x00" * 4096])
+def test_a_cut_short_last_line_shorter_than_a_record_start_is_cut_off(tmp_path, tail):
+    """A crash after a few bytes of a record (or a file system's NUL-filled tail): ours, mended."""
+    out = tmp_path / "r.jsonl"
+    out.write_bytes(rec("a") + tail)
+    assert [r["path"] for r in read_records(out)] == ["a"]
+    assert out.read_bytes() == rec("a")
+
+
+def test_a_name_that_is_not_utf8_is_written_as_utf8_and_read_back_the_same(tmp_path):
+    name = os.fsdecode(b"photos/\xff\xfe.png")  # what os.walk gives for such a file: lone surrogates
+    out = tmp_path / "r.jsonl"
+    with open(out, "w", encoding="utf-8") as f:  # strict UTF-8, as `opened` writes
+        sink = Sink(f, str(out))
+        sink.write_record(Result(path=name, media=[name], text="t"))
+        sink.write_record(Result(path="b.png", text="t"))
+    data = out.read_bytes()
+    data.decode("utf-8")  # valid UTF-8 throughout
+    assert b'"photos/\\udcff\\udcfe.png"' in data  # the JSON escapes of the two surrogates
+    first = json.loads(data.splitlines()[0])
+    assert first["path"] == name and first["media"] == [name]
+    assert [r["path"] for r in read_records(out)] == [name, "b.png"]
+
+
+def test_a_record_that_cannot_be_serialised_becomes_an_error_record(tmp_path):
+    out = tmp_path / "r.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        sink = Sink(f, str(out))
+        written = sink.write_record(Result(path="a.png", text="t", media_info=[{"x": object()}]))
+        sink.write_record(Result(path="b.png", text="t"))
+    assert not written.ok and written.path == "a.png"
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["path"], r["text"], r["error"] is None) for r in records] == [("a.png", None, False), ("b.png", "t", True)]
+    assert records[0]["error"].startswith("cannot write this record: ")
+
+
+def test_a_rewrite_keeps_a_link_and_the_file_mode(tmp_path):
+    real = tmp_path / "data" / "r.jsonl"
+    real.parent.mkdir()
+    real.write_bytes(rec("a") + rec("b", error="bad"))
+    real.chmod(0o600)
+    link = tmp_path / "r.jsonl"
+    link.symlink_to(real)
+    rewrite_without(link, lambda r: r["error"] is not None)
+    assert link.is_symlink() and link.resolve() == real
+    assert real.read_bytes() == rec("a") and (real.stat().st_mode & 0o777) == 0o600
+    assert not list(real.parent.glob(".*vl3-tmp")) and not list(tmp_path.glob(".*vl3-tmp"))
 
 
 def test_a_huge_file_is_not_read_whole(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ never written over a file that is not ours. The reference is the same run writte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from typer.testing import CliRunner
 from vl3cli.batch import in_shard
 from vl3cli.cli import app
 from vl3cli.errors import UsageError
-from vl3cli.outfile import Target, opened
+from vl3cli.outfile import Target, opened, read_records
 from vl3cli.output import SCHEMA, Result
+from vl3cli.parquet import schema
 
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install 'vl3cli[parquet]')")
 
@@ -83,15 +85,19 @@ def test_an_interrupted_run_keeps_old_and_finished_rows(tmp_path):
     assert not list(tmp_path.glob(".*vl3-tmp"))
 
 
-@pytest.mark.parametrize("kind", ["text", "other-parquet"])
+@pytest.mark.parametrize("kind", ["text", "other-parquet", "lookalike", "lookalike-int"])
 def test_a_file_that_is_not_ours_is_refused(hf_checkpoint, folder, tmp_path, kind):
+    import pyarrow as pa
+
     victim = tmp_path / "data.parquet"
     if kind == "text":
         victim.write_text("not parquet at all\n")
-    else:
-        import pyarrow as pa
-
+    elif kind == "other-parquet":
         pq.write_table(pa.table({"id": [1, 2], "label": ["x", "y"]}), victim)
+    else:  # someone's data set that has path / text / error columns too
+        text = [1, 2] if kind == "lookalike-int" else ["a cat", "a dog"]
+        pq.write_table(pa.table({"path": ["a.png", "b.png"], "text": text, "error": [None, None],
+                                 "label": [3, 5], "split": ["train", "test"]}), victim)  # fmt: skip
     before = victim.read_bytes()
     r = batch(hf_checkpoint, folder, "--out", victim)
     assert isinstance(r.exception, UsageError) and "is not a vl3 results file" in str(r.exception)
@@ -123,3 +129,65 @@ def test_manifest_items_with_several_media_round_trip(hf_checkpoint, folder, tmp
     expected = by_id(json.loads(x) for x in jsonl.read_text().splitlines())
     assert by_id(rows(parquet)) == expected
     assert [m["path"] for m in expected["two"]["media_info"]] == [str(folder / "a.png"), str(folder / "b.jpg")]
+
+
+def test_a_vl3_file_is_recognised_by_its_columns_and_types(tmp_path):
+    """Any writer's file with exactly vl3's columns and types is ours (files vl3 wrote before,
+    column order aside); the same names with another type are not."""
+    import pyarrow as pa
+
+    record = Result(path="a.png", text="t").to_dict()
+    ours = tmp_path / "ours.parquet"
+    table = pa.Table.from_pylist([record], schema=schema())
+    pq.write_table(table.select(list(reversed(table.column_names))), ours)
+    assert [r["path"] for r in read_records(ours)] == ["a.png"]
+    retyped = tmp_path / "retyped.parquet"
+    pq.write_table(table.set_column(table.column_names.index("width"), "width", pa.array(["1"])), retyped)
+    with pytest.raises(UsageError, match="is not a vl3 results file"):
+        read_records(retyped)
+
+
+def test_names_that_are_not_utf8_are_kept_and_resumed(hf_checkpoint, tmp_path):
+    """A file name that is not UTF-8 (os.walk gives it with lone surrogates): its record is
+    written (the other rows too), read back as the same name, and done on resume."""
+    d = tmp_path / "nonutf"
+    d.mkdir()
+    make_image(d / "ok.png", size=(32, 32), seed=1)
+    shutil.copy(d / "ok.png", os.path.join(os.fsencode(d), b"\xff\xfe.png"))
+    odd = os.path.join(str(d), os.fsdecode(b"\xff\xfe.png"))
+    for out in (tmp_path / "r.jsonl", tmp_path / "r.parquet"):
+        r = batch(hf_checkpoint, d, "--out", out)
+        assert r.exit_code == 0 and "2 ok" in r.stderr, r.output
+        assert sorted(x["path"] for x in read_records(out)) == sorted([odd, str(d / "ok.png")])
+        r = batch(hf_checkpoint, d, "--out", out)
+        assert "2 already done" in r.stderr, r.output
+    jsonl = (tmp_path / "r.jsonl").read_bytes().decode("utf-8")  # valid UTF-8
+    assert odd in [json.loads(x)["path"] for x in jsonl.splitlines()]
+    paths = [x["path"] for x in rows(tmp_path / "r.parquet")]  # pyarrow's own reading: UTF-8 text
+    assert str(d / "ok.png") in paths and str(d / "\\udcff\\udcfe.png") in paths
+
+
+def test_a_record_that_does_not_fit_the_schema_becomes_an_error_row(tmp_path):
+    out = tmp_path / "r.parquet"
+    with opened(Target.of(out), replace=False) as sink:
+        sink.write_record(Result(path="a.png", text="t"))
+        bad = sink.write_record(Result(path="b.png", text="t", width="wide"))  # a str where Parquet wants an int
+        sink.write_record(Result(path="c.png", text="t"))
+    assert not bad.ok
+    got = [(x["path"], x["text"], x["error"] is None) for x in rows(out)]
+    assert got == [("a.png", "t", True), ("b.png", None, False), ("c.png", "t", True)]
+
+
+def test_a_link_is_kept_and_the_file_mode_too(tmp_path):
+    real = tmp_path / "data" / "r.parquet"
+    real.parent.mkdir()
+    with opened(Target.of(real), replace=False) as sink:
+        sink.write_record(Result(path="a.png", text="t"))
+    real.chmod(0o600)
+    link = tmp_path / "r.parquet"
+    link.symlink_to(real)
+    with opened(Target.of(link), replace=False) as sink:
+        sink.write_record(Result(path="b.png", text="t"))
+    assert link.is_symlink() and link.resolve() == real
+    assert [x["path"] for x in rows(real)] == ["a.png", "b.png"] and (real.stat().st_mode & 0o777) == 0o600
+    assert not list(real.parent.glob(".*vl3-tmp")) and not list(tmp_path.glob(".*vl3-tmp"))

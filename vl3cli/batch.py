@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -56,10 +58,11 @@ def _has_ext(name: str, exts: frozenset[str]) -> bool:
     return name.rpartition(".")[2].lower() in exts and "." in name
 
 
-def _walk(folder: str, exts: frozenset[str]) -> Iterable[str]:
-    """Files under `folder`, following links but never entering a real directory twice."""
+def _walk(folder: str, exts: frozenset[str], onerror: Callable[[OSError], None]) -> Iterable[str]:
+    """Files under `folder`, following links but never entering a real directory twice; a folder
+    that cannot be read is passed to `onerror` (its OSError names it)."""
     seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # a link back to a directory already walked (a loop, or a second route in)
             dirs[:] = []
@@ -69,12 +72,24 @@ def _walk(folder: str, exts: frozenset[str]) -> Iterable[str]:
         yield from (os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, exts))
 
 
-def expand_inputs(inputs: Iterable[str], files_from: str | None, exts: frozenset[str], stdin: IO[str] | None = None) -> list[str]:
+def _note(errors: dict[str, str], top: str, error: OSError) -> None:
+    errors.setdefault(error.filename or top, error.strerror or str(error))
+
+
+def expand_inputs(
+    inputs: Iterable[str],
+    files_from: str | None,
+    exts: frozenset[str],
+    stdin: IO[str] | None = None,
+    unreadable: dict[str, str] | None = None,
+) -> list[str]:
     """The sorted, de-duplicated list of files and URLs to process.
 
     An input that yields nothing (no such path, a folder or glob without files of `exts`) is a
-    UsageError. Files are one item however they are spelled (`a.png`, `./a.png`, `/abs/a.png`,
-    a link to it): the first spelling in sorted order stands for them.
+    UsageError; so is a folder INPUT that cannot be read. A folder inside one that cannot be read
+    goes into `unreadable` ({folder: why}, for the caller's error records; None: a UsageError).
+    Files are one item however they are spelled (`a.png`, `./a.png`, `/abs/a.png`, a link to
+    it): the first spelling in sorted order stands for them.
     """
     found: set[str] = set()
     ext_list = "/".join(sorted(exts))
@@ -82,8 +97,14 @@ def expand_inputs(inputs: Iterable[str], files_from: str | None, exts: frozenset
         if is_url(item):
             found.add(item)
         elif os.path.isdir(item):
-            files = list(_walk(item, exts))
-            if not files:
+            errors: dict[str, str] = {}  # folder -> why it cannot be read
+            files = list(_walk(item, exts, partial(_note, errors, item)))
+            if item in errors or (errors and unreadable is None):
+                folder, why = next(iter(errors.items()))
+                raise UsageError(f"cannot read the folder {folder}: {why}")
+            if unreadable is not None:
+                unreadable.update(errors)
+            if not files and not errors:
                 raise UsageError(f"{item} holds no {ext_list} files (see --ext)")
             found.update(files)
         elif os.path.isfile(item):
@@ -140,26 +161,38 @@ def read_manifest(manifest: str, default_prompt: str | None = None, stdin: IO[st
     without `prompt` gets `default_prompt` (None: describe its media).
     """
     try:
-        text = (stdin or sys.stdin).read() if manifest == "-" else Path(manifest).read_text(encoding="utf-8")
+        text = (stdin or sys.stdin).read() if manifest == "-" else Path(manifest).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --manifest {manifest}: {getattr(e, 'strerror', None) or e}") from e
+    text = text.removeprefix("\ufeff")  # a UTF-8 BOM (stdin)
     folder = "." if manifest == "-" else os.path.dirname(manifest) or "."
     entries: list[Entry] = []
     ids: dict[str, int] = {}
+    unnamed: dict[tuple, int] = {}  # (media, prompt) of lines without an id -> line
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{manifest}:{n}"
         try:
-            entry = _entry(json.loads(line), folder, default_prompt)
-        except ValueError as e:  # json.JSONDecodeError too
+            data = json.loads(line)
+        except ValueError as e:  # json.JSONDecodeError
             entries.append(Entry((), id=where, error=f"{where}: {e}"))
+            continue
+        try:
+            entry = _entry(data, folder, default_prompt)
+        except ValueError as e:
+            entries.append(Entry(_named_media(data, folder), id=where, error=f"{where}: {e}"))
             continue
         if entry.id is not None:
             if entry.id in ids:
                 entry = Entry(entry.media, entry.prompt, where, f"{where}: id {entry.id!r} is already used on line {ids[entry.id]}")
             else:
                 ids[entry.id] = n
+        elif (entry.media, entry.prompt) in unnamed:
+            first = unnamed[entry.media, entry.prompt]
+            entry = Entry(entry.media, entry.prompt, where, f"{where}: the same item as line {first} (give each line an id to ask twice)")
+        else:
+            unnamed[entry.media, entry.prompt] = n
         entries.append(entry)
     if not entries:
         raise UsageError(f"--manifest {manifest} lists no items")
@@ -173,8 +206,8 @@ def _entry(data, folder: str, default_prompt: str | None) -> Entry:
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(MANIFEST_KEYS)})")
     item_id, media, prompt = data.get("id"), data.get("media", []), data.get("prompt", default_prompt)
-    if item_id is not None and (isinstance(item_id, bool) or not isinstance(item_id, (str, int))):
-        raise ValueError("id must be a string or a number")
+    if item_id is not None and not _valid_id(item_id):
+        raise ValueError("id must be a string or a (finite) number")
     media = [media] if isinstance(media, str) else media
     if media is None:
         media = []
@@ -184,8 +217,28 @@ def _entry(data, folder: str, default_prompt: str | None) -> Entry:
         raise ValueError("prompt must be a string")
     if not media and not (prompt or "").strip():
         raise ValueError("an item without media needs a prompt")
-    paths = tuple(m if is_url(m) or os.path.isabs(m) else os.path.normpath(os.path.join(folder, m)) for m in media)
-    return Entry(paths, prompt, None if item_id is None else str(item_id))
+    # A number id is written back as a string, the way Python writes the number (1.5 -> "1.5",
+    # 1e20 -> "1e+20"): the same manifest gives the same ids, so resume matches them.
+    return Entry(_paths(media, folder), prompt, None if item_id is None else str(item_id))
+
+
+def _valid_id(item_id) -> bool:
+    if isinstance(item_id, bool):
+        return False
+    return isinstance(item_id, (str, int)) or (isinstance(item_id, float) and math.isfinite(item_id))
+
+
+def _paths(media: list[str], folder: str) -> tuple[str, ...]:
+    return tuple(m if is_url(m) or os.path.isabs(m) else os.path.normpath(os.path.join(folder, m)) for m in media)
+
+
+def _named_media(data, folder: str) -> tuple[str, ...]:
+    """The media a line that cannot be used names (a path, or a list of paths), for its error record."""
+    media = data.get("media") if isinstance(data, dict) else None
+    media = [media] if isinstance(media, str) else media
+    if isinstance(media, list) and media and all(isinstance(m, str) and m for m in media):
+        return _paths(media, folder)
+    return ()
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
@@ -212,9 +265,18 @@ def record_key(record: dict) -> str:
     item = record.get("id")
     if item is None:
         item = record.get("media") or ([record["path"]] if record.get("path") is not None else [])
-    parts = [item, record.get("options"), record.get("system"), record.get("model"), record.get("quantize"),
+    parts = [item, record.get("options"), record.get("system"), model_key(record.get("model")), record.get("quantize"),
              record.get("segment_start"), record.get("segment_end")]  # fmt: skip
     return json.dumps(parts, sort_keys=True, ensure_ascii=False)
+
+
+def model_key(model: str | None) -> str | None:
+    """What resume compares of a record's `model`: a local folder by its real path (`ckpt`,
+    `ckpt/`, `./ckpt`, `/abs/ckpt` and a link to it are one model, in records of any vl3
+    version, as long as the folder is where the label says from here); a Hub id as written."""
+    if isinstance(model, str) and os.path.isdir(os.path.expanduser(model)):
+        return os.path.realpath(os.path.expanduser(model))
+    return model
 
 
 @dataclass
@@ -403,7 +465,7 @@ def write_results(
     try:
         for result in results:
             stop.writing = True
-            sink.write_record(result)
+            result = sink.write_record(result)  # an error record when it could not be written as it was
             stop.writing = False
             if result.ok:
                 summary.ok += 1

@@ -44,8 +44,11 @@ def _checked(folder: Path, model: str) -> Path:
 
 
 def model_label(model: str, revision: str | None) -> str:
-    """How records name a model: the --model value, with `@revision` for a Hub revision."""
-    return f"{model}@{revision}" if revision and not Path(model).expanduser().is_dir() else model
+    """How records name a model: a local folder as given, tidied (`./ckpt/` -> `ckpt`; not made
+    absolute, so records do not carry this machine's folders); a Hub id with `@revision` for a revision."""
+    if Path(model).expanduser().is_dir():
+        return os.path.normpath(model)
+    return f"{model}@{revision}" if revision else model
 
 
 def resolve_model(model: str, revision: str | None = None, on_config: Callable[[Path], None] | None = None) -> Path:

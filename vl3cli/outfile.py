@@ -5,21 +5,29 @@
 
 - A stream (stdout, FIFO, device) is written to and never read: no resume, no repair.
 - A regular file is "ours" when it is empty or every line is a vl3 JSONL record (a JSON object
-  with the record's `path`, `text` and `error` fields). Only then may vl3 append to it, resume
-  from it, or cut off a last line that a crash left unterminated (and only when that line
-  starts like a record). Anything else is refused, the file left byte-identical, unless the
-  user asks for `--overwrite`.
+  that starts as vl3 writes one, `{"id": ` or, before ids, `{"path": `, with the record's
+  `path`, `text` and `error` fields). Only then may vl3 append to it, resume from it, or cut
+  off a last line that a crash left unterminated (when that line starts like a record, or,
+  after a record, is a shorter start of one or NUL bytes only). Anything else is refused, the
+  file left byte-identical, unless the user asks for `--overwrite`.
+- A record is one line of valid UTF-8: a string holding lone surrogates (a file name that is not
+  UTF-8, as Python's surrogateescape reads it) has them written as `\\udcff`-style JSON escapes,
+  which `json.loads` turns back into the same string, so resume matches it. A record that
+  cannot be written at all becomes an error record for its item; the run goes on.
 - `read_records` reads line by line with a bounded line length, so a large file that is not
   ours (a video passed as `--out` by a shell glob) is refused after its first line, never read whole.
 - `--out x.parquet` (batch only) writes Parquet instead (parquet.py): a regular file only; it is
-  ours when empty or when it is Parquet with the record's columns; it is only ever replaced
-  whole, by a rename at the end of the run (`opened`).
+  ours when empty or when it is Parquet with exactly the record's columns and types; it is only
+  ever replaced whole, by a rename at the end of the run (`opened`). A replaced file (Parquet,
+  or JSONL rewritten by `--retry-failed`) is the target of a link (the link is kept) and keeps
+  its permission bits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import sys
 from collections.abc import Iterator
@@ -85,6 +93,8 @@ def not_ours(path: Path) -> UsageError:
 
 
 def _is_record(line: bytes) -> dict | None:
+    if not line.startswith(RECORD_START):
+        return None
     try:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError):
@@ -92,6 +102,27 @@ def _is_record(line: bytes) -> dict | None:
     if isinstance(record, dict) and all(k in record for k in RECORD_FIELDS):
         return record
     return None
+
+
+def _cut_short(line: bytes, after_record: bool) -> bool:
+    """Whether an unterminated last line is what a crash mid-write leaves: the start of a record,
+    or (after a record, so the file is ours) a shorter start of one, or a tail of NUL bytes."""
+    if line.startswith(RECORD_START):
+        return True
+    return after_record and (any(start.startswith(line) for start in RECORD_START) or not line.strip(b"\0"))
+
+
+def record_line(result: Result) -> str:
+    """`result` as one JSON line (no newline) that encodes as UTF-8 (see output.to_json)."""
+    return to_json(result)
+
+
+def unwritable(result: Result, error: Exception) -> Result:
+    """The error record that stands for a record that cannot be written: the item and request
+    (what resume keys on) and the reason."""
+    keep = ("id", "path", "media", "segment_start", "segment_end", "prompt", "system", "model", "dtype", "device",
+            "quantize", "options")  # fmt: skip
+    return Result(**{k: getattr(result, k) for k in keep}, error=f"cannot write this record: {error}")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -112,7 +143,7 @@ def read_records(path: Path) -> list[dict]:
             if record is not None:
                 records.append(record)
                 newline = not line.endswith(b"\n")
-            elif not line.endswith(b"\n") and line.startswith(RECORD_START):
+            elif not line.endswith(b"\n") and len(line) < MAX_LINE and _cut_short(line, bool(records)):
                 cut = f.tell() - len(line)
             else:
                 raise not_ours(path)
@@ -153,10 +184,17 @@ class Sink:
     def isatty(self) -> bool:
         return self.stream.isatty()
 
-    def write_record(self, result: Result) -> None:
-        """One JSONL line, flushed at once."""
-        self.write(to_json(result) + "\n")
+    def write_record(self, result: Result) -> Result:
+        """One JSONL line, flushed at once; returns the record written (an error record when
+        `result` could not be serialised)."""
+        try:
+            line = record_line(result)
+        except (TypeError, ValueError) as e:  # a value JSON cannot hold
+            result = unwritable(result, e)
+            line = record_line(result)
+        self.write(line + "\n")
         self.flush()
+        return result
 
     def _guard(self, call, *args) -> None:
         try:
@@ -213,6 +251,7 @@ def rewrite_without(path: Path, drop) -> None:
 
         parquet.rewrite_without(path, drop)
         return
+    path = Path(os.path.realpath(path))  # a link's target is rewritten; the link stays
     tmp = path.with_name(f".{path.name}.vl3-tmp")
     with open(path, "rb") as src, open(tmp, "wb") as dst:
         for line in src:
@@ -220,4 +259,15 @@ def rewrite_without(path: Path, drop) -> None:
             if record is not None and drop(record):
                 continue
             dst.write(line)
-    os.replace(tmp, path)
+    replace_file(tmp, path)
+
+
+def replace_file(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path` (a real path), keeping `path`'s permission bits when it exists."""
+    try:
+        if path.exists():
+            shutil.copymode(path, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import textwrap
 from dataclasses import dataclass, field, fields
 from typing import IO, Protocol
@@ -90,8 +91,14 @@ class Result:
 SCHEMA = tuple(f.name for f in fields(Result) if f.name not in ("exception", "state"))  # written, in order
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def to_json(result: Result, indent: int | None = None) -> str:
-    return json.dumps(result.to_dict(), ensure_ascii=False, indent=indent)
+    """`result` as JSON that encodes as UTF-8: lone surrogates (a file name that is not UTF-8, as
+    Python's surrogateescape reads it) become JSON escapes, which json.loads reads back as they were."""
+    text = json.dumps(result.to_dict(), ensure_ascii=False, indent=indent)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 _CONTROL = dict.fromkeys(c for c in range(0x20) if c not in (0x09, 0x0A)) | dict.fromkeys(range(0x7F, 0xA0))

@@ -4,12 +4,18 @@
   `Result` and `Options` annotations; `options` is a struct of `Options.record()`'s fields,
   `timings` a struct of output.TIMING_KEYS and `media_info` a list of structs (MEDIA_INFO), so `pyarrow.parquet.read_table(path).to_pylist()`
   gives back the records a JSONL file holds.
-- Ours: an empty file, or a Parquet file whose columns include the record's `path`, `text` and
-  `error`. Anything else is refused (UsageError) and never opened for writing.
-- Writing (`ParquetSink`): a hidden temporary file beside the target (`.NAME.vl3-tmp`) gets the
-  target's records so far (unless the run replaces them), then the new ones in row groups;
-  `close()` -- at the end of a run, after Ctrl-C, after an error -- completes it and renames it
-  over the target. The target is therefore always a whole Parquet file, the old one or the new
+- Ours: an empty file, or a Parquet file with exactly `schema()`'s columns (the same names and
+  types; their order aside). Anything else -- someone's table that happens to have `path`,
+  `text` and `error` columns too -- is refused (UsageError) and never opened for writing.
+- Strings are UTF-8 in Parquet: a lone surrogate (a file name that is not UTF-8, read with
+  surrogateescape) is stored as the text `\\udcff` of its JSON escape (`escape`) and turned back
+  when vl3 reads the file (`unescape`), so resume matches it; only U+DC80..U+DCFF, the
+  surrogateescape range, are turned back.
+- Writing (`ParquetSink`): a hidden temporary file beside the target's real path (a link is
+  followed, and kept) gets the target's records so far (unless the run replaces them), then the
+  new ones in row groups, each record converted on its own first (one that cannot be becomes
+  an error record, `outfile.unwritable`); `close()` -- at the end of a run, after Ctrl-C, after
+  an error -- completes it and renames it over the target, with the target's permission bits. The target is therefore always a whole Parquet file, the old one or the new
   one; a run killed outright (SIGKILL, power loss) leaves the old one, and the next run redoes
   the items it lost. For very long runs that may be killed, JSONL keeps every finished line.
 
@@ -19,13 +25,14 @@ pyarrow is imported here only (the `parquet` and `ray` extras install it).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 
 from .errors import Vl3Error
 from .options import Options
-from .outfile import RECORD_FIELDS, not_ours
+from .outfile import not_ours, replace_file, unwritable
 from .output import SCHEMA, TIMING_KEYS, Result
 
 ROW_GROUP = 1000  # records buffered before they are written as one row group
@@ -78,23 +85,55 @@ def _open(path: Path):
         file = pq.ParquetFile(path)
     except (pa.ArrowException, OSError):
         raise not_ours(path) from None
-    if not set(RECORD_FIELDS) <= set(file.schema_arrow.names):
+    if _columns(file.schema_arrow) != _columns(schema()):
         raise not_ours(path)
     return file
+
+
+def _columns(arrow_schema) -> dict:
+    return {f.name: f.type for f in arrow_schema}
+
+
+_ESCAPED = re.compile(r"\\u(dc[89a-f][0-9a-f])")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape(value):
+    """`value` (a record, or anything in one) with every lone surrogate in its strings written as
+    the text of its JSON escape (`\\udcff`): Parquet strings must be UTF-8."""
+    if isinstance(value, str):
+        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+    if isinstance(value, dict):
+        return {k: escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escape(v) for v in value]
+    return value
+
+
+def unescape(value):
+    """The inverse of `escape` for the surrogateescape range (U+DC80..U+DCFF)."""
+    if isinstance(value, str):
+        return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), value) if "\\u" in value else value
+    if isinstance(value, dict):
+        return {k: unescape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [unescape(v) for v in value]
+    return value
 
 
 def read_records(path: Path) -> list[dict]:
     """The records of a vl3 Parquet file (an empty file has none); refuses (UsageError) anything else."""
     if path.stat().st_size == 0:
         return []
-    return _open(path).read().to_pylist()
+    return [unescape(r) for r in _open(path).read().to_pylist()]
 
 
 def rewrite_without(path: Path, drop) -> None:
     """Rewrite vl3 Parquet file `path` without the records for which `drop(record)` is true (atomically)."""
     records = [r for r in read_records(path) if not drop(r)]
     with ParquetSink(path, keep=False) as sink:
-        sink.add(records)
+        for record in records:
+            sink.add(record)
 
 
 class ParquetSink:
@@ -102,17 +141,19 @@ class ParquetSink:
 
     def __init__(self, path: Path, keep: bool):
         pa, pq = _pyarrow()
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.vl3-tmp")
-        self.rows: list[dict] = []
+        self.path = Path(os.path.realpath(path))  # a link's target is replaced; the link stays
+        self.tmp = self.path.with_name(f".{self.path.name}.vl3-tmp")
+        self.tables: list = []  # converted records not yet written (one table each)
         old = _open(path) if keep and path.exists() and path.stat().st_size > 0 else None
         try:
             self.writer = pq.ParquetWriter(self.tmp, schema())
         except OSError as e:
             raise Vl3Error(f"cannot write to {self.tmp}: {e}") from e
         if old is not None:
+            names = schema().names
             for batch in old.iter_batches():
-                self.add(batch.to_pylist())
+                self.tables.append(pa.Table.from_batches([batch]).select(names).cast(schema()))
+                self._flush_full()
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -123,19 +164,31 @@ class ParquetSink:
     def isatty(self) -> bool:
         return False
 
-    def write_record(self, result: Result) -> None:
-        self.add([result.to_dict()])
+    def write_record(self, result: Result) -> Result:
+        """Add one record; returns the record added (an error record when `result` does not fit
+        the schema)."""
+        try:
+            self.add(result.to_dict())
+        except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowTypeError are ValueError / TypeError
+            result = unwritable(result, e)
+            self.add(result.to_dict())
+        return result
 
-    def add(self, records: list[dict]) -> None:
-        self.rows += records
-        if len(self.rows) >= ROW_GROUP:
+    def add(self, record: dict) -> None:
+        """Convert one record (raising if it does not fit the schema, nothing added) and queue it."""
+        pa, _ = _pyarrow()
+        self.tables.append(pa.Table.from_pylist([escape(record)], schema=schema()))
+        self._flush_full()
+
+    def _flush_full(self) -> None:
+        if sum(t.num_rows for t in self.tables) >= ROW_GROUP:
             self._flush()
 
     def _flush(self) -> None:
         pa, _ = _pyarrow()
-        if self.rows:
-            table = pa.Table.from_pylist(self.rows, schema=schema())
-            self.rows = []
+        if self.tables:
+            table = pa.concat_tables(self.tables)
+            self.tables = []
             try:
                 self.writer.write_table(table)
             except OSError as e:
@@ -146,7 +199,7 @@ class ParquetSink:
         try:
             self._flush()
             self.writer.close()
-            os.replace(self.tmp, self.path)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
             raise
+        replace_file(self.tmp, self.path)

@@ -60,7 +60,7 @@ def batch(
 ) -> None:
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from .. import batch as b
-    from ..outfile import Target, create_empty
+    from ..outfile import Target, create_empty, opened
 
     params = _params(locals())
 
@@ -91,7 +91,9 @@ def batch(
     if manifest is not None:
         entries = b.read_manifest(manifest, prompt)
     else:
-        entries = [b.Entry((p,), prompt) for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext))]
+        unreadable: dict[str, str] = {}  # folders inside INPUTS that cannot be read: error records
+        entries = [b.Entry((p,), prompt) for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext), unreadable=unreadable)]
+        entries += [b.Entry((d,), prompt, error=f"cannot read the folder {d}: {why}") for d, why in sorted(unreadable.items())]
     entries = [e for e in entries if b.in_shard(e.shard_key, shard_kn)]
     base = {"system": request.system, "model": model_label(params["model"], params["revision"]), "quantize": params["quantize"]}
     keys = {b.record_key({"id": e.id, "media": list(e.media), "options": request.record(e.prompt), **base}): e for e in entries}
@@ -99,10 +101,13 @@ def batch(
     plan = b.plan_segments(keys, target, mode) if segmented else b.plan(keys, target, mode)
     if not segmented:
         plan.todo = [(e, frozenset()) for e in plan.todo]
-    summary = b.Summary(total=len(entries), done_before=plan.done, failed_before=plan.failed_before, segments=segmented)
+    summary = b.Summary(total=len(keys), done_before=plan.done, failed_before=plan.failed_before, segments=segmented)
     create_empty(target)  # an empty shard still leaves its (empty) file
     if plan.todo:
         _run_batch(plan.todo, request, params, target, mode, summary)
+    elif mode == "overwrite" and target.regular:
+        with opened(target, replace=True):  # nothing to run: --overwrite still starts the file afresh
+            pass
     print(summary.line(), file=sys.stderr)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
@@ -144,7 +149,9 @@ def _engine(params: dict, options):
     def results(todo: list, stop):
         items = (Item(e.media, (e.prompt,), e.id, skip=skip, prepared=UsageError(e.error) if e.error else None)
                  for e, skip in todo)  # fmt: skip
-        for _, result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
+        for (n, _), result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
+            if todo[n][0].error:
+                result.kind = None  # an item that could not be used: not a text-only one
             yield result
 
     yield results
