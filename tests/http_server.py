@@ -4,7 +4,7 @@
         ...
 
 Besides the files given, it answers the routes the download limits are tested with:
-/redirect (to /cat.png), /loop, /to-ftp, /to-internal (to internal.example, same port), /page (HTML), /big (a huge Content-Length),
+/redirect (to /cat.png), /loop, /to-ftp, /to-file, /to-data, /to-internal (to internal.example, same port), /page (HTML), /big (a huge Content-Length),
 /chunked (160 KiB without a length), /short (less than its Content-Length), /stall (then
 silence), /trickle (64 bytes every 20 ms for 4 s); anything else is a 404. Proxy variables
 are cleared while it runs, so the client talks to it directly.
@@ -52,6 +52,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.send(302, Location=f"http://internal.example:{self.server.server_port}/cat.png")
             elif path == "/to-ftp":
                 self.send(302, Location=f"ftp://127.0.0.1:{self.server.server_port}/cat.png")
+            elif path == "/to-file":
+                self.send(302, Location="file:///etc/passwd")
+            elif path == "/to-data":
+                self.send(302, Location="data:image/png;base64,iVBORw0KGgo=")
             elif path == "/page":
                 self.send(200, b"<!doctype html><title>a cat</title><img src=cat.png>", "text/html; charset=utf-8")
             elif path == "/big":  # says it is huge; the client must not start reading

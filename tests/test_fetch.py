@@ -87,6 +87,8 @@ def test_url_that_is_not_media_names_the_url(server, temp_root):
         ("/short", {}, "closed the connection after 100 bytes"),
         ("/loop", {}, "too many redirects"),
         ("/to-ftp", {}, "which is not http(s)"),
+        ("/to-file", {}, "redirected to file:///etc/passwd, which is not http(s)"),
+        ("/to-data", {}, "redirected to data:image/png;base64,iVBORw0KGgo=, which is not http(s)"),
     ],
 )  # fmt: skip
 def test_download_errors_are_one_line(server, tmp_path, route, limits, fragment):
@@ -98,6 +100,28 @@ def test_download_errors_are_one_line(server, tmp_path, route, limits, fragment)
     assert message.startswith(f"{url}: ") and fragment in message and "\n" not in message, message
     assert time.monotonic() - start < 2  # the limits ended it, not the server nor a default timeout
     assert list(tmp_path.iterdir()) == []  # no partial file left
+
+
+def test_a_cancelled_download_stops_between_reads(server, tmp_path):
+    """/trickle sends 64 bytes every 20 ms for 4 s: the download ends at the first read after
+    `cancelled` turns true, not at the end of the body nor at a timeout."""
+    asked = []
+
+    def cancelled() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    start = time.monotonic()
+    with pytest.raises(fetch.DownloadCancelled, match=r"/trickle: cancelled \(\d+ bytes received\)"):
+        fetch.download(server + "/trickle", tmp_path, cancelled=cancelled)
+    assert time.monotonic() - start < 2 and len(asked) == 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_non_ascii_path_is_sent_percent_encoded(media_files, tmp_path):
+    data = media_files["cat.png"].read_bytes()
+    with serve({"/caf%C3%A9.png": ("image/png", data)}) as base:  # what a browser requests for /café.png
+        assert fetch.download(base + "/café.png", tmp_path).read_bytes() == data
 
 
 def test_unreachable_host(tmp_path):

@@ -1,8 +1,9 @@
 """`vl3 serve` through the official `openai` client: real servers on 127.0.0.1 (random ports).
 
 Answers equal the Python API's (greedy, tiny checkpoint); streamed chunks concatenate to the same
-text; histories, stop strings, limits (401 / 400 / 404 / 413) and a client that disconnects
-mid-stream without disturbing the others.
+text; histories, stop strings, limits (401 / 400 / 404 / 413), malformed bodies and unknown routes
+answered in OpenAI's error format, and clients that disconnect (streamed or not) freeing their rows
+without disturbing the others.
 """
 
 from __future__ import annotations
@@ -312,3 +313,123 @@ def test_a_server_limits_the_downloads_of_a_model_already_used(model):
         assert not model.runner.media_options(model.defaults).download_limits().get("public_only")
     finally:
         model.runner.public_urls_only = False
+
+
+def test_a_client_leaving_a_plain_request_is_cancelled(server):
+    """Not streamed: the handler waits for the whole answer, and must still see the client leave."""
+    before = health(server)
+    body = json.dumps({"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 3000, "ignore_eos": True}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while health(server)["in_flight"] == 0:
+            assert time.monotonic() < deadline, "the request never started"
+    deadline = time.monotonic() + 30  # closed: the row must go long before 3000 tokens
+    while (now := health(server))["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now["in_flight"] == 0
+    assert (now["cancelled"] - before["cancelled"], now["served"] - before["served"]) == (1, 0)
+
+
+def test_malformed_bodies_answer_400_in_openais_format(server):
+    """Python's json reads NaN / Infinity / 1e400 and lone surrogates, and recurses on nesting: none
+    of them may reach the model or turn into a 500."""
+    hi = '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": %s}'
+    cases = [
+        (hi % "Infinity", "Infinity, which is not a JSON number"),
+        (hi % "NaN", "NaN, which is not a JSON number"),
+        (hi % "1e400", "1e400 in the request body is out of range"),
+        ("[" * 100000, "nested too deeply"),
+    ]
+    ok = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    for part_type in (["text"], {"a": 1}):
+        cases.append((json.dumps({**ok, "messages": [{"role": "user", "content": [{"type": part_type, "text": "Hi"}]}]}),
+                      "messages[0].content[0] must be an object with a string 'type'"))  # fmt: skip
+    surrogate = "\ud800 hi"  # json.dumps sends it as the escape "\ud800", which JSON allows
+    for body, where in (
+        ({**ok, "messages": [{"role": "user", "content": surrogate}]}, "messages[0].content"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "text", "text": surrogate}]}]}, "messages[0].content[0].text"),
+        ({**ok, "messages": [{"role": "system", "content": surrogate}, *ok["messages"]]}, "messages[0].content"),
+        ({**ok, "messages": [*ok["messages"], {"role": "assistant", "content": surrogate}, *ok["messages"]]}, "messages[1].content"),
+        ({**ok, "stop": [surrogate]}, "stop"),
+    ):  # fmt: skip
+        cases.append((json.dumps(body), f"{where}: the text is not valid Unicode"))
+    for extra, fragment in (({"stream": "no"}, "'stream' must be true or false"), ({"stream": 1}, "'stream' must be true or false"),
+                            ({"stream_options": [1]}, "'stream_options' must be an object"),
+                            ({"stream": True, "stream_options": {"include_usage": "yes"}}, "'include_usage' must be true or false"),
+                            ({"logprobs": "no"}, "'logprobs' must be true or false")):  # fmt: skip
+        cases.append((json.dumps({**ok, **extra}), fragment))
+    for raw, fragment in cases:
+        status, answer = post(server, None, raw=raw.encode())
+        assert status == 400 and answer["error"]["type"] == "invalid_request_error", (raw[:80], answer)
+        assert fragment in answer["error"]["message"], (raw[:80], answer)
+
+
+def test_unknown_paths_and_methods_answer_in_openais_format(server):
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/chat/completions", 405), ("DELETE", "/health", 405)):
+        request = urllib.request.Request(f"{server}{path}", method=method, headers={"Authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        body = json.loads(info.value.read())
+        assert info.value.code == status and set(body["error"]) == {"message", "type", "param", "code"}
+        assert f"{method} {path}" in body["error"]["message"]
+    assert info.value.headers["Allow"] == "GET"
+
+
+def test_a_data_url_is_named_in_errors_not_its_temporary_file(server):
+    junk = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\0" * 64).decode()
+    status, answer = post(server, {"messages": [user("Hi", ("image_url", junk))], "max_tokens": 2})
+    message = answer["error"]["message"]
+    assert status == 400 and message.startswith("messages[0].content[0] (data: URL): "), message
+    assert "vl3-serve-" not in message and ".png" not in message
+
+
+def fake_app():
+    """The app around a stand-in model: enough for what is answered before the engine is reached."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from vl3cli.server import Limits, create_app
+
+    def options(**_):
+        raise RuntimeError("a bug at /srv/secret/path")
+
+    model = SimpleNamespace(name="m", runner=SimpleNamespace(), options=options)
+    return TestClient(create_app(model, Limits()), raise_server_exceptions=False)  # no lifespan: no engine
+
+
+def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
+    """ASGI servers hand headers over as the bytes sent (TestClient re-encodes them, so the guard is
+    called directly): `--api-key clé` matches a client that sends the key as UTF-8, as curl does."""
+    import asyncio
+
+    from vl3cli.server import Guard
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    def status(authorization: bytes) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [(b"authorization", authorization)]}
+        asyncio.run(Guard(app, api_key="clé", max_body_bytes=1000)(scope, receive, send))
+        return sent[0]["status"]
+
+    assert status(b"Bearer cl\xc3\xa9") == 200  # UTF-8
+    assert status(b"Bearer cl\xe9") == status(b"Bearer cle") == status(b"") == 401
+
+
+def test_an_unexpected_exception_answers_500_json_without_details():
+    r = fake_app().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "server_error" and "secret" not in r.text and "Traceback" not in r.text

@@ -21,6 +21,9 @@ Contract:
   resolves differently the second time (DNS rebinding) cannot slip through. Behind a proxy
   the proxy connects; the target's name is checked as this machine resolves it. The command
   line fetches from anywhere: a local user may reach what their machine can.
+- ``cancelled``: a callable (``threading.Event.is_set``) asked between reads; once it answers
+  True the download stops (``DownloadCancelled``) within one read ``timeout``, so a request
+  dropped by its client frees its worker.
 - A web page (``text/html``) is refused as not media; any other body is kept and the caller
   checks its content like a local file's.
 - Failures are one-line ``MediaError("<url>: <reason>")`` (HTTP status, timeout, too large,
@@ -38,10 +41,10 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from vl3cli import __version__
 from vl3cli.errors import MediaError, UsageError
@@ -115,6 +118,10 @@ def address_refusal(ip: str) -> str | None:
         if test:
             return f"a {kind} address"
     return None if addr.is_global else "not a public address"
+
+
+class DownloadCancelled(MediaError):
+    """The caller no longer wants the download (``cancelled`` answered True)."""
 
 
 class AddressRefused(Exception):
@@ -218,6 +225,14 @@ def _opener(max_redirects: int, public_only: bool = False):
     return urllib.request.build_opener(Redirects, *(_public_handlers() if public_only else []))
 
 
+def _ascii_url(url: str) -> str:
+    """``url`` with non-ASCII characters in its path and query percent-encoded as UTF-8, as browsers
+    send them (http.client sends ASCII only; a non-ASCII host name goes out as IDNA by itself)."""
+    parts = urlsplit(url)
+    ascii_ = "".join(map(chr, range(128)))
+    return urlunsplit(parts._replace(path=quote(parts.path, safe=ascii_), query=quote(parts.query, safe=ascii_)))
+
+
 def _file_name(url: str) -> str:
     """A safe local name that keeps the URL's last path segment (and so its extension)."""
     name = os.path.basename(urlsplit(url).path)
@@ -228,6 +243,7 @@ def _file_name(url: str) -> str:
 def download(
     url: str, folder, *, max_bytes: int = MAX_BYTES, timeout: float = TIMEOUT_S,
     total_timeout: float = TOTAL_TIMEOUT_S, max_redirects: int = MAX_REDIRECTS, public_only: bool = False,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Path:  # fmt: skip
     """Stream ``url`` into a new file in ``folder`` and return its path (see the module doc).
     On failure nothing is left in ``folder``."""
@@ -236,11 +252,11 @@ def download(
     check_url(url)
     target = Path(folder) / _file_name(url)
     request = urllib.request.Request(
-        url, headers={"User-Agent": f"vl3/{__version__}", "Accept": "image/*, video/*, */*;q=0.5"}
+        _ascii_url(url), headers={"User-Agent": f"vl3/{__version__}", "Accept": "image/*, video/*, */*;q=0.5"}
     )
     try:
         got = _stream(url, request, target, max_bytes=max_bytes, timeout=timeout, total_timeout=total_timeout,
-                      max_redirects=max_redirects, public_only=public_only)  # fmt: skip
+                      max_redirects=max_redirects, public_only=public_only, cancelled=cancelled)  # fmt: skip
     except BaseException:
         target.unlink(missing_ok=True)  # no partial file left behind
         raise
@@ -251,7 +267,7 @@ def download(
 
 
 def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, total_timeout: float,
-            max_redirects: int, public_only: bool = False) -> int:  # fmt: skip
+            max_redirects: int, public_only: bool = False, cancelled: Callable[[], bool] | None = None) -> int:  # fmt: skip
     """``download``'s transfer: the body into ``target``; returns its size in bytes."""
     import http.client
     import urllib.error
@@ -273,6 +289,8 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
                 )
             with open(target, "wb") as out:
                 while chunk := response.read1(CHUNK):  # what has arrived: the deadline is checked often
+                    if cancelled is not None and cancelled():  # asked here: a read waits at most `timeout`
+                        raise DownloadCancelled(f"{url}: cancelled ({_size(got)} received)")
                     got += len(chunk)
                     if got > max_bytes:
                         raise MediaError(f"{url}: too large: more than {_size(max_bytes)} (raise VL3_MAX_DOWNLOAD_MB)")
@@ -292,7 +310,10 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
             "vl3 serve --allow-private-urls lifts that)"
         ) from None
     except urllib.error.HTTPError as e:
-        if 300 <= e.code < 400:
+        if 300 <= e.code < 400 and urlsplit(e.url or "").scheme.lower() not in SCHEMES:
+            # urllib refuses file:, data: and the like itself, before Redirects sees them
+            raise MediaError(f"{url}: redirected to {e.url[:100]}, which is not http(s)") from e
+        if 300 <= e.code < 400 and "infinite loop" in str(e.reason):
             raise MediaError(f"{url}: too many redirects (more than {max_redirects})") from e
         raise MediaError(f"{url}: HTTP {e.code} {e.reason}") from e
     except http.client.IncompleteRead as e:
@@ -309,7 +330,7 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
             raise MediaError(f"{url}: unknown host {urlsplit(url).hostname} ({reason.strerror or reason})") from e
         text = getattr(reason, "strerror", None) or str(reason)
         raise MediaError(f"{url}: cannot connect ({text})") from e
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException, UnicodeError) as e:
         raise MediaError(f"{url}: download failed ({type(e).__name__}: {e})") from e
     return got
 

@@ -1,5 +1,6 @@
 """OpenAI's chat-completions format <-> vl3's items and records: pure functions, no HTTP, no model.
 
+`decode_body(data)` reads the JSON (refusing NaN, Infinity and nesting too deep for the parser);
 `parse_request(body, ...)` checks a `/v1/chat/completions` body and turns it into a `ChatRequest`:
 the conversation (earlier turns as `prompt.Turn`s whose media are references, the new user
 turn's media and text), the vl3 options (`max_tokens` -> `max_new_tokens`, `temperature`,
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,6 +56,7 @@ class Media:
     path: str | None = None  # file://, when allowed
     data: bytes | None = None  # data: URL
     mime: str | None = None
+    where: str | None = None  # the content part it came from ("messages[0].content[1]"), for errors
 
 
 @dataclass
@@ -67,6 +71,28 @@ class ChatRequest:
     include_usage: bool = False
 
 
+def decode_body(data: bytes):
+    """The request body's JSON; NaN, Infinity, numbers out of float's range, bad UTF-8 and nesting too
+    deep for the parser are `ApiError`s (Python's json reads NaN and Infinity, which JSON has not)."""
+    try:
+        return json.loads(data, parse_constant=_not_a_number, parse_float=_finite)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON") from None
+
+
+def _not_a_number(name: str):
+    raise ApiError(400, f"the request body holds {name}, which is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ApiError(400, f"the number {text[:30]} in the request body is out of range")
+    return value
+
+
 def parse_request(body, *, allow_local_files: bool = False, max_stop: int = 4) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -78,7 +104,7 @@ def parse_request(body, *, allow_local_files: bool = False, max_stop: int = 4) -
     for name in ("tools", "functions", "tool_choice"):
         if body.get(name):
             raise ApiError(400, f"'{name}' is not supported", name)
-    if body.get("logprobs"):
+    if _flag(body, "logprobs"):
         raise ApiError(400, "'logprobs' is not supported", "logprobs")
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
@@ -115,13 +141,33 @@ def parse_request(body, *, allow_local_files: bool = False, max_stop: int = 4) -
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > max_stop:
         raise ApiError(400, f"'stop' must be a string or a list of at most {max_stop} non-empty strings", "stop")
-    stream_options = body.get("stream_options") or {}
+    for s in stop:
+        _unicode(s, "stop")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
     return ChatRequest(
         history=turns[:-1], media=list(last.visuals), prompt=last.text if last.text.strip() else None,
         system="\n".join(system_parts) if system_parts else None, options=_options(body), stop=stop,
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        stream=_flag(body, "stream"), include_usage=_flag(stream_options or {}, "include_usage", "stream_options"),
     )  # fmt: skip
+
+
+def _flag(fields: dict, name: str, param: str | None = None) -> bool:
+    """A true/false field (absent or null: false); "no" or 0 is refused, not read as Python's truth."""
+    value = fields.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false", param or name)
+    return bool(value)
+
+
+def _unicode(text: str, where: str) -> str:
+    """`text`, unless it holds a lone surrogate (JSON allows "\\ud800"), which is no Unicode text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{where}: the text is not valid Unicode (it holds a lone surrogate)", where) from None
+    return text
 
 
 def _options(body: dict) -> dict:
@@ -140,16 +186,18 @@ def _options(body: dict) -> dict:
         if body.get(name) is not None:
             value = body[name]
             if name in ("prune", "ignore_eos"):
-                if not isinstance(value, bool):
-                    raise ApiError(400, f"'{name}' must be true or false", name)
-                options[name] = value
+                options[name] = _flag(body, name)
             else:
                 options[name] = _number(value, name, int if name in ("min_frames", "max_frames", "max_visual_tokens") else float)
     return options
 
 
 def _number(value, name: str, kind: type):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+    try:  # float() of an int with hundreds of digits overflows
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+    except OverflowError:
+        ok = False
+    if not ok or (kind is int and value != int(value)):
         raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
     return kind(value)
 
@@ -159,17 +207,19 @@ def _content(content, where: str, allow_local_files: bool) -> tuple[str, list[Me
     if content is None:
         return "", []
     if isinstance(content, str):
-        return content, []
+        return _unicode(content, where), []
     if not isinstance(content, list):
         raise ApiError(400, f"{where} must be a string or a list of content parts", where)
     texts, media = [], []
     for j, part in enumerate(content):
         here = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise ApiError(400, f"{here} must be an object with a string 'type' (text, image_url, video_url)", here)
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise ApiError(400, f"{here}.text must be a string", here)
-            texts.append(part["text"])
+            texts.append(_unicode(part["text"], f"{here}.text"))
         elif kind in MEDIA_PARTS:
             ref = part.get(kind)
             url = ref.get("url") if isinstance(ref, dict) else ref
@@ -182,11 +232,12 @@ def _content(content, where: str, allow_local_files: bool) -> tuple[str, list[Me
 
 
 def media_ref(url: str, kind: str, where: str, allow_local_files: bool) -> Media:
+    _unicode(url, where)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("http", "https"):
         if not urlparse(url).netloc:
             raise ApiError(400, f"{where}: {url!r} has no host", where)
-        return Media(kind, url=url)
+        return Media(kind, url=url, where=where)
     if scheme == "data":
         head, sep, payload = url[5:].partition(",")
         if not sep or not head.endswith(";base64"):
@@ -197,14 +248,14 @@ def media_ref(url: str, kind: str, where: str, allow_local_files: bool) -> Media
             raise ApiError(400, f"{where}: the data URL is not valid base64", where) from None
         if not data:
             raise ApiError(400, f"{where}: the data URL is empty", where)
-        return Media(kind, data=data, mime=head[: -len(";base64")] or None)
+        return Media(kind, data=data, mime=head[: -len(";base64")] or None, where=where)
     if scheme == "file":
         if not allow_local_files:
             raise ApiError(400, f"{where}: file:// URLs are refused (start the server with --allow-local-files)", where)
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise ApiError(400, f"{where}: file URLs must name a local path", where)
-        return Media(kind, path=unquote(parsed.path))
+        return Media(kind, path=unquote(parsed.path), where=where)
     raise ApiError(400, f"{where}: media URLs must be http(s)://, data: or file:// (got {url[:40]!r})", where)
 
 

@@ -15,8 +15,10 @@ Safety: binds to 127.0.0.1 unless told otherwise; with an API key every /v1 requ
 `Authorization: Bearer KEY` (401 otherwise); request bodies, media downloads and video lengths
 are limited (413 / 400 with OpenAI's error body); `file://` media only with `allow_local_files`;
 http(s) media only from public addresses unless `allow_private_urls` (fetch's `public_only`).
-The request format lives in openai_format.py (pure); this module is HTTP and threads, and is
-imported only by `vl3 serve` (FastAPI is the `serve` extra).
+Every refusal is OpenAI's error body, unknown paths (404), wrong methods (405) and unexpected
+failures (500, details in the log only) included. The request format lives in openai_format.py
+(pure); this module is HTTP and threads, and is imported only by `vl3 serve` (FastAPI is the
+`serve` extra).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from .errors import ContextError, MediaError, UsageError, Vl3Error
 from .openai_format import (
@@ -45,6 +48,7 @@ from .openai_format import (
     StopText,
     chunk,
     completion,
+    decode_body,
     new_id,
     parse_request,
     usage,
@@ -76,6 +80,7 @@ class Ticket:
     stops: list[str]
     stop_text: StopText | None = None
     tmpdir: str | None = None
+    uploads: dict[str, str] = field(default_factory=dict)  # temporary file of a data: URL -> what the client sent
     done: bool = False
 
 
@@ -105,12 +110,13 @@ class Service:
         self.inbox.put(("stop", None))
         self.thread.join(timeout=10)
 
-    def submit(self, item: Item, stops: list[str], tmpdir: str | None) -> Ticket:
+    def submit(self, item: Item, stops: list[str], tmpdir: str | None, uploads: dict[str, str] | None = None) -> Ticket:
         with self.lock:
             if self.in_flight >= self.limits.max_batch + self.limits.max_queue:
                 raise Busy
             self.in_flight += 1
-        ticket = Ticket(next(self.ids), item, asyncio.get_running_loop(), asyncio.Queue(), stops, tmpdir=tmpdir)
+        ticket = Ticket(next(self.ids), item, asyncio.get_running_loop(), asyncio.Queue(), stops, tmpdir=tmpdir,
+                        uploads=uploads or {})  # fmt: skip
         ticket.stop_text = StopText(stops) if stops else None
         self.inbox.put(("submit", ticket))
         return ticket
@@ -172,7 +178,10 @@ class Service:
                 self._end(ticket, ("done", ticket.stop_text.answer, "stop", usage(prompt, generated)))
             return
         if out.error is not None:
-            self._end(ticket, ("error", api_error(out.exception, out.error)))
+            message = out.error
+            for name, label in ticket.uploads.items():  # the client never saw the server's temporary files
+                message = message.replace(name, label)
+            self._end(ticket, ("error", api_error(out.exception, message)))
             return
         text = out.text
         if ticket.stop_text:
@@ -210,9 +219,10 @@ def api_error(exception: BaseException | None, message: str) -> ApiError:
     return ApiError(500, message, kind="server_error")
 
 
-def _item(request: ChatRequest, model) -> tuple[Item, str | None]:
-    """The request as an item; `data:` media are written to a temporary folder (returned, for cleanup)."""
-    tmpdir = None
+def _item(request: ChatRequest, model) -> tuple[Item, str | None, dict[str, str]]:
+    """The request as an item; `data:` media are written to a temporary folder (returned, for cleanup),
+    each file named in errors as the content part it came from (the third value)."""
+    tmpdir, uploads = None, {}
 
     def path(media: Media) -> str:
         nonlocal tmpdir
@@ -224,6 +234,7 @@ def _item(request: ChatRequest, model) -> tuple[Item, str | None]:
         fd, name = tempfile.mkstemp(dir=tmpdir, suffix=MIME_SUFFIX.get(media.mime or "", ""))
         with os.fdopen(fd, "wb") as f:
             f.write(media.data)
+        uploads[name] = f"{media.where or 'media'} (data: URL)"
         return name
 
     try:
@@ -232,7 +243,7 @@ def _item(request: ChatRequest, model) -> tuple[Item, str | None]:
         raise ApiError(400, str(e)) from None
     history = tuple(Turn(t.role, t.text, t.ids, tuple(path(m) for m in t.visuals)) for t in request.history)
     item = Item(tuple(path(m) for m in request.media), (request.prompt,), options=options, history=history)
-    return item, tmpdir
+    return item, tmpdir, uploads
 
 
 def create_app(model, limits: Limits, api_key: str | None = None, workers: int = 2):
@@ -249,19 +260,16 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
     app = FastAPI(title="vl3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
 
-    def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and api_key is not None:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", kind="authentication_error"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            return error(_too_large(limits.max_body_bytes))
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):  # unknown path (404), wrong method (405)
+        message = f"{e.detail}: {request.method} {request.url.path}"
+        return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):  # a bug: OpenAI's body; the traceback goes to the log
+        return error(ApiError(500, f"internal error ({type(e).__name__}); see the server's log", kind="server_error"))
 
     @app.get("/health")
     async def health():
@@ -279,9 +287,9 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
             parsed = parse_request(body, allow_local_files=limits.allow_local_files)
             if body.get("model") not in (None, model_id):
                 raise ApiError(404, f"model {body.get('model')!r} is not served here (this server serves {model_id!r})", "model", "model_not_found")
-            item, tmpdir = _item(parsed, model)
+            item, tmpdir, uploads = _item(parsed, model)
             try:
-                ticket = service.submit(item, parsed.stop, tmpdir)
+                ticket = service.submit(item, parsed.stop, tmpdir, uploads)
             except Busy:
                 if tmpdir:
                     shutil.rmtree(tmpdir, ignore_errors=True)
@@ -292,24 +300,41 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
         if parsed.stream:
             return StreamingResponse(_stream(service, ticket, request_id, model_id, parsed.include_usage),
                                      media_type="text/event-stream")  # fmt: skip
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        service.cancel(ticket)
-                        return JSONResponse({}, status_code=499)
-                    continue
-                if event[0] == "done":
-                    return completion(request_id, model_id, event[1], event[2], event[3])
-                if event[0] == "error":
-                    return error(event[1])
-        except asyncio.CancelledError:
-            service.cancel(ticket)
-            raise
+        event = await _last_event(request, service, ticket)
+        if event is None:  # the client left: nobody reads this
+            return JSONResponse({}, status_code=499)
+        if event[0] == "error":
+            return error(event[1])
+        return completion(request_id, model_id, event[1], event[2], event[3])
 
     return app
+
+
+async def _last_event(request: Request, service: Service, ticket: Ticket):
+    """A request that is not streamed: its ending event ("done" or "error"), skipping the text pieces,
+    or None as soon as the client disconnects (its row is then cancelled)."""
+    left = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        while True:
+            get = asyncio.ensure_future(ticket.events.get())
+            await asyncio.wait((get, left), return_when=asyncio.FIRST_COMPLETED)
+            if not get.done():
+                get.cancel()
+                service.cancel(ticket)
+                return None
+            if get.result()[0] != "text":
+                return get.result()
+    except asyncio.CancelledError:
+        service.cancel(ticket)
+        raise
+    finally:
+        left.cancel()
+
+
+async def _disconnect(receive) -> None:
+    """Returns when the client has gone: the body is read, so the server's next message is the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _stream(service: Service, ticket: Ticket, request_id: str, model_id: str, include_usage: bool):
@@ -341,6 +366,38 @@ async def _stream(service: Service, ticket: Ticket, request_id: str, model_id: s
             service.cancel(ticket)
 
 
+def error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+class Guard:
+    """ASGI middleware: the API key on /v1 (401) and an announced body over the limit (413), before any
+    route runs. Plain ASGI: it reads the headers as the bytes sent, and hands `receive` to the
+    route untouched (the route watches it for the client's disconnect)."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+        # ASGI headers are the bytes as sent: a client sends a non-ASCII key as UTF-8
+        self.expected = None if api_key is None else b"Bearer " + api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await error(refusal)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def refusal(self, scope) -> ApiError | None:
+        headers = dict(scope["headers"])
+        if (self.expected is not None and scope["path"].startswith("/v1/")
+                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):  # fmt: skip
+            return ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", kind="authentication_error")
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
+            return _too_large(self.max_body_bytes)
+        return None
+
+
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than the server's limit of {limit // (1024 * 1024)} MB", kind="request_too_large")
 
@@ -352,10 +409,7 @@ async def _read_body(request, limit: int):
         data += piece
         if len(data) > limit:
             raise _too_large(limit)
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON") from None
+    return decode_body(bytes(data))
 
 
 def serve(model, host: str, port: int, limits: Limits, api_key: str | None, workers: int, log_level: str = "warning") -> None:
