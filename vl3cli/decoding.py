@@ -40,8 +40,10 @@ class DecodingParams:
     def __post_init__(self):
         # Each test is written so that NaN fails it; the bounds keep every value representable in
         # the device tensors that carry it (float32, int64).
-        if not 1 <= self.max_new_tokens <= INT64_MAX:
+        if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.max_new_tokens > INT64_MAX:
+            raise UsageError(f"--max-new-tokens must be at most {INT64_MAX} (got {self.max_new_tokens})")
         if not 0 <= self.temperature <= FLOAT32_MAX:
             raise UsageError(f"--temperature must be a finite number >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:
