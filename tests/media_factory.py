@@ -3,6 +3,12 @@
     make_video(path, codec="h264", seconds=2.0, fps=10, size=(W, H), static=False) -> Path
     make_clip(path, pictures, pts, rate, codec="h264") -> Path   # any pictures, any presentation times
     make_vfr_clip(path, codec="h264") -> Path   # 30 fps for 5 s, then 5 fps for 5 s
+    make_numbered(path, frames, rate, codec="h264", gop=None, fmt=None, options=None) -> Path
+    index_picture(i, size) -> array     # frame i shows i as a 16-bit block pattern...
+    read_index(frame) -> int            # ... which this reads back from a decoded frame
+    exif_jpeg(picture, orientation) -> bytes     # a camera's JPEG: EXIF with make and orientation
+    make_camera_mjpeg(path, jpegs, rate=10) -> Path  # those JPEGs as the frames of an MJPEG AVI / MOV
+    make_with_cover(path, fmt, numbered=0) -> Path   # audio + cover picture (+ a numbered video)
     make_image(path, size=(W, H), mode="RGB", fmt="PNG", exif_orientation=None) -> Path
     make_animated(path, fmt="GIF", durations_ms=(100,) * 10, size=(W, H)) -> Path
     marked_picture(size) -> array       # black, with a white block in the top-left corner
@@ -34,6 +40,8 @@ _ENCODERS = {
     "vp8": (("libvpx",), "webm", {"deadline": "realtime"}),
     "av1": (("libsvtav1", "libaom-av1", "librav1e"), "mp4", {}),
     "mpeg4": (("mpeg4",), "mp4", {}),
+    "mpeg2video": (("mpeg2video",), "mpg", {}),
+    "mjpeg": (("mjpeg",), "avi", {}),
 }
 _AV1_OPTIONS = {"libsvtav1": {"preset": "12"}, "libaom-av1": {"cpu-used": "8"}, "librav1e": {"speed": "10"}}
 # Static clips are encoded losslessly where the encoder can, so their decoded frames are
@@ -92,9 +100,13 @@ def make_video(
     return make_clip(path, pictures, range(n), Fraction(fps).limit_denominator(1000), codec, static, gop)
 
 
-def make_clip(path, pictures, pts, rate: Fraction, codec: str = "h264", lossless: bool = False, gop: int | None = None) -> Path:
+def make_clip(
+    path, pictures, pts, rate: Fraction, codec: str = "h264", lossless: bool = False, gop: int | None = None,
+    fmt: str | None = None, fmt_options: dict | None = None,
+) -> Path:  # fmt: skip
     """Encode ``pictures`` ((H, W, 3) uint8 each, all one size) shown at ``pts`` (in units of
-    1/rate, increasing): any frame rate, variable ones included. The container follows the suffix."""
+    1/rate, increasing): any frame rate, variable ones included. The container follows the suffix
+    unless ``fmt`` (an FFmpeg muxer name, with ``fmt_options``) names it."""
     import av
 
     path = Path(path)
@@ -107,8 +119,8 @@ def make_clip(path, pictures, pts, rate: Fraction, codec: str = "h264", lossless
         options = dict(_ENCODERS[codec][2]) | _AV1_OPTIONS.get(encoder, {})
         if lossless:
             options |= _LOSSLESS.get(encoder, {})
-        pix_fmt = "yuv420p"
-    with av.open(str(path), "w") as container:
+        pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+    with av.open(str(path), "w", format=fmt, options=fmt_options or {}) as container:
         stream = container.add_stream(encoder, rate=rate, options=options)
         stream.pix_fmt = pix_fmt
         if gop:
@@ -126,6 +138,107 @@ def make_clip(path, pictures, pts, rate: Fraction, codec: str = "h264", lossless
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+def index_picture(i: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    """(H, W, 3) picture showing ``i`` (0..65535) in binary: bit b lights block b of a 2 x 8 grid."""
+    w, h = size
+    img = np.zeros((h, w, 3), np.uint8)
+    bw, bh = w // 8, h // 2
+    for b in range(16):
+        if (i >> b) & 1:
+            r, c = divmod(b, 8)
+            img[r * bh : (r + 1) * bh, c * bw : (c + 1) * bw] = 255
+    return img
+
+
+def read_index(frame: np.ndarray) -> int:
+    """The number ``index_picture`` drew, read from the centre of each block of a decoded frame."""
+    h, w = frame.shape[:2]
+    grey, bw, bh = frame.mean(-1), w // 8, h // 2
+    bits = 0
+    for b in range(16):
+        r, c = divmod(b, 8)
+        block = grey[r * bh + bh // 4 : (r + 1) * bh - bh // 4, c * bw + bw // 4 : (c + 1) * bw - bw // 4]
+        bits |= int(block.mean() > 128) << b
+    return bits
+
+
+def make_numbered(path, frames: int, rate: int, codec: str = "h264", gop: int | None = None, fmt: str | None = None,
+                  options: dict | None = None) -> Path:  # fmt: skip
+    """A constant-rate clip whose frame i shows ``index_picture(i)``: the frame shown at t is round(t * rate)."""
+    pictures = (index_picture(i) for i in range(frames))
+    return make_clip(path, pictures, range(frames), Fraction(rate), codec, gop=gop, fmt=fmt, fmt_options=options)
+
+
+def exif_jpeg(picture: np.ndarray, orientation: int = 1) -> bytes:
+    """A JPEG as a camera writes it: EXIF (camera make, orientation) in front of the picture."""
+    import io
+
+    exif = Image.Exif()
+    exif[0x010F] = "vl3 test camera"  # Make
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(picture).save(out, "JPEG", exif=exif.tobytes(), quality=95)
+    return out.getvalue()
+
+
+def make_camera_mjpeg(path, jpegs: list[bytes], rate: int = 10) -> Path:
+    """Motion JPEG as cameras record it: each JPEG (EXIF included) stored as one frame, unchanged."""
+    import io
+
+    import av
+
+    with Image.open(io.BytesIO(jpegs[0])) as im:
+        width, height = im.size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+        stream.time_base = Fraction(1, rate)
+        for i, data in enumerate(jpegs):
+            packet = av.Packet(data)
+            packet.stream, packet.pts, packet.dts, packet.duration = stream, i, i, 1
+            packet.time_base, packet.is_keyframe = Fraction(1, rate), True
+            container.mux(packet)
+    return Path(path)
+
+
+def make_with_cover(path, fmt: str, numbered: int = 0) -> Path:
+    """A second of silence with a red cover picture (an 'attached_pic' stream, as music files carry
+    their artwork) in FFmpeg's muxer ``fmt``; with ``numbered`` > 0, then a 10 fps H.264 video whose
+    frame i shows ``index_picture(i)``, stored after the cover."""
+    import io
+
+    import av
+    from av.stream import Disposition
+
+    cover = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(cover, "PNG")
+    with av.open(str(path), "w", format=fmt) as container:
+        audio = container.add_stream("flac" if fmt == "flac" else "aac", rate=8000)
+        audio.layout = "mono"
+        art = container.add_stream("png")
+        art.width, art.height, art.pix_fmt, art.disposition = 32, 32, "rgb24", Disposition.attached_pic
+        if numbered:
+            clip = container.add_stream(encoder_for("h264"), rate=10)
+            clip.width, clip.height, clip.pix_fmt = 64, 48, "yuv420p"
+        packet = av.Packet(cover.getvalue())
+        packet.stream, packet.pts, packet.dts, packet.is_keyframe = art, 0, 0, True
+        container.mux(packet)
+        if numbered:
+            for i in range(numbered):
+                frame = av.VideoFrame.from_ndarray(index_picture(i), format="rgb24").reformat(format="yuv420p")
+                frame.pts = i
+                container.mux(clip.encode(frame))
+            container.mux(clip.encode())
+        size = audio.codec_context.frame_size or 1024
+        for k in range(8000 // size + 1):
+            samples = np.zeros((1, size), np.int16 if fmt == "flac" else np.float32)
+            frame = av.AudioFrame.from_ndarray(samples, format="s16" if fmt == "flac" else "fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, k * size
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+    return Path(path)
 
 
 def second_level(second: int) -> int:
@@ -227,8 +340,11 @@ def make_image(
     rng = np.random.default_rng(seed)
     rgb = (frame_pixels(seed, size).astype(np.int16) + rng.integers(-40, 40, (h, w, 3))).clip(0, 255)
     im = Image.fromarray(rgb.astype(np.uint8), "RGB")
-    if mode == "I;16":
+    if mode in ("I;16", "I"):  # 16-bit data: what 16-bit PNG / TIFF / PGM files open as
         im = Image.fromarray(np.asarray(im.convert("L")).astype("<u2") * 257)  # mode I;16
+        im = im.convert("I") if mode == "I" else im
+    elif mode == "F":  # float data in 0..1
+        im = Image.fromarray(np.asarray(im.convert("L"), dtype=np.float32) / 255)
     elif mode in ("RGBA", "LA"):
         alpha = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "L")
         im = im.convert(mode[:-1])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -117,3 +118,27 @@ def test_a_terminal_session(ckpt, image, tmp_path):
     term.read_until(b"> ")
     term.send(b"\x04")  # Ctrl-D
     assert term.wait() == 0
+
+
+def test_unreadable_media_is_one_error_line(ckpt, image, tmp_path, capsys, monkeypatch):
+    """Media FFmpeg demuxes but cannot decode (SVG), and any decoder's own exception, end the chat
+    with one `Error:` line naming the media, as `describe` does: no traceback."""
+    from vl3cli import preprocess
+    from vl3cli.cli import main
+
+    def vl3(*args) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["vl3", *map(str, args)])
+        monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\n"))
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        return exit_info.value.code, capsys.readouterr().err
+
+    svg = tmp_path / "logo.svg"
+    svg.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="9" height="9"/></svg>\n')
+    assert vl3("chat", svg, "-m", ckpt) == (1, f"Error: {svg}: not an image or video vl3 can read\n")
+
+    def broken(path):
+        raise ValueError("31 is not a valid Type")
+
+    monkeypatch.setattr(preprocess.media, "detect_kind", broken)
+    assert vl3("chat", image, "-m", ckpt) == (1, f"Error: {image}: cannot read (ValueError: 31 is not a valid Type)\n")

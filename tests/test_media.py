@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
+import struct
 import sys
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from media_factory import frame_pixels, make_animated, make_image, make_video, require_encoder
+from av.stream import Disposition
+from media_factory import (
+    frame_pixels,
+    make_animated,
+    make_image,
+    make_numbered,
+    make_video,
+    make_with_cover,
+    read_index,
+    require_encoder,
+)
 from PIL import Image
 
-from vl3cli import media, video
+from vl3cli import container, media, video
 from vl3cli.errors import MediaError, UsageError
-from vl3cli.preprocess import MediaOptions, ProcessorConfig, prepare_visual
+from vl3cli.preprocess import MediaOptions, ProcessorConfig, plan_video, prepare_visual
 
 CONFIG = ProcessorConfig()
 
@@ -206,3 +220,108 @@ def test_audio_only_file(tmp_path):
 def test_start_past_the_end(clips):
     with pytest.raises(UsageError, match=r"h264\.mp4.*past the end"):
         prepare_visual(clips["h264"], CONFIG, MediaOptions(start=5.0))
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory) -> dict:
+    """Raw video streams that start like a picture Pillow knows: an MPEG-2 elementary stream (whose
+    sequence header Pillow names "MPEG") and an IP camera's Motion-JPEG (JPEGs one after another)."""
+    d = tmp_path_factory.mktemp("streams")
+    return {
+        "m2v": make_numbered(d / "clip.m2v", 30, 10, "mpeg2video"),
+        "mjpeg": make_numbered(d / "ipcam.mjpeg", 30, 10, "mjpeg"),
+    }
+
+
+@pytest.mark.parametrize("name", ["m2v", "mjpeg"])
+def test_video_streams_that_look_like_pictures_are_videos(streams, name):
+    path = streams[name]
+    assert media.detect_kind(path) == "video"
+    v = media.read_video(path, plan_video(path, CONFIG, MediaOptions(prune=False)))
+    assert v.meta.frame_count == 30 and len(v.timestamps) == 4  # raw streams carry no times: frames at their nominal rate
+    assert [read_index(f) for f in v.frames] == [round(t * v.meta.fps) for t in v.timestamps]
+
+
+def test_jpeg_end_is_found_past_thumbnails_and_scans(tmp_path):
+    """A photo (EXIF with a thumbnail JPEG inside, progressive scans, an MPO's second picture) is
+    one picture; the same JPEG three times in a row is a Motion-JPEG stream."""
+    photo = tmp_path / "photo.jpg"
+    thumb = io.BytesIO()
+    Image.fromarray(frame_pixels(1, (16, 12))).save(thumb, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    im = Image.fromarray(frame_pixels(0, (64, 48)))
+    im.save(photo, "JPEG", exif=exif.tobytes() + thumb.getvalue(), progressive=True)
+    (tmp_path / "stream.jpg").write_bytes(photo.read_bytes() * 3)
+    im.save(tmp_path / "stereo.mpo", "MPO", save_all=True, append_images=[im])
+    assert [media.detect_kind(tmp_path / n) for n in ("photo.jpg", "stereo.mpo", "stream.jpg")] == ["image", "image", "video"]
+
+
+def test_demuxed_but_not_decodable_is_one_error(tmp_path):
+    """FFmpeg demuxes SVG but has no decoder for it (codec_context None)."""
+    path = tmp_path / "logo.svg"
+    path.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="9" height="9"/></svg>\n')
+    check_error(path, "not an image or video vl3 can read")
+
+
+def test_high_bit_depth_scaled_by_mode_not_content(tmp_path):
+    """16-bit levels v -> round(v / 257) and floats 0..1 -> x 255 whatever the brightest pixel
+    (a dark 16-bit picture whose maximum is 255 stayed at 255 before); out of range clips."""
+    levels16 = np.array([[0, 255, 256, 32896, 65535]], np.uint16)
+    Image.fromarray(levels16).save(tmp_path / "dark.png")  # I;16
+    Image.fromarray(np.minimum(levels16, 255)).save(tmp_path / "darker.png")
+    floats = np.array([[-0.5, 0.0, 0.5, 1.0, 2.0]], np.float32)
+    Image.fromarray(floats).save(tmp_path / "float.tiff")  # F
+    grey = {name: np.asarray(media.load_image(tmp_path / name))[0, :, 0].tolist() for name in ("dark.png", "darker.png", "float.tiff")}
+    assert grey == {"dark.png": [0, 1, 1, 128, 255], "darker.png": [0, 1, 1, 1, 1], "float.tiff": [0, 0, 128, 255, 255]}
+
+
+def test_corrupt_exif_is_quiet(tmp_path):
+    """Pillow warns of EXIF whose entries run past its end; that is not the user's problem."""
+    ifd = struct.pack(">H", 0x4000) + struct.pack(">HHII", 0x0112, 3, 1, 1 << 16)  # 16384 entries announced, 1 there
+    path = tmp_path / "badexif.jpg"
+    Image.new("RGB", (8, 8), "red").save(path, "JPEG", exif=b"Exif\x00\x00MM\x00\x2a" + struct.pack(">I", 8) + ifd)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with Image.open(path):
+            assert any("Corrupt EXIF" in str(w.message) for w in seen)  # the file does make Pillow warn
+        seen.clear()
+        assert media.detect_kind(path) == "image" and not media.is_animated_image(path)
+        assert media.load_image(path).size == (8, 8)
+    assert seen == []
+
+
+@pytest.mark.parametrize("name,fmt", [("song.flac", "flac"), ("song.m4a", "mp4")])
+def test_audio_with_cover_art_is_not_a_video(tmp_path, name, fmt):
+    check_error(make_with_cover(tmp_path / name, fmt), "no video stream")
+
+
+def test_cover_art_never_stands_in_for_the_video(tmp_path):
+    path = make_with_cover(tmp_path / "clip.mp4", "mp4", numbered=20)
+    for backend in ("auto", "pyav"):
+        v = media.read_video(path, lambda meta: ([0.0, 1.5], (meta.width, meta.height)), backend=backend)
+        assert [read_index(f) for f in v.frames] == [0, 15]
+
+    # a file whose cover comes before its video in FFmpeg's list of streams (what MP3 / FLAC give)
+    cover, clip = SimpleNamespace(disposition=Disposition.attached_pic), SimpleNamespace(disposition=Disposition.default)
+    assert container.main_video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover, clip]))) == 1
+    assert container.main_video_stream(SimpleNamespace(streams=SimpleNamespace(video=[cover]))) is None
+
+
+def test_fps_above_the_clips_own_costs_nothing_extra(clips, monkeypatch):
+    """--fps far above the clip's own gives each source frame once, as --fps 5 (the clip's own rate)
+    does, and looks each frame up a bounded number of times rather than building fps x duration
+    candidates (--fps 1e9 filled the memory). The values stay small enough for the old way to end."""
+    from vl3cli import sampling
+
+    high = prepare_visual(clips["long"], CONFIG, MediaOptions(fps=1e4, max_frames=1000, prune=False))
+    own = prepare_visual(clips["long"], CONFIG, MediaOptions(fps=5, max_frames=1000, prune=False))
+    assert high.timestamps == own.timestamps == [k / 5 for k in range(150)]
+    lookups = []
+    real = sampling.frame_index
+    monkeypatch.setattr(sampling, "frame_index", lambda times, t: lookups.append(t) or real(times, t))
+    times = [k / 30 for k in range(90)]
+    assert sampling.sample_timestamps(3.0, times, fps=1e5, max_frames=1000) == times
+    assert len(lookups) <= 3 * len(times)
+    # without frame times: max_frames evenly spaced candidates, k = i * n // max_frames, n = 3e6
+    assert sampling.sample_timestamps(3.0, None, fps=1e6, max_frames=4) == [0.0, 0.75, 1.5, 2.25]

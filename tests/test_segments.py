@@ -67,3 +67,24 @@ def test_subtitles_parse_with_independent_parsers():
     cues = webvtt.from_string(vtt).captions
     assert [(c.start, c.end) for c in cues] == [("00:00:00.000", "00:00:30.000"), ("00:00:30.000", "00:01:01.500")]
     assert "&lt;the&gt;" in cues[1].raw_text or "<the>" in cues[1].text
+
+
+def test_absurd_segment_lengths_are_refused():
+    """Shorter than 0.1 s, or more than 100,000 segments of one video: one UsageError, no list built."""
+    for bad in ("0.05", "1e-7"):
+        with pytest.raises(UsageError, match=r"--segments must be at least 0\.1 seconds"):
+            parse_segments(bad)
+    assert parse_segments("0.1") == 0.1
+    with pytest.raises(UsageError, match="--segments 0.1 would cut this video into 200,000 segments"):
+        windows(20000.0, 0.1)
+    assert len(windows(10000.0, 0.1)) == 100_000
+    with pytest.raises(UsageError, match="--max-segment 0.1 would cut this video into 300,000 segments"):
+        scene_spans([], 30000.0, max_segment=0.1)
+    with pytest.raises(UsageError, match=r"--max-segment must be at least 0\.1"):
+        scene_spans([], 3.0, max_segment=0.01)
+
+
+def test_a_window_past_the_end_names_start_not_end():
+    for spans in (lambda: windows(3.0, 1, start=5), lambda: scene_spans([1.0], 3.0, start=5)):
+        with pytest.raises(UsageError, match=r"^--start \(5s\) is at or past the end of the video \(3\.000s\)$"):
+            spans()

@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
+from media_factory import cut, make_video
 from typer.testing import CliRunner
 
 from vl3cli import container, preprocess, video
 from vl3cli.cli import app
+from vl3cli.errors import UsageError
 
 runner = CliRunner()
 N = 4
@@ -211,3 +213,24 @@ def test_a_decoder_failure_while_cutting_is_one_error_naming_the_file(ckpt, clip
     monkeypatch.setattr(vl3cli.pipeline, "detect_cuts", lambda *a: (_ for _ in ()).throw(OSError("gone")))
     (record,) = [r for _, r in model.run([vl3cli.Item((str(clip),), ("What?",))], segments="scenes")]
     assert record.error == f"{clip}: cannot decode video (OSError: gone)"
+
+
+def test_a_cut_video_warns_in_every_segment(ckpt, tmp_path):
+    """A Matroska file cut at 80 %: its headers announce 4 s, 3.x s decode (probe sees it before any
+    window is decoded). Plain describe warns; so does every segment, on stderr and in its record."""
+    path = cut(make_video(tmp_path / "full.mkv", seconds=4.0, fps=10, gop=10), tmp_path / "cut.mkv", 0.8)
+    r = runner.invoke(app, [str(a) for a in ["describe", path, "--segments", 1, "-m", ckpt, "--max-new-tokens", 2, "-f", "jsonl"]])
+    assert r.exit_code == 0, r.output
+    recs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(recs) >= 2
+    for rec in recs:
+        (warning,) = rec["warnings"]
+        assert warning.startswith(f"{path}: truncated or damaged video: only the first ") and " of 4.0 s" in warning
+        assert f"warning: {warning}" in r.stderr
+
+
+def test_start_past_the_end_with_segments_names_start(ckpt, clip):
+    for how in ("4", "scenes"):
+        r = runner.invoke(app, [str(a) for a in ["describe", clip, "--segments", how, "--start", 50, "-m", ckpt]])
+        assert isinstance(r.exception, UsageError), r.output
+        assert str(r.exception) == f"{clip}: --start (50s) is at or past the end of the video (10.000s)"

@@ -8,6 +8,7 @@ their grey level; a cut file's decodable frames are listed by a plain PyAV decod
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from fractions import Fraction
@@ -17,18 +18,23 @@ import numpy as np
 import pytest
 from media_factory import (
     cut,
+    exif_jpeg,
     faststart_copy,
     frame_pixels,
+    index_picture,
+    make_camera_mjpeg,
     make_clip,
+    make_numbered,
     make_vfr_clip,
     make_video,
     marked_picture,
+    read_index,
     second_level,
     set_track_matrix,
 )
-from PIL import Image
+from PIL import Image, ImageOps
 
-from vl3cli import container, media
+from vl3cli import container, media, video
 from vl3cli.errors import MediaError
 from vl3cli.preprocess import MediaOptions, ProcessorConfig, plan_video, prepare_visual
 
@@ -121,6 +127,30 @@ def test_rotated_videos_are_upright(rotated, name):
 
 
 @pytest.fixture(scope="module")
+def camera_mjpeg(tmp_path_factory) -> dict:
+    """Motion-JPEG recordings whose frames are camera JPEGs with EXIF (orientation 1, 3, 6, 8)."""
+    d = tmp_path_factory.mktemp("camera")
+    jpegs = {o: [exif_jpeg(frame_pixels(i, (64, 48)), o) for i in range(5)] for o in (1, 3, 6, 8)}
+    files = {(o, ext): make_camera_mjpeg(d / f"cam{o}.{ext}", jpegs[o]) for o in jpegs for ext in ("avi", "mov")}
+    return {"files": files, "jpegs": jpegs}
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+@pytest.mark.parametrize("ext", ["avi", "mov"])
+@pytest.mark.parametrize("exif_orientation", [1, 3, 6, 8])
+def test_camera_mjpeg_with_exif_is_upright(camera_mjpeg, exif_orientation, ext, backend):
+    """FFmpeg 8 reports the JPEGs' EXIF as frame side data PyAV cannot name: the video still reads,
+    turned as Pillow turns the same JPEG by its EXIF orientation."""
+    path = camera_mjpeg["files"][exif_orientation, ext]
+    v = media.read_video(path, lambda meta: ([0.0, 0.3], (meta.width, meta.height)), backend=backend)
+    for frame, jpeg in zip(v.frames, camera_mjpeg["jpegs"][exif_orientation][::3]):
+        with Image.open(io.BytesIO(jpeg)) as im:
+            expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32)
+        assert frame.shape == expected.shape
+        assert np.abs(frame - expected).mean() < 6
+
+
+@pytest.fixture(scope="module")
 def vfr(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("vfr")
     return {ext: make_vfr_clip(d / f"vfr.{ext}") for ext in ("mp4", "mkv")}
@@ -139,6 +169,54 @@ def test_variable_frame_rate_uses_presentation_times(vfr, ext, backend):
     levels = [float(f.mean()) for f in v.frames]
     assert levels == pytest.approx([second_level(int(t + 1e-6)) for t in v.timestamps], abs=4)
     assert v.meta.frame_count == 175 and v.meta.duration == pytest.approx(10.0, abs=0.2)
+
+
+# Containers without an index, as camcorders (AVCHD .MTS), TV recorders (.ts) and DVDs (.mpg) write
+# them: name -> (file, muxer, muxer options, codec, frames, frame rate, keyframe interval, --fps).
+UNINDEXED = {
+    "m2ts": ("cam.mts", "mpegts", {"mpegts_m2ts_mode": "1"}, "h264", 240, 30, 15, 1.0),
+    "mpeg-ps": ("tv.mpg", "mpeg", {}, "mpeg2video", 500, 25, 100, 1.0),
+    "ts-long-gop": ("rec.ts", "mpegts", {}, "h264", 300, 10, 50, 0.3),
+}
+
+
+@pytest.fixture(scope="module")
+def unindexed(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("unindexed")
+    return {
+        name: make_numbered(d / file, frames, rate, codec, gop=gop, fmt=fmt, options=options)
+        for name, (file, fmt, options, codec, frames, rate, gop, _) in UNINDEXED.items()
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", "pyav"])
+@pytest.mark.parametrize("name", list(UNINDEXED))
+def test_unindexed_containers_give_the_frames_asked_for(unindexed, name, backend):
+    """Frame i shows i: the frame decoded for time t is round(t * rate), decord (which seeks a
+    keyframe interval off in MPEG-TS / PS) or not, seeking PyAV (which lands late there) or not."""
+    *_, rate, _, fps = UNINDEXED[name]
+    path = unindexed[name]
+    v = media.read_video(path, plan_video(path, CONFIG, MediaOptions(fps=fps)), backend=backend)
+    assert v.backend == "pyav" and len(v.timestamps) >= 8
+    assert [read_index(f) for f in v.frames] == [round(t * rate) for t in v.timestamps]
+    for t in (v.timestamps[-1], v.timestamps[len(v.timestamps) // 2]):  # a seek before any decoding
+        frames, _ = video._read_pyav(path, v.meta, [t], (64, 48))
+        assert read_index(frames[0]) == round(t * rate)
+
+
+def test_unindexed_windows_in_one_pass(unindexed):
+    """Windows of a long recording read forward (--segments): each the right frames."""
+    path = unindexed["ts-long-gop"]
+    meta = container.probe(path)
+    windows = [([t + k * 1.5 for k in range(4)], (64, 48)) for t in (0.0, 6.2, 12.1, 21.7)]
+    got = [[read_index(f) for f in frames] for frames, _, _ in video.decode_windows(path, meta, windows, "auto")]
+    assert got == [[int(t * 10) for t in ts] for ts, _ in windows]
+
+
+def test_decord_is_refused_for_unindexed_containers(unindexed):
+    path = unindexed["m2ts"]
+    with pytest.raises(MediaError, match="mpegts"):
+        media.read_video(path, lambda meta: ([0.0, 1.0], (meta.width, meta.height)), backend="decord")
 
 
 CUTS = (0.3, 0.6, 0.9)
@@ -228,7 +306,7 @@ def test_truncated_video_captions_what_decodes(cut_files, kind, fraction, backen
 
 QUIET = """
 import sys
-from vl3cli import container, media
+from vl3cli import container, media, video
 from vl3cli.errors import MediaError
 if sys.argv[1] != "untouched":
     media.native_logging(sys.argv[1] == "debug")
@@ -257,3 +335,18 @@ def test_native_libraries_are_quiet_unless_debugging(cut_files):
     assert stderr("quiet") == ""
     loud = stderr("debug")
     assert "Read error" in loud and "moov atom not found" in loud  # decord's libav and PyAV's
+
+
+@pytest.mark.parametrize("suffix,codec", [("mkv", "h264"), ("webm", "vp9")])
+def test_matroska_starting_late_is_whole_and_its_cut_is_not(tmp_path, suffix, codec):
+    """A recording whose times start at 3600 s (FFmpeg writes Duration 3603 s for its 3 s): whole,
+    no warning; cut at 80 %, the warning, announcing 3 s. Frame i shows i, decoded at (pts - 3600 s) * 10."""
+    late = make_clip(tmp_path / f"late.{suffix}", (index_picture(i) for i in range(30)), range(36000, 36030), Fraction(10), codec, gop=10)
+    with av.open(str(late)) as c:
+        assert c.start_time / av.time_base == pytest.approx(3600) and c.duration / av.time_base == pytest.approx(3603, abs=0.2)
+    v = media.read_video(late, plan_video(late, CONFIG, MediaOptions(prune=False)))
+    assert v.warnings == [] and not v.meta.truncated and v.meta.header_duration == pytest.approx(3.0, abs=0.15)
+    assert [read_index(f) for f in v.frames] == [round(t * 10) for t in v.timestamps]
+    half = cut(late, tmp_path / f"half.{suffix}", 0.8)
+    v = media.read_video(half, plan_video(half, CONFIG, MediaOptions(prune=False)))
+    assert v.meta.truncated and v.meta.duration < 2.5 and v.warnings and " of 3.0 s" in v.warnings[0]

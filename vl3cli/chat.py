@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import UsageError, Vl3Error
+from .errors import MediaError, UsageError, Vl3Error
 from .options import Options
 from .output import Result
 from .pipeline import Item
@@ -41,9 +41,15 @@ class Chat:
         self._read_s = 0.0  # reading time not yet on a record
 
     def read(self) -> None:
-        """Read the media now rather than on the first question (errors come early)."""
+        """Read the media now rather than on the first question (errors come early). A decoder's
+        own exception becomes a MediaError naming the media, as `describe` reports it."""
         if self.visuals is None and self.media:
-            self.visuals, self._read_s = self.model.runner.prepare(Item(media=self.media), self.options)
+            try:
+                self.visuals, self._read_s = self.model.runner.prepare(Item(media=self.media), self.options)
+            except Vl3Error:
+                raise
+            except Exception as e:  # noqa: BLE001 - any decoder's failure is one error line
+                raise MediaError(f"{', '.join(self.media)}: cannot read ({type(e).__name__}: {e})") from e
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Result:
         """The answer to `question`, given everything said so far."""

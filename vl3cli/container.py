@@ -4,14 +4,17 @@ Contract:
 
 - ``signature(path)`` reads the first bytes: "heif" / "avif" (ISO-BMFF stills, by their 'ftyp'
   major brand), "mp4" (any other ISO-BMFF or QuickTime file), "matroska" (also WebM) or None.
-- ``probe(path)`` demuxes every packet with PyAV (reading the file, decoding nothing but the
+- ``probe(path)`` demuxes every packet of the main video stream (``main_video_stream``: not a
+  cover picture) with PyAV (reading the file, decoding nothing but the
   first frame) and returns a ``VideoMeta`` whose ``frame_times`` are the frames' own
   presentation times, so variable frame rates are exact, and whose ``duration`` ends with the
   last frame that can be read. ``width`` / ``height`` are the displayed size: ``orientation``
   is the PIL transpose that turns a decoded frame upright according to the container's
   display matrix (phone videos: 90, 180, 270 degrees, mirrored or not). ``truncated`` says
   the file holds less than its headers announce (read errors, cut packets, fewer frames or
-  an earlier end than the headers state).
+  an earlier end than the headers state; Matroska's Duration counts from timestamp 0).
+  ``format`` is FFmpeg's name for the container, ``start_pts`` the timestamp taken as time 0.
+  A frame side data type PyAV cannot name (EXIF, FFmpeg 8) leaves the rotation FFmpeg reads.
 - ``av_open(path)`` opens a file with PyAV; a file it cannot open is a one-line MediaError
   saying why (an MP4 cut before its index names the box the file ends in).
 - Failures are ``MediaError("<path>: <reason>")`` chained to PyAV's own exception.
@@ -76,6 +79,8 @@ class VideoMeta:
     orientation: Image.Transpose | None = None  # decoded frame -> upright; None: as decoded
     truncated: bool = False  # less can be read than the headers announce
     header_duration: float | None = None  # what the headers announce, when they do
+    format: str = ""  # FFmpeg's demuxer names, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "mpegts"
+    start_pts: int = 0  # the presentation timestamp (stream time base) that is time 0
 
 
 def orientation(matrix) -> Image.Transpose | None:
@@ -165,10 +170,35 @@ def _first_frame_matrix(stream, packet) -> tuple | None:
     except av.FFmpegError:
         return None
     for frame in frames:
-        for side in frame.side_data:
+        try:
+            sides = list(frame.side_data)
+        except ValueError:  # a side-data type this PyAV cannot name (EXIF of camera MJPEG, FFmpeg 8)
+            return _rotation_matrix(frame.rotation)
+        for side in sides:
             if getattr(side.type, "name", "") == "DISPLAYMATRIX":
                 return tuple(np.frombuffer(bytes(side), dtype=np.int32)[:9].tolist())
         return ()
+    return None
+
+
+def _rotation_matrix(degrees: float) -> tuple:
+    """A display matrix (FFmpeg's 16.16 layout) rotating by ``degrees`` counter-clockwise, the
+    angle FFmpeg reads from a frame's matrix (a mirror in it is lost); () for no rotation."""
+    quarter = round(degrees / 90) % 4
+    if quarter == 0:
+        return ()
+    cos, sin = ((1, 0), (0, 1), (-1, 0), (0, -1))[quarter]
+    return (cos << 16, -sin << 16, 0, sin << 16, cos << 16, 0, 0, 0, 1 << 30)
+
+
+def main_video_stream(c) -> int | None:
+    """Position in ``c.streams.video`` of the video to read: the first that is not a cover picture
+    (an MP3's or M4A's artwork is a one-frame 'attached_pic' stream); None when there is none."""
+    import av.stream
+
+    for i, s in enumerate(c.streams.video):
+        if not s.disposition & av.stream.Disposition.attached_pic:
+            return i
     return None
 
 
@@ -177,10 +207,13 @@ def probe(path) -> VideoMeta:
     import av
 
     with av_open(path) as c:
-        if not c.streams.video:
+        main = main_video_stream(c)
+        if main is None:
             raise fail(path, "no video stream (audio-only or not a video)")
-        s = c.streams.video[0]
+        s = c.streams.video[main]
         cc = s.codec_context
+        if cc is None:  # demuxed but no decoder (SVG, ...)
+            raise fail(path, "not an image or video vl3 can read")
         if not cc.width or not cc.height:
             raise fail(path, "video stream has no frame size (corrupt header)")
         tb = s.time_base
@@ -230,15 +263,21 @@ def probe(path) -> VideoMeta:
         else:
             tail = 1 / header_fps if header_fps else 0.1
         duration = times[-1] + tail
+        formats = set(c.format.name.split(","))
+        first = (c.start_time or 0) / av.time_base
         header_duration = c.duration / av.time_base if c.duration else None
+        if header_duration and "matroska" in formats and header_duration > first:
+            # Matroska's Duration is where the last frame ends, counted from timestamp 0 (FFmpeg writes
+            # 3603 s for 3 s of a recording whose times start at 3600 s); the others' is the length.
+            header_duration -= first
         truncated = damaged or (s.frames or 0) > packets
-        if header_duration and HEADER_DURATION_FORMATS & set(c.format.name.split(",")):
-            span = stream_end - (c.start_time or 0) / av.time_base
+        if header_duration and HEADER_DURATION_FORMATS & formats:
+            span = stream_end - first
             if header_duration - span > max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRAMES * duration / len(times)):
                 truncated = True
         op = orientation(matrix) if matrix else None
         width, height = (cc.height, cc.width) if op in SWAPS_AXES else (cc.width, cc.height)
         return VideoMeta(
             width, height, duration, len(times) / duration, len(times), tuple(times), cc.name, op, truncated,
-            header_duration,
+            header_duration, c.format.name, start,
         )  # fmt: skip

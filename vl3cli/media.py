@@ -7,13 +7,16 @@ Contract:
 - ``detect_kind(path)`` says "image" or "video" from the content, never the extension: the
   file's signature first (``container.signature``: HEIC/HEIF/AVIF stills by their 'ftyp' brand,
   other MP4/MOV brands and Matroska/WebM are videos), then Pillow (animated GIF / WebP / PNG /
-  AVIF are videos), then PyAV.
+  AVIF are videos; so are an MPEG-1/2 stream and JPEGs one after another, a raw Motion-JPEG
+  stream, which Pillow would take for one picture), then PyAV (a cover picture of an audio file
+  is not a video; a format FFmpeg demuxes but cannot decode, such as SVG, is an error).
 - ``load_image(path)`` returns an RGB ``PIL.Image`` with EXIF orientation applied. HEIC/HEIF
   pictures go through pillow-heif (registered on first use), AVIF through Pillow's own plugin.
   Transparency is composited onto white (as transformers' ``convert_to_rgb`` does); 16-bit
-  and float modes are scaled to 8 bits (Pillow would clip them); every other mode goes
-  through ``Image.convert("RGB")``. Pillow's decompression-bomb limit
-  (``Image.MAX_IMAGE_PIXELS``) is enforced, its warning turned into an error.
+  and float modes are scaled to 8 bits by their mode, never by their values (16-bit / 257,
+  float 0..1 x 255; Pillow would clip them); every other mode goes through
+  ``Image.convert("RGB")``. Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is
+  enforced, its warning turned into an error; its other warnings (corrupt EXIF) are silenced.
 - ``read_video(path, plan)`` reads the metadata (``container.probe``, or Pillow for animated
   images), asks ``plan(meta)`` for the timestamps to use and the output size, then decodes
   only those frames, upright, resizing each one as soon as it is decoded (``video.decode``).
@@ -43,6 +46,11 @@ from vl3cli.errors import MediaError, UsageError, Vl3Error
 from vl3cli.sampling import frame_index
 
 ANIMATED_FORMATS = {"GIF", "WEBP", "PNG", "AVIF"}
+VIDEO_STREAM_FORMATS = {"MPEG"}  # Pillow names an MPEG-1/2 video stream (.m1v, .m2v) but cannot decode it
+# Greyscale modes above 8 bits -> the factor to 0..255, by the mode's range, never by the values
+# (a dark 16-bit picture stays dark). 32-bit integers are taken as 16-bit data (what 16-bit PNG and
+# TIFF files open as); floats as 0..1.
+SCALE_TO_8_BITS = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I;16N": 1 / 257, "I": 1 / 257, "F": 255.0}
 GIF_MIN_DURATION_MS = 10  # GIF frames this short play at 100 ms in browsers; so do we
 VIDEO_SIGNATURES = ("mp4", "matroska")
 
@@ -117,6 +125,7 @@ def _open_pil(path) -> Image.Image:
         raise _fail(path, "HEIC/HEIF pictures need the pillow-heif package: pip install pillow-heif")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # corrupt EXIF and other quirks are not the user's problem
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -133,10 +142,8 @@ def _is_animated(im: Image.Image) -> bool:
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB; transparency composited onto white."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if a.max(initial=0) > 255:
-            a = a / 257.0  # 16-bit range -> 8-bit
+    if im.mode in SCALE_TO_8_BITS:
+        a = np.asarray(im, dtype=np.float64) * SCALE_TO_8_BITS[im.mode]
         im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
     if "A" in im.getbands() or im.info.get("transparency") is not None:
         rgba = im.convert("RGBA")
@@ -185,20 +192,55 @@ def detect_kind(path) -> str:
         return "video"
     try:
         with _open_pil(path) as im:
-            return "video" if _is_animated(im) else "image"
+            if _is_animated(im):
+                return "video"
+            if im.format not in VIDEO_STREAM_FORMATS and not (im.format == "JPEG" and _jpegs_follow(path)):
+                return "image"
+            picture = True  # a video stream that starts like a picture: FFmpeg decides
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for non-images
         if kind is not None:  # a HEIF / AVIF picture Pillow cannot read
             raise _fail(path, _unreadable_picture(path)) from e
+        picture = False
     with container.av_open(path) as c:  # raises MediaError "not an image or video" when PyAV cannot open it
-        if not c.streams.video:
+        main = container.main_video_stream(c)
+        if main is None:
             raise _fail(path, "no video stream (audio-only or not a video)")
+        cc = c.streams.video[main].codec_context
+        if cc is None:  # FFmpeg demuxes it but has no decoder for it (SVG, ...)
+            raise _fail(path, "not an image or video vl3 can read")
         demuxer = c.format.name
-        if (demuxer in IMAGE_DEMUXERS or demuxer.endswith("_pipe")) and not c.streams.video[0].codec_context.width:
+        if (demuxer in IMAGE_DEMUXERS or demuxer.endswith("_pipe")) and not cc.width and not picture:
             # image2 opens any file named like a picture: garbage in x.png is a broken picture, not a video
             raise _fail(path, _unreadable_picture(path))
     return "video"
+
+
+def _jpegs_follow(path) -> bool:
+    """Whether another JPEG starts right after the first one ends: a raw Motion-JPEG stream (IP
+    cameras, .mjpeg), not a photo. Walks the first JPEG's segments to its end (EOI marker)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 2  # after SOI
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return False  # not a well-formed JPEG: leave it to Pillow
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI
+            return data[pos + 2 :].lstrip(b"\x00").startswith(b"\xff\xd8\xff")
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7:  # fill byte, or a restart marker without length
+            pos += 1 if marker == 0xFF else 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker that is not 00 / RSTn
+            while (pos := data.find(b"\xff", pos)) != -1 and pos + 1 < len(data):
+                if data[pos + 1] != 0 and not 0xD0 <= data[pos + 1] <= 0xD7:
+                    break
+                pos += 2
+            else:
+                return False
+    return False
 
 
 # --------------------------------------------------------------------------- videos

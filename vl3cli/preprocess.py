@@ -37,7 +37,7 @@ from vl3cli import container, fetch, media, video
 from vl3cli.config import read_json
 from vl3cli.errors import ConfigError, ContextError, MediaError, UsageError, Vl3Error
 from vl3cli.pruning import prune_mask
-from vl3cli.sampling import check_bounds, sample_timestamps
+from vl3cli.sampling import check_bounds, resolve_window, sample_timestamps
 
 MAX_ASPECT_RATIO = 200
 
@@ -410,7 +410,8 @@ def prepare_segments(
     sampled with the usual fps / frame-bound rules inside it and pruned as a video of its own;
     the file is decoded once, forward (video.decode_windows), and memory holds one window's frames.
     Windows in ``skip`` (already answered) are not decoded. An image, or an animated one, is one
-    input without a window. A file cut short ends with the last window that decoded, with a warning.
+    input without a window. A file cut short or damaged ends with the last window that decoded, and
+    every window carries the warning that says so (as ``read_video`` gives it).
     """
     options.validate()
     path = os.fspath(path)
@@ -429,18 +430,21 @@ def prepare_segments(
         meta = container.probe(path)
     except Vl3Error as e:
         raise _with_path(name, e) if isinstance(e, MediaError) else e from None
-    with media.decoder_errors(name):  # shot detection decodes the file too
-        windows = [span for span in spans(path, meta) if span not in skip]
+    try:  # --start past the end, too many segments: before shot detection decodes the file
+        resolve_window(meta.duration, options.start, options.end)
+        with media.decoder_errors(name):  # shot detection decodes the file too
+            windows = [span for span in spans(path, meta) if span not in skip]
+    except UsageError as e:
+        raise UsageError(f"{name}: {e}") from None
     plans = [plan_video(name, config, replace(options, start=s, end=e))(meta) for s, e in windows]
     decoded = _named_errors(name, video.decode_windows(path, meta, plans, decoder))
     for (s, e), (timestamps, _), (frames, backend, end) in zip(windows, plans, decoded):
-        warnings = []
         if end is not None:  # the file breaks inside this window: what decodes of it, and nothing after
             meta = replace(meta, duration=end, truncated=True)
             timestamps = timestamps[: len(frames)]
-            warnings.append(media.truncation_note(meta, len(frames)))
             if not len(frames):
                 raise MediaError(f"{name}: truncated or damaged video: nothing decodes after {end:.1f} s") from None
+        warnings = [media.truncation_note(meta, len(frames))] if meta.truncated else []  # cut, as probe or decoding found
         yield _video_input(name, frames, timestamps, meta, config, options, backend, warnings, (s, min(e, meta.duration)))
         if end is not None:
             return

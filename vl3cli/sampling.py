@@ -8,7 +8,8 @@ Contract (vl3's rule, see shared/VIDEOLLAMA3.md):
   source frame times are known (the frames' presentation times, so variable frame rates
   are honoured), each candidate becomes the source frame shown at that time, reported at
   that frame's own start (clipped to ``start``), and a candidate showing the same source
-  frame as an earlier one is dropped (fps above the clip's own gives each source frame once).
+  frame as an earlier one is dropped (fps above the clip's own gives each source frame once,
+  at no extra cost: candidates are never all built).
 - More than ``max_frames`` candidates -> ``max_frames`` of them, evenly spaced: candidate
   ``floor(i * n / max_frames)`` for i = 0..max_frames-1 (the first one is always kept).
 - Fewer than ``min_frames`` candidates -> ``min_frames`` frames evenly spaced over the
@@ -121,16 +122,13 @@ def sample_timestamps(
     s, e = resolve_window(duration, start, end)
 
     span = e - s
-    candidates = [s + k / fps for k in range(max(1, math.ceil(span * fps - EPS)))]
+    count = max(1, math.ceil(span * fps - EPS))  # candidates s + k / fps, never all built (fps may be 1e9)
     if frame_times:
-        seen: set[int] = set()
-        distinct = []
-        for t in candidates:
-            i = frame_index(frame_times, t)
-            if i not in seen:
-                seen.add(i)
-                distinct.append(max(float(frame_times[i]), s))  # the time of the frame used
-        candidates = distinct
+        candidates = _distinct_frames(frame_times, s, fps, count)
+    elif count > max_frames:
+        return [s + k / fps for k in _spread(count, max_frames)]
+    else:
+        candidates = [s + k / fps for k in range(count)]
     n = len(candidates)
 
     if n > max_frames:
@@ -141,6 +139,24 @@ def sample_timestamps(
         clip = window_frame_times(frame_times, s, e)
         return [clip[i] for i in _spread(len(clip), min(min_frames, len(clip)))]
     return [s + span * i / min_frames for i in range(min_frames)]
+
+
+def _distinct_frames(frame_times: Sequence[float], s: float, fps: float, count: int) -> list[float]:
+    """The source frames that candidates ``s + k / fps`` (k < count) show, each once, at their own
+    start (clipped to ``s``). Jumps from one frame's candidates to the next frame's, so the cost
+    follows the frames used, not fps x duration."""
+    times, k = [], 0
+    while k < count:
+        i = frame_index(frame_times, s + k / fps)
+        times.append(max(float(frame_times[i]), s))  # the time of the frame used
+        if i + 1 >= len(frame_times):
+            break
+        # the first candidate showing a later frame: s + k / fps >= frame_times[i + 1] - EPS
+        nxt = max(k + 1, math.ceil((frame_times[i + 1] - EPS - s) * fps) - 1)
+        while nxt < count and frame_index(frame_times, s + nxt / fps) <= i:  # float rounding: step on
+            nxt += 1
+        k = nxt
+    return times
 
 
 def frame_index(frame_times: Sequence[float], t: float) -> int:

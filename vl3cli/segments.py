@@ -5,7 +5,9 @@
 - `scene_spans(cuts, duration, min_segment, max_segment)`: the shots between detected cuts; a shot
   shorter than `min_segment` merges into its shorter neighbour (repeatedly, shortest first), one
   longer than `max_segment` is split into equal parts no longer than it.
-- `parse_segments(text)`: the `--segments` value: a number of seconds, or "scenes".
+- `parse_segments(text)`: the `--segments` value: a number of seconds (at least `MIN_WINDOW`), or "scenes".
+- A window past the end of the clip is refused as `--start` past the end; more than `MAX_WINDOWS`
+  segments (an absurdly short --segments / --max-segment for the video's length) are refused too.
 
 Spans are `(start, end)` in seconds from the start of the file, sorted, contiguous and covering
 `[clip start, clip end)`; each becomes one request, sampled with the usual fps / frame-bound rules
@@ -17,8 +19,11 @@ from __future__ import annotations
 import math
 
 from .errors import UsageError
+from .sampling import resolve_window
 
 EPS = 1e-3  # seconds: spans shorter than this are not worth a request
+MIN_WINDOW = 0.1  # seconds: the shortest --segments / --max-segment (a frame or two of most videos)
+MAX_WINDOWS = 100_000  # segments of one video (a 2.8-hour video in 0.1 s windows); more is refused
 MIN_SEGMENT = 2.0  # scenes: default --min-segment (seconds); shorter shots merge with a neighbour
 MAX_SEGMENT = 60.0  # scenes: default --max-segment (seconds); longer shots are split
 
@@ -35,13 +40,21 @@ def parse_segments(text: str | None) -> float | str | None:
         raise UsageError(f"--segments takes a number of seconds or 'scenes' (got {text!r})") from None
     if not (math.isfinite(seconds) and seconds > 0):
         raise UsageError(f"--segments must be a positive number of seconds (got {text})")
+    if seconds < MIN_WINDOW:
+        raise UsageError(f"--segments must be at least {MIN_WINDOW:g} seconds (got {text})")
     return seconds
+
+
+def _check_count(count: int, option: str) -> None:
+    if count > MAX_WINDOWS:
+        raise UsageError(f"{option} would cut this video into {count:,} segments, more than {MAX_WINDOWS:,}: use longer ones")
 
 
 def windows(duration: float, seconds: float, start: float = 0.0, end: float | None = None) -> list[tuple[float, float]]:
     """Windows of `seconds` over `[start, end)` (end: the duration); the last may be shorter."""
-    end = duration if end is None else min(end, duration)
+    start, end = resolve_window(duration, start, end)
     count = max(1, math.ceil((end - start) / seconds - 1e-9))
+    _check_count(count, f"--segments {seconds:g}")
     bounds = [start + k * seconds for k in range(count)] + [end]  # each from k, not by adding: no drift
     spans = list(zip(bounds[:-1], bounds[1:]))
     if len(spans) > 1 and spans[-1][1] - spans[-1][0] < max(EPS, 0.01 * seconds):
@@ -54,9 +67,11 @@ def scene_spans(
     start: float = 0.0, end: float | None = None,
 ) -> list[tuple[float, float]]:  # fmt: skip
     """Shots between `cuts` (times where a new shot starts) within `[start, end)`, merged and split."""
-    end = duration if end is None else min(end, duration)
+    start, end = resolve_window(duration, start, end)
     if max_segment is not None and min_segment > max_segment:
         raise UsageError(f"--min-segment ({min_segment:g}s) is above --max-segment ({max_segment:g}s)")
+    if max_segment is not None and max_segment < MIN_WINDOW:
+        raise UsageError(f"--max-segment must be at least {MIN_WINDOW:g} seconds (got {max_segment:g})")
     bounds = [start, *sorted(c for c in set(cuts) if start + EPS < c < end - EPS), end]
     spans = list(zip(bounds[:-1], bounds[1:]))
     while len(spans) > 1:
@@ -73,8 +88,9 @@ def scene_spans(
         spans[a : b + 1] = [(spans[a][0], spans[b][1])]
     if max_segment is None:
         return spans
+    parts = [max(1, math.ceil((e - s) / max_segment - 1e-9)) for s, e in spans]
+    _check_count(sum(parts), f"--max-segment {max_segment:g}")
     out = []
-    for s, e in spans:
-        parts = max(1, math.ceil((e - s) / max_segment - 1e-9))
-        out += [(s + (e - s) * k / parts, s + (e - s) * (k + 1) / parts) for k in range(parts)]
+    for (s, e), n in zip(spans, parts):
+        out += [(s + (e - s) * k / n, s + (e - s) * (k + 1) / n) for k in range(n)]
     return out

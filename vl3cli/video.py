@@ -3,10 +3,12 @@
 Contract: ``decode(path, meta, timestamps, size, backend)`` (``meta`` from ``container.probe``)
 returns the frame shown at each timestamp (the last frame starting at or before it), upright
 and resized to ``size`` (PIL bicubic), as (t, h, w, 3) uint8, and how far decoding got.
-decord (``get_batch`` on small chunks) is used only for files it reads correctly: a known
-codec, no display matrix (decord 0.6 rotates by itself and gets 90/270 degrees wrong) and
-nothing cut; PyAV reads everything else, seeking to the keyframe before a wanted frame when
-that skips decoding, skipping damaged packets. When decoding ends before the last timestamp,
+decord (``get_batch`` on small chunks) is used only for files it reads correctly: a container
+with an index (MP4 / MOV, Matroska / WebM, AVI, as FFmpeg names the format; not MPEG-TS / PS),
+a known codec, no display matrix (decord 0.6 rotates by itself and gets 90/270 degrees wrong)
+and nothing cut; PyAV reads everything else, seeking to the keyframe before a wanted frame when
+that skips decoding (a seek that lands after it is retried further back, then replaced by
+reading on from the start), skipping damaged packets. When decoding ends before the last timestamp,
 only the frames before that point come back: frames are never repeated past the real end.
 """
 
@@ -18,13 +20,17 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from vl3cli.container import VideoMeta, av_open
+from vl3cli.container import VideoMeta, av_open, main_video_stream
 from vl3cli.sampling import EPS, frame_index
 
 # Codecs decord 0.6 decodes reliably; anything else (AV1 above all) goes to PyAV.
 DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg"}
+# Containers with an index (FFmpeg's demuxer names), where decord's seeks land on the frame asked
+# for; in MPEG-TS / M2TS / MPEG-PS and raw streams they land a keyframe interval off.
+DECORD_FORMATS = {"mov", "mp4", "matroska", "webm", "avi"}
 DECORD_CHUNK = 4  # full-size frames fetched per get_batch call (4 x 1080p RGB = 25 MB)
 SEEK_MIN_GAP = 2.0  # seconds: closer targets are reached by decoding on, not seeking
+SEEK_BACKOFF = (0.0, 1.0, 5.0, 20.0)  # seconds before t to seek to, in turn, until one lands before t
 
 
 def upright(im: Image.Image, op: Image.Transpose | None) -> Image.Image:
@@ -42,6 +48,8 @@ def _read_decord(path, meta: VideoMeta, timestamps, size, vr=None) -> np.ndarray
 
     if meta.orientation is not None:
         raise RuntimeError("decord 0.6 mis-decodes videos with a display matrix (rotated videos); use PyAV")
+    if not indexed(meta):
+        raise RuntimeError(f"decord seeks to the wrong frames in {meta.format} files (no index); use PyAV")
     vr = vr if vr is not None else decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
     n = len(vr)
     if n != meta.frame_count:
@@ -72,16 +80,25 @@ def _keyframe_times(stream, start_pts: int) -> list[float]:
 class _Cursor:
     """Sequential PyAV decoding with one frame of lookahead, restartable by a seek."""
 
-    def __init__(self, container, stream, fps: float | None):
-        self.c, self.s = container, stream
-        self.tb = float(stream.time_base)
-        self.start_pts = stream.start_time or 0
-        self.fps = fps or 1.0
+    def __init__(self, path, meta: VideoMeta):
+        self.path = path
+        self._open()
+        self.tb = float(self.s.time_base)
+        self.start_pts = meta.start_pts  # as probe counts times (a raw stream has no start time)
+        self.fps = meta.fps or 1.0
         self.frames = None  # decode iterator
         self.cur = self.cur_t = None  # last frame at or before the target, and its time
         self.nxt = self.nxt_t = None  # a frame decoded past the target, kept for the next one
         self.exhausted = False  # the iterator has no more frames
         self.count = 0
+
+    def _open(self) -> None:
+        self.c = av_open(self.path)
+        self.s = self.c.streams.video[main_video_stream(self.c)]
+        self.s.thread_type = "AUTO"
+
+    def close(self) -> None:
+        self.c.close()
 
     def _decode(self):
         """Frames from here on; a damaged packet loses its own frame, not the rest."""
@@ -99,10 +116,13 @@ class _Cursor:
         return self.nxt_t if self.nxt is not None else self.cur_t
 
     def restart(self, t: float | None) -> None:
-        """Seek to the keyframe at or before ``t`` (None: the start of the file)."""
+        """Seek to the keyframe at or before ``t``; None: back to the very start of the file
+        (reopened: in MPEG-TS / PS a seek to the start time lands on a later keyframe)."""
         if t is None:
             if self.frames is not None:
-                self.c.seek(self.start_pts, stream=self.s, backward=True)
+                self.close()
+                self._open()
+            self.count = 0
         else:
             target = int(max(t, 0.0) / self.tb) + self.start_pts
             self.c.seek(target, stream=self.s, backward=True, any_frame=False)
@@ -143,17 +163,38 @@ class _PyAVReader:
 
     def __init__(self, path, meta: VideoMeta):
         self.meta = meta
-        self.container = av_open(path)
-        self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
-        self.cur = _Cursor(self.container, self.stream, meta.fps)
-        self.keys = _keyframe_times(self.stream, self.cur.start_pts)
+        self.cur = _Cursor(path, meta)
+        self.keys = _keyframe_times(self.cur.s, self.cur.start_pts)
         self.gop = 0.0  # largest keyframe gap inferred so far when the file has no index
         self.can_seek = True
+        self.back = 0  # index in SEEK_BACKOFF of the first distance to try
         self.last = self.last_t = None  # the last frame converted, and its time
 
     def close(self) -> None:
-        self.container.close()
+        self.cur.close()
+
+    def _seek(self, t: float, pos: float | None) -> None:
+        """Decode from a keyframe before ``t`` up to ``t``. A seek that lands after ``t`` (files
+        without an index: MPEG-TS / PS) is retried further back; one whose frames carry times the
+        file's packets do not (MPEG-PS guesses them after a seek) gives seeking up for reading on
+        from the start of the file."""
+        cur, times = self.cur, self.meta.frame_times
+        for k in range(self.back, len(SEEK_BACKOFF)):
+            if t - SEEK_BACKOFF[k] <= 0:
+                cur.restart(None)
+                return
+            cur.restart(t - SEEK_BACKOFF[k])
+            cur.advance(t)
+            if cur.cur is None:
+                continue
+            if abs(times[frame_index(times, cur.cur_t)] - cur.cur_t) > EPS:
+                break
+            self.back = k  # later seeks start with the distance that worked
+            if pos is not None and cur.cur_t <= pos + EPS:
+                self.gop = max(self.gop, t - cur.cur_t)  # the seek did not get us past pos
+            return
+        self.can_seek = False
+        cur.restart(None)
 
     def read(self, timestamps, size) -> tuple[np.ndarray, float | None]:
         """The frames for ``timestamps`` (after any read before), and None; or, when decoding
@@ -171,26 +212,24 @@ class _PyAVReader:
                 else:
                     want = cur.frames is None or t - pos > self.gop
                 if want:
-                    cur.restart(t)
-                    cur.advance(t)
-                    landed = cur.cur_t if cur.cur is not None else cur.nxt_t
-                    if landed is not None and pos is not None and landed <= pos + EPS:
-                        self.gop = max(self.gop, t - landed)  # the seek did not get us past pos
-                    if cur.cur is None and cur.nxt is not None and cur.nxt_t > t + 0.5:
-                        self.can_seek = False  # imprecise seeking in this container: read on
-                        cur.restart(None)
+                    self._seek(t, pos)
             cur.advance(t)
             shown = meta.frame_times[frame_index(meta.frame_times, t)]
             if cur.exhausted and cur.nxt is None and (cur.cur is None or cur.cur_t < shown - EPS):
                 # The frame shown at t cannot be decoded: what decodes ends with the last frame seen.
                 seen = cur.cur_t if cur.cur is not None else self.last_t
                 return out[:j].copy(), (0.0 if seen is None else _next_frame_time(meta, seen))
-            frame = cur.cur if cur.cur is not None else cur.nxt
+            if cur.cur is not None:
+                frame, frame_t = cur.cur, cur.cur_t
+            else:
+                # Only when decoding from the start of the file (`_seek` never leaves cur empty): its
+                # first frames do not decode (a recording cut mid-GOP), the first that does stands in.
+                frame, frame_t = cur.nxt, cur.nxt_t
             if frame is self.last and previous is not None:
                 out[j] = previous
             else:
                 out[j] = resize(upright(frame.to_image(), meta.orientation), size)
-                self.last, self.last_t = frame, (cur.cur_t if frame is cur.cur else cur.nxt_t)
+                self.last, self.last_t = frame, frame_t
             previous = out[j]
         return out, None
 
@@ -203,11 +242,16 @@ def _read_pyav(path, meta: VideoMeta, timestamps, size) -> tuple[np.ndarray, flo
         reader.close()
 
 
+def indexed(meta: VideoMeta) -> bool:
+    """Whether the container has an index decord seeks by (see ``DECORD_FORMATS``)."""
+    return bool(DECORD_FORMATS & set(meta.format.split(",")))
+
+
 def uses_decord(meta: VideoMeta, backend: str) -> bool:
     """Whether ``decode`` tries decord first for this video."""
     if backend != "auto":
         return backend == "decord"
-    return meta.codec in DECORD_CODECS and meta.orientation is None and not meta.truncated
+    return indexed(meta) and meta.codec in DECORD_CODECS and meta.orientation is None and not meta.truncated
 
 
 def decode(
@@ -263,9 +307,9 @@ def detect_cuts(path, meta: VideoMeta, threshold: float = 10.0, scale: int = 4) 
 
     cuts = []
     with av_open(path) as container:
-        stream = container.streams.video[0]
+        stream = container.streams.video[main_video_stream(container)]
         stream.thread_type = "AUTO"
-        start_pts = stream.start_time or 0
+        start_pts = meta.start_pts
         tb = float(stream.time_base)
         graph = av.filter.Graph()
         chain = [graph.add_buffer(template=stream), graph.add("scale", f"max(2\\,iw/{scale}):max(2\\,ih/{scale})"),
