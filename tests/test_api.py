@@ -213,3 +213,31 @@ def test_a_text_only_item_does_not_wait_behind_media_being_read(model, files, mo
     finally:
         release.set()
         loop.close()
+
+
+def test_cancelling_an_item_stops_its_download(model, monkeypatch):
+    """A cancelled item's reader gives up its download at the next read (here a body that
+    trickles for 4 s), so the worker is free again at once."""
+    import threading
+    import time
+
+    from http_server import serve
+
+    from vl3cli import fetch
+    from vl3cli.pipeline import Item
+
+    started, real = threading.Event(), fetch.download
+
+    def download(*args, **kwargs):
+        started.set()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fetch, "download", download)
+    with serve({}) as base, model.runner.loop(model.defaults, slots=1, workers=1) as loop:
+        loop.submit("slow", Item((base + "/trickle",), ("What?",)))
+        future = loop.reading["slow"].future
+        assert started.wait(timeout=30)
+        begun = time.monotonic()
+        loop.cancel("slow")
+        future.result(timeout=3)  # the reader returned; without the check it reads on for 4 s
+        assert time.monotonic() - begun < 2 and loop.idle

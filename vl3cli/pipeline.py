@@ -551,7 +551,8 @@ class _Reading:
 
 def _read(reading: _Reading, processor, media, arrived: threading.Event) -> None:
     """Worker thread: put each part of the item (its visuals and seconds, or the error reading
-    raised), then _END; stops when the item is cancelled."""
+    raised), then _END; stops when the item is cancelled (a download too, between its reads)."""
+    media = replace(media, cancelled=reading.cancel.is_set)
 
     def put(value) -> bool:
         while not reading.cancel.is_set():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -59,9 +59,12 @@ class MediaOptions:
     max_download_bytes: int | None = None
     public_urls_only: bool = False  # a server's downloads connect to public addresses only
     token_budget: int | None = None
+    # Asked between a download's reads: True once nobody wants the item (it was cancelled).
+    cancelled: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     def download_limits(self) -> dict:
         limits = {} if self.max_download_bytes is None else {"max_bytes": self.max_download_bytes}
+        limits |= {} if self.cancelled is None else {"cancelled": self.cancelled}
         return limits | ({"public_only": True} if self.public_urls_only else {})
 
     def validate(self) -> None:
