@@ -105,6 +105,25 @@ def test_ray_batch_equals_the_local_batch(cluster, ckpt, folder, local, tmp_path
     assert all(rec["generated_tokens"] > 0 for rec in records.values() if not rec["error"])
 
 
+def test_a_manifest_gives_the_local_records(cluster, ckpt, folder, tmp_path):
+    """Mixed manifest items, a text-only one and two unusable lines (one naming no media, whose
+    record must not claim to be a text-only item): Ray writes the local engine's records."""
+    manifest = tmp_path / "items.jsonl"
+    lines = [{"id": "img", "media": str(folder / "a.png"), "prompt": "What?"}, {"id": "txt", "prompt": "Hi"},
+             {"id": 3, "media": []}, "not json"]  # fmt: skip
+    manifest.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    records = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / f"{engine}.jsonl"
+        r = batch("--manifest", manifest, "-m", ckpt, "--max-new-tokens", N, "--out", out, "--engine", engine)
+        assert r.exit_code == 1, r.output  # the two unusable lines
+        records[engine] = {rec["id"]: {k: v for k, v in rec.items() if k != "timings"} for rec in read_jsonl(out)}
+    assert records["ray"] == records["local"]
+    bad = [records["ray"][f"{manifest}:{n}"] for n in (3, 4)]
+    assert all(rec["error"] and rec["kind"] is None for rec in bad)
+    assert records["ray"]["txt"]["kind"] == "text" and records["ray"]["img"]["kind"] == "image"
+
+
 def test_parquet_output_holds_the_same_records(cluster, ckpt, folder, local, tmp_path):
     import pyarrow.parquet as pq
 

@@ -417,7 +417,7 @@ class Loop:
             model=label.model, dtype=label.dtype, device=label.device, quantize=label.quantize,
             options=options.record(given),
         )  # fmt: skip
-        if not media:
+        if not media and not isinstance(item.prepared, BaseException):  # not an item that could not be used
             record.kind = "text"
         if visuals is not None:
             info = [visual_info(v) for v in visuals]

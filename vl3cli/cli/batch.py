@@ -149,9 +149,7 @@ def _engine(params: dict, options):
     def results(todo: list, stop):
         items = (Item(e.media, (e.prompt,), e.id, skip=skip, prepared=UsageError(e.error) if e.error else None)
                  for e, skip in todo)  # fmt: skip
-        for (n, _), result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
-            if todo[n][0].error:
-                result.kind = None  # an item that could not be used: not a text-only one
+        for _, result in model.run(items, batch_size=params["batch_size"], workers=params["workers"], check=stop.check):
             yield result
 
     yield results
