@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -186,3 +187,85 @@ def test_fast_vision_kernels_need_ampere_and_a_varlen_that_takes_scale(monkeypat
     monkeypatch.setattr(varlen, "varlen_attn", lambda q, k, v, cu_q, cu_k, max_q, max_k: q)  # an older signature
     assert not attention.has_torch_varlen()
     assert choose_vision_backend(cuda, torch.bfloat16) == "sdpa"
+
+
+def _hf(text: dict | None = None, vision: dict | None = None, **top) -> dict:
+    import tiny
+
+    config = tiny.hf_config(tied=True)
+    config["text_config"].update(text or {})
+    config["vision_config"].update(vision or {})
+    return dict(config, **top)
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    (_hf({"num_attention_heads": 0}), "num_attention_heads"),
+    (_hf({"num_key_value_heads": 0}), "num_key_value_heads"),
+    (_hf(vision={"num_attention_heads": 0}), "vision num_attention_heads"),
+    (_hf({"hidden_size": "64"}), "hidden_size"),
+    (_hf({"num_hidden_layers": "2"}), "num_hidden_layers"),
+    (_hf({"num_hidden_layers": -1}), "num_hidden_layers"),
+    (_hf({"num_attention_heads": 4.0}), "num_attention_heads"),
+    (_hf({"vocab_size": True}), "vocab_size"),
+    (_hf({"rms_norm_eps": "x"}), "rms_norm_eps"),
+    (_hf({"rope_theta": float("nan")}), "rope_theta"),
+    (_hf({"rope_scaling": "linear"}), "RoPE scaling"),
+    (_hf({"max_position_embeddings": 0}), "max_position_embeddings"),
+    (_hf({"max_position_embeddings": -5}), "max_position_embeddings"),
+    (_hf({"max_position_embeddings": 10**12}), "max_position_embeddings"),
+    (_hf(vision={"patch_size": 0}), "vision patch_size"),
+    (_hf(vision={"num_channels": 1}), "num_channels"),
+    (dict(_hf(), text_config=[1, 2]), "text_config must be a JSON object"),
+    (dict(_hf(), vision_config="x"), "vision_config must be a JSON object"),
+    (_hf(image_token_id="abc"), "image_token_id 'abc'"),
+    (_hf(image_token_id=99999), "image_token_id 99999 is not a token id of the vocabulary"),
+    (_hf(video_token_id=-1), "video_token_id -1"),
+])  # fmt: skip
+def test_bad_field_values_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        ModelConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("eos", ["x", {"a": 1}, [1, "2"], [True], 2.0])
+def test_bad_eos_token_ids_name_the_file(eos):
+    with pytest.raises(ConfigError, match="generation_config.json: eos_token_id"):
+        ModelConfig.from_dict(_hf(), {"eos_token_id": eos})
+
+
+def test_max_position_bound_covers_published_contexts():
+    from vl3cli.config import MAX_POSITIONS
+
+    assert ModelConfig.from_dict(_hf({"max_position_embeddings": 1_010_000})).text.max_position_embeddings == 1_010_000
+    assert MAX_POSITIONS >= 1_010_000  # Qwen2.5-1M
+
+
+def test_bad_config_is_reported_before_any_weight_is_read(checkpoints, tmp_path):
+    from vl3cli.engine import Engine
+
+    folder = tmp_path / "c"
+    shutil.copytree(checkpoints["hf-tied"], folder)
+    (folder / "config.json").write_text(json.dumps(_hf({"num_attention_heads": 0})))
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="num_attention_heads must be a positive integer, not 0"):
+        Engine.load(folder, device="cpu")
+
+
+def test_auto_dtype_follows_the_stored_tensors_over_config(checkpoints, tmp_path, monkeypatch):
+    """A float32 checkpoint whose config.json says bfloat16 stays float32 (README: 'a checkpoint
+    stored in float32 stays float32'); bf16 tensors with a config that says so still run in bf16."""
+    from safetensors.torch import load_file, save_file
+
+    from vl3cli import engine as engine_module
+    from vl3cli.engine import Engine
+
+    monkeypatch.setattr(engine_module, "cpu_native_bf16", lambda: True)
+    f32 = tmp_path / "f32"
+    shutil.copytree(checkpoints["hf-tied"], f32)
+    (f32 / "config.json").write_text(json.dumps(dict(json.loads((f32 / "config.json").read_text()),
+                                                     torch_dtype="bfloat16")))  # fmt: skip
+    assert Engine.load(f32, device="cpu").dtype == torch.float32
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(f32, bf16)
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(bf16 / "model.safetensors").items()},
+              bf16 / "model.safetensors")  # fmt: skip
+    assert Engine.load(bf16, device="cpu").dtype == torch.bfloat16

@@ -185,3 +185,29 @@ def test_config_malformed(tmp_path, name):
     write(tmp_path, name, "{not json")
     with pytest.raises(ConfigError, match=name):
         ProcessorConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize(("name", "values", "message"), [
+    ("preprocessor_config.json", {"patch_size": 0}, "patch_size must be positive"),
+    ("preprocessor_config.json", {"patch_size": -14}, "patch_size must be positive"),
+    ("preprocessor_config.json", {"merge_size": 0}, "image_merge_size must be positive"),
+    ("video_preprocessor_config.json", {"merge_size": 0}, "video_merge_size must be positive"),
+    ("preprocessor_config.json", {"max_pixels": 0}, "image_max_pixels must be positive"),
+    ("preprocessor_config.json", {"min_pixels": 10**12}, "image min_pixels 1000000000000 is above max_pixels"),
+    ("video_preprocessor_config.json", {"min_pixels": 10**12, "max_pixels": 10**13}, "video max_pixels"),
+    ("preprocessor_config.json", {"image_std": [0, 0, 0]}, "std non-zero"),
+    ("preprocessor_config.json", {"image_mean": [float("nan"), 0.5, 0.5]}, "must be finite"),
+    ("video_preprocessor_config.json", {"fps": 0}, "fps must be a positive number"),
+    ("video_preprocessor_config.json", {"max_frames": 0}, "max_frames must be positive"),
+])  # fmt: skip
+def test_config_values_that_cannot_work_are_refused_at_load(tmp_path, name, values, message):
+    write(tmp_path, name, values)
+    with pytest.raises(ConfigError, match=message):
+        ProcessorConfig.from_dir(tmp_path)
+
+
+def test_config_patch_size_must_be_the_vision_towers(tmp_path):
+    write(tmp_path, "preprocessor_config.json", {"patch_size": 16})
+    assert ProcessorConfig.from_dir(tmp_path).patch_size == 16
+    with pytest.raises(ConfigError, match="patch_size 16 differs from the vision tower's 14"):
+        ProcessorConfig.from_dir(tmp_path, patch_size=14)

@@ -317,3 +317,20 @@ def test_int4_kernel_layout_is_the_same_however_the_rows_arrive(pieces):
     q, sz = quantize_int4(w, layer.group_size, torch.bfloat16)
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     assert torch.equal(layer.qweight, expected) and torch.equal(layer.scales, sz)
+
+
+@pytest.mark.parametrize(("hidden", "intermediate", "odd"), [(48, 128, "hidden_size 48"), (64, 80, "intermediate_size 80")])
+def test_int4_on_dimensions_not_divisible_by_32_is_a_usage_error_before_loading(hf_checkpoint, tmp_path, hidden,
+                                                                                intermediate, odd):  # fmt: skip
+    import json
+    import shutil
+
+    from vl3cli.errors import UsageError
+
+    folder = shutil.copytree(hf_checkpoint, tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"].update(hidden_size=hidden, intermediate_size=intermediate)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"never read")
+    with pytest.raises(UsageError, match=rf"int4 needs .* divisible by 32 \(this model has {odd}\); use --quantize int8"):
+        Engine.load(folder, device="cpu", quantize="int4")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import tiny
+import torch
 from media_factory import make_image
 
 N = ["--max-new-tokens", "3"]
@@ -193,3 +194,25 @@ def test_a_pruned_video_whose_first_frame_cannot_fit_is_refused_before_decoding(
     assert isinstance(r.exception, ContextError), r.output
     assert "4 frames of 1792x1792 need at least 4099 visual tokens" in str(r.exception)
     assert decoded == []
+
+
+def test_damaged_checkpoints_are_one_line_errors(ckpt, folder, tmp_path):
+    """Integer weights with --quantize int8 used to run (rc 0) on the raw integers; an index naming a
+    shard outside the folder used to be read. Both: one `Error:` line, exit 1."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ints = shutil.copytree(ckpt, tmp_path / "ints")
+    state = load_file(ints / "model.safetensors")
+    key = "model.language_model.layers.0.mlp.down_proj.weight"
+    state[key] = (state[key] * 100).to(torch.int16)
+    save_file(state, ints / "model.safetensors")
+    one_line_error(vl3("describe", folder / "p0.png", "-m", ints, "--quantize", "int8", *N), 1,
+                   f"tensor {key} has dtype I16; vl3 expects floating-point weights")  # fmt: skip
+    outside = shutil.copytree(ckpt, tmp_path / "outside")
+    (outside / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    weight_map = dict.fromkeys(state, "../elsewhere.safetensors")
+    (outside / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    one_line_error(vl3("describe", folder / "p0.png", "-m", outside, *N), 1, "'../elsewhere.safetensors' is not a file "
+                   "inside the checkpoint folder")  # fmt: skip

@@ -78,3 +78,17 @@ def test_missing_and_broken_tokenizer(hf_checkpoint, tmp_path):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="has no tokenizer.json"):
         Tokenizer.from_dir(folder)
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("tokenizer_config.json", {"added_tokens_decoder": {"abc": {"content": "<x>"}}}),
+    ("tokenizer_config.json", {"added_tokens_decoder": [{"content": "<x>"}]}),
+    ("tokenizer_config.json", {"added_tokens_decoder": "x"}),
+    ("added_tokens.json", {"<x>": "400"}),
+    ("added_tokens.json", {"<x>": None}),
+])  # fmt: skip
+def test_broken_added_tokens_name_the_file(hf_checkpoint, tmp_path, name, content):
+    folder = shutil.copytree(hf_checkpoint, tmp_path / "c")
+    (folder / name).write_text(json.dumps(content))
+    with pytest.raises(TokenizerError, match=name):
+        Tokenizer.from_dir(folder)

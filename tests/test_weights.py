@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -361,3 +364,193 @@ def test_vision_weights_that_were_copied_are_never_handed_back(wide_vision):
         first = engine.encode_pixels(pixels, (1, 4, 6), 1)
         second = engine.encode_pixels(pixels, (1, 4, 6), 1)
     assert torch.equal(first, second) and first.abs().sum() > 0
+
+
+# -- damaged and inconsistent checkpoints: one WeightsError, never a guess -----------------------
+
+
+def read_raw(file: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (JSON) and data section, parsed by hand (to damage them)."""
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_raw(file: Path, header: dict, data: bytes) -> None:
+    head = json.dumps(header).encode()
+    file.write_bytes(len(head).to_bytes(8, "little") + head + data)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int8, torch.uint8, torch.bool, torch.int64])
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_integer_and_bool_weights_are_refused(checkpoints, tmp_path, dtype, quantize):
+    """A valid safetensors file (written by the library) whose weight holds integers: int8 used to
+    quantize the raw integers and compute with them; the other paths raised a traceback."""
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    key = "model.language_model.layers.0.mlp.down_proj.weight"
+    rewrite_weights(folder, lambda s: s.__setitem__(key, (s[key] * 100).to(dtype)))
+    name = {torch.int16: "I16", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+            torch.int64: "I64"}[dtype]  # fmt: skip
+    with pytest.raises(WeightsError, match=rf"model\.safetensors: tensor {key} has dtype {name}; vl3 expects floating"):
+        Engine.load(folder, device="cpu", dtype="float32", quantize=quantize)
+
+
+def test_a_tensor_in_two_files_is_refused(checkpoints, tmp_path):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    key = "model.language_model.norm.weight"
+    save_file({key: torch.zeros(64)}, str(folder / "zz-extra.safetensors"))
+    with pytest.raises(WeightsError, match=rf"tensor {key} is stored twice, in .*model\.safetensors and in "
+                                           r".*zz-extra\.safetensors"):  # fmt: skip
+        load(folder)
+
+
+def test_a_vision_tensor_under_both_prefixes_is_refused(checkpoints, tmp_path):
+    """model.vision_encoder.X and its training-code spelling model.vision_encoder.vision_encoder.X."""
+    folder = copy_checkpoint(checkpoints["original-tied"], tmp_path / "c")
+    key = "model.vision_encoder.post_layernorm.bias"
+    rewrite_weights(folder, lambda s: s.__setitem__(key.replace("encoder.", "encoder.vision_encoder.", 1), s[key] + 1))
+    with pytest.raises(WeightsError, match=rf"stored twice, as {key} in .* and as model\.vision_encoder\.vision_encoder"):
+        load(folder)
+
+
+@pytest.fixture(scope="module")
+def sharded(checkpoints) -> dict:
+    folder = checkpoints["hf-sharded"]
+    return {"folder": folder, "index": json.loads((folder / "model.safetensors.index.json").read_text())}
+
+
+def test_a_shard_holding_a_tensor_the_index_places_elsewhere_is_refused(sharded, tmp_path):
+    folder = copy_checkpoint(sharded["folder"], tmp_path / "c")
+    weight_map = sharded["index"]["weight_map"]
+    key = next(k for k, f in weight_map.items() if f == "model-00002-of-00003.safetensors")
+    shard = folder / "model-00001-of-00003.safetensors"
+    extra = load_file(str(shard))
+    extra[key] = load_file(str(folder / "model-00002-of-00003.safetensors"))[key] * 0
+    save_file(extra, str(shard))
+    with pytest.raises(WeightsError, match=rf"00001-of-00003.safetensors: holds tensor {key}, which .* places in "
+                                           r"model-00002-of-00003"):  # fmt: skip
+        load(folder)
+
+
+def test_an_index_placing_a_tensor_in_a_shard_that_lacks_it_is_refused(sharded, tmp_path):
+    folder = copy_checkpoint(sharded["folder"], tmp_path / "c")
+    index = sharded["index"]
+    key = next(k for k, f in index["weight_map"].items() if f == "model-00002-of-00003.safetensors")
+    weight_map = dict(index["weight_map"], **{key: "model-00003-of-00003.safetensors"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(dict(index, weight_map=weight_map)))
+    with pytest.raises(WeightsError, match=rf"00002-of-00003.safetensors: holds tensor {key}"):
+        load(folder)
+
+
+@pytest.mark.parametrize("index", [
+    {"weight_map": ["model-00001-of-00003.safetensors"]}, {"weight_map": None}, {"metadata": {}},
+    {"weight_map": {"model.norm.weight": 1}}, ["weight_map"],
+])  # fmt: skip
+def test_malformed_index_is_one_error(sharded, tmp_path, index):
+    folder = copy_checkpoint(sharded["folder"], tmp_path / "c")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=r"model\.safetensors\.index\.json"):
+        load(folder)
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(sharded, tmp_path, where, monkeypatch):
+    root = tmp_path / "root"
+    folder = copy_checkpoint(sharded["folder"], root / "c")
+    # A perfectly good shard, but outside the checkpoint: never read.
+    (folder / "model-00002-of-00003.safetensors").rename(root / "outside.safetensors")
+    name = "../outside.safetensors" if where == "parent" else str(root / "outside.safetensors")
+    index = sharded["index"]
+    weight_map = {k: name if f == "model-00002-of-00003.safetensors" else f for k, f in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(dict(index, weight_map=weight_map)))
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    with pytest.raises(WeightsError, match=r"is not a file inside the checkpoint folder"):
+        load(folder)
+    assert not any("outside" in p for p in opened)
+
+
+def test_hub_cache_snapshot_symlinks_into_blobs_load(sharded, tmp_path):
+    """huggingface_hub's cache: snapshots/<commit>/<name> -> ../../blobs/<sha256>, outside the folder by target."""
+    repo = tmp_path / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for f in sorted(sharded["folder"].iterdir()):
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / blob)
+        os.symlink(f"../../blobs/{blob}", snapshot / f.name)
+    assert torch.equal(logits_of(load(snapshot)), logits_of(load(sharded["folder"])))
+
+
+def _overlap(h: dict, data: bytes) -> bytes:
+    """Two tensors of one size share bytes: the second reads the first's (a gap is left behind)."""
+    a, b = sorted(k for k in h if k.startswith("model.language_model.") and k.endswith("k_proj.weight"))
+    h[b]["data_offsets"] = h[a]["data_offsets"]
+    return data
+
+
+def _shift(h: dict, data: bytes) -> bytes:
+    """Every tensor after the first moved 4 bytes back: each overlaps its neighbour, no gap at the end."""
+    first = min(h, key=lambda k: h[k].get("data_offsets", [0])[0] if k != "__metadata__" else -1)
+    for k, v in h.items():
+        if k not in ("__metadata__", first) and v["data_offsets"][0] > 0:
+            v["data_offsets"] = [x - 4 for x in v["data_offsets"]]
+    return data[:-4]
+
+
+@pytest.mark.parametrize("damage", [
+    _overlap,
+    _shift,
+    lambda h, data: data + b"\0" * 16,  # bytes after the last tensor
+    lambda h, data: h.__setitem__("model.language_model.norm.weight",
+                                  dict(h["model.language_model.norm.weight"], shape="64")) or data,
+    lambda h, data: h.__setitem__("model.language_model.norm.weight",
+                                  dict(h["model.language_model.norm.weight"], shape=[64.0])) or data,
+    lambda h, data: h.__setitem__("model.language_model.norm.weight",
+                                  dict(h["model.language_model.norm.weight"], data_offsets="ab")) or data,
+], ids=["overlap", "shift", "trailing", "shape-str", "shape-float", "offsets-str"])  # fmt: skip
+def test_files_the_safetensors_library_refuses_are_refused(checkpoints, tmp_path, damage):
+    from safetensors import safe_open
+
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    file = folder / "model.safetensors"
+    header, data = read_raw(file)
+    write_raw(file, header, damage(header, data))
+    with pytest.raises(Exception):  # noqa: B017 -- the reference: the library refuses the file
+        safe_open(str(file), "pt").keys()
+    with pytest.raises(WeightsError, match=r"cannot read .*model\.safetensors: "):
+        load(folder)
+
+
+def test_tensors_listed_out_of_offset_order_are_fine_as_for_the_library(checkpoints, tmp_path):
+    from safetensors import safe_open
+
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    file = folder / "model.safetensors"
+    header, data = read_raw(file)
+    write_raw(file, dict(reversed(header.items())), data)
+    with safe_open(str(file), "pt") as f:
+        assert len(list(f.keys())) == len(header) - 1
+    assert torch.equal(logits_of(load(folder)), logits_of(load(checkpoints["hf-untied"])))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_shard_that_is_not_a_regular_file_is_refused_without_hanging(checkpoints, tmp_path, kind):
+    folder = copy_checkpoint(checkpoints["hf-untied"], tmp_path / "c")
+    file = folder / "model.safetensors"
+    file.unlink()
+    os.mkfifo(file) if kind == "fifo" else file.mkdir()
+
+    def hung(*_):
+        raise TimeoutError("opening the shard hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(WeightsError, match=r"model\.safetensors: not a regular file"):
+            load(folder)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

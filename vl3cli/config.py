@@ -15,6 +15,7 @@ Unknown keys are ignored; anything that is not a VideoLLaMA3 config raises `Conf
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,41 @@ HF_MODEL_TYPE = "video_llama_3"
 ORIGINAL_MODEL_TYPE = "videollama3_qwen2"
 
 
+# RoPE tables hold a (positions, head_dim) cos and sin for every position, built at load: 2**20
+# positions take 1 GiB in float32 at head_dim 128. That covers every Qwen2 context published (32768
+# for VideoLLaMA3's LLMs, 1,010,000 for Qwen2.5-1M); a larger value is a broken config, not a model.
+MAX_POSITIONS = 1 << 20
+
+
 def _pick(cls, data: dict[str, Any]) -> dict[str, Any]:
     """The keys of `data` that are fields of dataclass `cls` (unknown keys dropped)."""
     names = {f.name for f in fields(cls) if f.init}
     return {k: v for k, v in data.items() if k in names and v is not None}
+
+
+def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """data[key] as a JSON object ({} when absent)."""
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.json: {key} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _check_fields(obj, where: str, ints: tuple[str, ...], floats: tuple[str, ...], strings: tuple[str, ...] = ()) -> None:
+    """Integer fields are integers > 0 (not bools, not 4.0), float fields finite numbers > 0."""
+    for name in ints:
+        value = getattr(obj, name)
+        if type(value) is not int or value <= 0:
+            raise ConfigError(f"config.json: {where}{name} must be a positive integer, not {value!r}")
+    for name in floats:
+        value = getattr(obj, name)
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"config.json: {where}{name} must be a positive number, not {value!r}")
+    for name in strings:
+        if not isinstance(getattr(obj, name), str):
+            raise ConfigError(f"config.json: {where}{name} must be a string, not {getattr(obj, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +82,13 @@ class TextConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        _check_fields(self, "", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                 "num_attention_heads", "num_key_value_heads", "max_position_embeddings"),
+                      ("rms_norm_eps", "rope_theta"), ("hidden_act",))  # fmt: skip
+        if self.max_position_embeddings > MAX_POSITIONS:
+            raise ConfigError(f"config.json: max_position_embeddings {self.max_position_embeddings} is above "
+                              f"{MAX_POSITIONS}, more than any Qwen2 model has (the RoPE tables of every position "
+                              "are built at load)")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -70,6 +109,8 @@ class TextConfig:
     def from_dict(cls, data: dict[str, Any]) -> TextConfig:
         data = dict(data)
         rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json: RoPE scaling {rope!r} is not supported (expected a JSON object or null)")
         if data.get("rope_theta") is None and isinstance(rope, dict) and "rope_theta" in rope:
             data["rope_theta"] = rope["rope_theta"]
         if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -92,6 +133,11 @@ class VisionConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        _check_fields(self, "vision ", ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "patch_size"),
+                      ("layer_norm_eps", "rope_theta"), ("hidden_act",))  # fmt: skip
+        if self.num_channels != 3:
+            raise ConfigError(f"config.json: vision num_channels must be 3 (vl3 feeds RGB), not {self.num_channels!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"vision hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -137,9 +183,9 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         model_type = data.get("model_type")
         if model_type == HF_MODEL_TYPE:
-            text_data = data.get("text_config") or {}
+            text_data = _section(data, "text_config")
             text = TextConfig.from_dict(text_data)
-            vision = VisionConfig.from_dict(data.get("vision_config") or {})
+            vision = VisionConfig.from_dict(_section(data, "vision_config"))
             image_id = data.get("image_token_id", 151655)
             video_id = data.get("video_token_id", 151656)
             # transformers: the top-level flag wins when set, else the text config's.
@@ -165,12 +211,17 @@ class ModelConfig:
                 f"model_type {model_type!r} is not a VideoLLaMA3 checkpoint "
                 f"(expected {HF_MODEL_TYPE!r} or {ORIGINAL_MODEL_TYPE!r})"
             )
-        eos = _eos_ids((generation or {}).get("eos_token_id"))
+        eos = _eos_ids((generation or {}).get("eos_token_id"), "generation_config.json")
         if not eos:
-            eos = _eos_ids(data.get("eos_token_id") or (data.get("text_config") or {}).get("eos_token_id"))
-        text_data = data.get("text_config") or {}
+            eos = _eos_ids(data.get("eos_token_id") or _section(data, "text_config").get("eos_token_id"), "config.json")
+        text_data = _section(data, "text_config")
         stored = next((d[k] for d in (data, text_data) for k in ("torch_dtype", "dtype") if isinstance(d.get(k), str)), None)
-        return cls(fmt, text, vision, int(image_id), int(video_id), tie, eos, stored)
+        names = ("image_token_id", "video_token_id") if fmt == "hf" else ("image_token_index",) * 2
+        for name, value in zip(names, (image_id, video_id)):
+            if type(value) is not int or not 0 <= value < text.vocab_size:
+                raise ConfigError(f"config.json: {name} {value!r} is not a token id of the vocabulary "
+                                  f"(0..{text.vocab_size - 1})")
+        return cls(fmt, text, vision, image_id, video_id, tie, eos, stored)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
@@ -184,12 +235,14 @@ class ModelConfig:
         return cls.from_dict(data, generation)
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def _eos_ids(value: Any, file: str) -> tuple[int, ...]:
+    """eos_token_id: an id or a list of ids (token ids are integers >= 0)."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = value if isinstance(value, list) else [value]
+    if not all(type(v) is int and v >= 0 for v in ids):
+        raise ConfigError(f"{file}: eos_token_id must be a token id or a list of them, not {value!r}")
+    return tuple(ids)
 
 
 def read_json(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:

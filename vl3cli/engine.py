@@ -31,9 +31,9 @@ from .attention import BACKENDS, choose_vision_backend
 from .config import ModelConfig
 from .errors import UsageError, Vl3Error
 from .model import KVCache, VideoLlama3
-from .quantize import MODES, packs
+from .quantize import MODES, check_int4, packs
 from .tokenizer import Tokenizer
-from .weights import MappedPages, SafetensorsFile, load_into, stored_dtype, weight_files
+from .weights import MappedPages, load_into, open_files, stored_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MPS_PREFILL_CHUNK = 2048  # long prompts on MPS are prefilled in chunks of this many tokens
@@ -164,27 +164,30 @@ class Engine:
         if quantize not in (None, *MODES):
             raise UsageError(f"unknown quantization {quantize!r} (use {', '.join(MODES)})")
         config = ModelConfig.from_dir(path)
+        if quantize == "int4":
+            check_int4(config.text)
         tokenizer = Tokenizer.from_dir(path)
-        processor = ProcessorConfig.from_dir(path)
+        processor = ProcessorConfig.from_dir(path, patch_size=config.vision.patch_size)
         dev = resolve_device(device)
-        stored = DTYPES.get(config.torch_dtype or "")
-        if stored is None and dtype == "auto":
-            files = [SafetensorsFile(f) for f in weight_files(path)]
-            stored = stored_dtype(files)
-            for f in files:
-                f.close()
-        dt = resolve_dtype(dtype, dev, stored)
-        vision_dt = torch.float32 if dt == torch.float16 else dt
         if attention not in BACKENDS:
             raise UsageError(f"unknown attention backend {attention!r} (use {', '.join(BACKENDS)})")
+        dt = resolve_dtype(dtype, dev, None) if dtype != "auto" else None
+        files = open_files(path)  # headers only; load_into reads the weights through them, once
         try:
-            backend = choose_vision_backend(dev, vision_dt, attention)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        with torch.device("meta"):
-            model = VideoLlama3(config)
-        pages = load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings,
-                          quantize=quantize, vision_dtype=vision_dt, pack=packs(dev, dt, quantize))
+            if dt is None:  # what the tensors are stored in; config.json's torch_dtype only when they say nothing
+                dt = resolve_dtype(dtype, dev, stored_dtype(files) or DTYPES.get(config.torch_dtype or ""))
+            vision_dt = torch.float32 if dt == torch.float16 else dt
+            try:
+                backend = choose_vision_backend(dev, vision_dt, attention)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            with torch.device("meta"):
+                model = VideoLlama3(config)
+            pages = load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings,
+                              quantize=quantize, vision_dtype=vision_dt, pack=packs(dev, dt, quantize), files=files)
+        finally:
+            for f in files:
+                f.close()
         release_vision_layers(model, pages)
         model.language.init_rope(dev, dt)
         model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls

@@ -82,6 +82,12 @@ class MediaOptions:
             raise UsageError(f"--prune-threshold must be >= 0, got {self.prune_threshold!r}")
 
 
+# Upper bound on a pixel budget: 2**28 pixels (a 16384 x 16384 frame, or 1.4 M visual tokens at
+# patch 14), 20x the largest published budget (12,845,056 for a whole video); beyond it a config
+# asks for more memory than any machine gives one input.
+MAX_PIXELS = 1 << 28
+
+
 @dataclass(frozen=True)
 class ProcessorConfig:
     patch_size: int = 14
@@ -99,8 +105,10 @@ class ProcessorConfig:
     use_token_compression: bool = True
 
     @classmethod
-    def from_dir(cls, path) -> ProcessorConfig:
-        """Read whichever processor files a checkpoint folder has; defaults for the rest."""
+    def from_dir(cls, path, patch_size: int | None = None) -> ProcessorConfig:
+        """Read whichever processor files a checkpoint folder has; defaults for the rest. Values that
+        would divide by zero, allocate without bound or normalise to garbage raise ConfigError here,
+        as does a patch size other than `patch_size` (the vision tower's, when given)."""
         d = Path(path)
         pre = _read_json(d / "preprocessor_config.json")
         video = _read_json(d / "video_preprocessor_config.json")
@@ -157,7 +165,31 @@ class ProcessorConfig:
                 v["use_token_compression"] = bool(v["use_token_compression"])
         except (TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{d}: bad value in the processor config files ({e})") from None
-        return cls(**v)
+        config = cls(**v)
+        problem = config._problem(patch_size)
+        if problem:
+            raise ConfigError(f"{d}: bad value in the processor config files ({problem})")
+        return config
+
+    def _problem(self, patch_size: int | None = None) -> str | None:
+        """What makes these settings unusable (None when nothing does)."""
+        for key in ("patch_size", "image_merge_size", "video_merge_size", "image_min_pixels", "image_max_pixels",
+                    "video_min_pixels", "video_max_pixels", "min_frames", "max_frames"):  # fmt: skip
+            if getattr(self, key) <= 0:
+                return f"{key} must be positive, not {getattr(self, key)}"
+        if patch_size is not None and self.patch_size != patch_size:
+            return f"patch_size {self.patch_size} differs from the vision tower's {patch_size} (config.json)"
+        for kind in ("image", "video"):
+            lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            if lo > hi:
+                return f"{kind} min_pixels {lo} is above max_pixels {hi}"
+            if hi > MAX_PIXELS:
+                return f"{kind} max_pixels {hi} is above {MAX_PIXELS}"
+        if not (math.isfinite(self.fps) and self.fps > 0):
+            return f"fps must be a positive number, not {self.fps}"
+        if not all(math.isfinite(x) for x in (*self.image_mean, *self.image_std)) or 0 in self.image_std:
+            return f"image_mean {list(self.image_mean)} / image_std {list(self.image_std)} must be finite, std non-zero"
+        return None
 
 
 def _read_json(path: Path) -> dict:

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
+
 MODES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)
 INT4_BLOCK = 64  # rows of one block of the CPU int4 kernel's layout: each block is laid out on its own
@@ -66,6 +68,18 @@ _HALF_OFFSET_ROW = torch.tensor([DIGITS_OFFSET + 0.5])  # one dimension: float32
 
 def int4_group_size(in_features: int) -> int | None:
     return next((g for g in INT4_GROUPS if in_features % g == 0), None)
+
+
+def check_int4(text) -> None:
+    """UsageError unless every layer int4 applies to (`text`: the language model's TextConfig) has
+    in_features divisible by the smallest group: hidden_size (q/k/v, o, gate/up, head) and
+    intermediate_size (down). Checked from the config, before any weight is read."""
+    odd = {name: n for name, n in (("hidden_size", text.hidden_size), ("intermediate_size", text.intermediate_size))
+           if int4_group_size(n) is None}  # fmt: skip
+    if odd:
+        sizes = ", ".join(f"{name} {n}" for name, n in odd.items())
+        raise UsageError(f"--quantize int4 needs the language model's dimensions divisible by {INT4_GROUPS[-1]} "
+                         f"(this model has {sizes}); use --quantize int8")
 
 
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,11 +38,17 @@ class Tokenizer:
         extra: dict[str, int] = {}
         added = path / "added_tokens.json"
         if added.is_file():
-            extra.update(read_json(added, TokenizerError))
+            tokens = read_json(added, TokenizerError)
+            if not all(type(i) is int and i >= 0 for i in tokens.values()):
+                raise TokenizerError(f"{added}: every token must map to an id (an integer >= 0)")
+            extra.update(tokens)
         config = path / "tokenizer_config.json"
         if config.is_file():
-            for token_id, entry in (read_json(config, TokenizerError).get("added_tokens_decoder") or {}).items():
-                if isinstance(entry, dict) and "content" in entry:
+            decoder = read_json(config, TokenizerError).get("added_tokens_decoder") or {}
+            if not isinstance(decoder, dict) or not all(k.isascii() and k.isdigit() for k in decoder):
+                raise TokenizerError(f"{config}: added_tokens_decoder must map token ids (\"151643\") to tokens")
+            for token_id, entry in decoder.items():
+                if isinstance(entry, dict) and isinstance(entry.get("content"), str):
                     extra.setdefault(entry["content"], int(token_id))
         missing = sorted((i, t) for t, i in extra.items() if backend.token_to_id(t) is None)
         for token_id, token in missing:

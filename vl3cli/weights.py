@@ -2,7 +2,11 @@
 
 - Only safetensors are read. `.bin` / `.pt` / `.pth` / `.ckpt` (pickle) are refused, never
   unpickled; `*.py` files in a checkpoint are ignored. `SafetensorsFile` reads the format's
-  header itself and checks every offset against the file before any byte is used.
+  header itself and checks it as the `safetensors` library does before any byte is used (a
+  regular file; shapes and offsets integers; the tensors' bytes tile the data section exactly).
+- Nothing is guessed (`open_files`, `load_into`): an index's shards are names inside the folder
+  (a Hub snapshot's symlinks into blobs/ are fine) and each tensor is in the shard the index names;
+  a tensor stored twice, or a weight that is not floating-point, is an error.
 - `rename_key(key, fmt)` is the one pure function per format that maps a checkpoint key to the
   name of the parameter in `vl3cli.model.VideoLlama3` (None = not a weight of ours); the model
   fuses q/k/v and gate/up (`FusedLinear.parts`), and the loader places each checkpoint tensor in
@@ -27,15 +31,17 @@ import json
 import math
 import mmap
 import os
+import stat
 from collections import Counter
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from math import prod
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch import nn
 
+from .config import read_json
 from .errors import WeightsError
 from .heap import return_freed_memory
 from .quantize import INT4_BLOCK, PackedLinear, QuantizedLinear, quantizable
@@ -72,6 +78,11 @@ BLOCK_BYTES = 32 * 1024 * 1024  # rows read (and converted or quantized) at a ti
 RELEASE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")  # see the module docstring
 
 
+def _count(x) -> bool:
+    """A JSON integer >= 0 (not a bool, not a float)."""
+    return type(x) is int and x >= 0
+
+
 def rename_key(key: str, fmt: str) -> str | None:
     """Checkpoint key -> vl3 parameter name, or None for keys that are not ours."""
     for alias, canonical in _ALIASES[fmt]:
@@ -94,17 +105,9 @@ def checkpoint_key(name: str, fmt: str) -> str:
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, in index order; refuses pickle-only folders."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise WeightsError(f"cannot read {index}: {exc}") from None
-        files = [path / name for name in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise WeightsError(f"{path}: shards listed in {index.name} are missing: {', '.join(missing)}")
-        return files
+    weight_map = weight_index(path)
+    if weight_map is not None:
+        return [path / name for name in dict.fromkeys(weight_map.values())]
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
@@ -117,12 +120,63 @@ def weight_files(path: Path) -> list[Path]:
     raise WeightsError(f"{path} holds no *.safetensors weights")
 
 
+def weight_index(path: Path) -> dict[str, str] | None:
+    """`weight_map` of model.safetensors.index.json (checkpoint key -> shard file name), validated:
+    every shard is a file inside `path`. None when the checkpoint has no index."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = read_json(index, WeightsError).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    for name in dict.fromkeys(weight_map.values()):
+        # The name as written, not where a symlink leads: a Hub cache snapshot's files are
+        # symlinks into its repo's blobs/ folder, and those are fine.
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not name or PurePosixPath(name).is_absolute() or Path(name).is_absolute() or ".." in parts:
+            raise WeightsError(f"{index}: shard {name!r} is not a file inside the checkpoint folder; refusing to read it")
+    missing = [name for name in dict.fromkeys(weight_map.values()) if not (path / name).is_file()]
+    if missing:
+        raise WeightsError(f"{path}: shards listed in {index.name} are missing: {', '.join(missing)}")
+    return weight_map
+
+
+def open_files(path: Path) -> list[SafetensorsFile]:
+    """The checkpoint's safetensors files, headers read and checked (see `SafetensorsFile`). With an
+    index, each tensor must be in the shard the index names: a shard holding a tensor the index
+    places elsewhere (or not at all), or lacking one it places there, is refused rather than trusted."""
+    weight_map = weight_index(path)
+    names = list(dict.fromkeys(weight_map.values())) if weight_map is not None else None
+    files: list[SafetensorsFile] = []
+    try:
+        for f in [path / name for name in names] if names is not None else weight_files(path):
+            files.append(SafetensorsFile(f))
+        if weight_map is not None:
+            where = dict(zip(names, files))
+            for name, f in where.items():
+                for key in f.tensors:
+                    if weight_map.get(key) != name:
+                        listed = f"in {weight_map[key]}" if key in weight_map else "nowhere"
+                        raise WeightsError(f"{f.path}: holds tensor {key}, which model.safetensors.index.json "
+                                           f"places {listed}; the checkpoint is inconsistent")
+            for key, name in weight_map.items():
+                if key not in where[name].tensors:
+                    raise WeightsError(f"{path / name}: lacks tensor {key}, which model.safetensors.index.json "
+                                       "places there")
+    except BaseException:
+        for f in files:
+            f.close()
+        raise
+    return files
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # of its first byte in the file
     nbytes: int
+    stored: str = ""  # the dtype as the header names it ("BF16", "I32"...)
 
 
 class SafetensorsFile:
@@ -132,8 +186,12 @@ class SafetensorsFile:
         self.path = path
         self._fd = -1
         try:
-            self._fd = os.open(path, os.O_RDONLY)
-            size = os.fstat(self._fd).st_size
+            # Non-blocking, so that a FIFO named like a shard cannot hang the open; refused below.
+            self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError("not a regular file")
+            size = st.st_size
             head = os.pread(self._fd, 8, 0)
             if len(head) < 8:
                 raise ValueError("file too short")
@@ -144,6 +202,7 @@ class SafetensorsFile:
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
             self.tensors = {k: self._info(k, v, 8 + n, size) for k, v in header.items() if k != "__metadata__"}
+            self._check_tiling(8 + n, size)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             if self._fd >= 0:
                 os.close(self._fd)
@@ -152,20 +211,41 @@ class SafetensorsFile:
 
     @staticmethod
     def _info(key: str, entry: dict, data_start: int, size: int) -> TensorInfo:
-        dtype = DTYPES.get(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
+        if not isinstance(entry, dict):
+            raise TypeError(f"{key}: entry is not a JSON object")
+        if not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise ValueError(f"{key}: entry needs dtype, shape and data_offsets")
+        name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        dtype = DTYPES.get(name) if isinstance(name, str) else None
         if dtype is None:
-            raise ValueError(f"{key}: unsupported dtype {entry['dtype']}")
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= size - data_start:
-            raise ValueError(f"{key}: shape or offsets out of range")
+            raise ValueError(f"{key}: unsupported dtype {name!r}")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise ValueError(f"{key}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_count(x) for x in offsets)):
+            raise ValueError(f"{key}: data_offsets {offsets!r} are not two non-negative integers")
+        begin, end = offsets
+        if not begin <= end <= size - data_start:
+            raise ValueError(f"{key}: offsets out of range")
         if end - begin != prod(shape) * dtype.itemsize:
-            raise ValueError(f"{key}: {end - begin} bytes for shape {list(shape)} in {entry['dtype']}")
-        return TensorInfo(dtype, shape, data_start + begin, end - begin)
+            raise ValueError(f"{key}: {end - begin} bytes for shape {shape} in {name}")
+        return TensorInfo(dtype, tuple(shape), data_start + begin, end - begin, name)
+
+    def _check_tiling(self, data_start: int, size: int) -> None:
+        """The tensors' byte ranges cover the data section exactly, in order: no overlap (one tensor
+        reading another's bytes), no gap, nothing after the last, as the format requires."""
+        at = data_start
+        for key, info in sorted(self.tensors.items(), key=lambda kv: (kv[1].offset, kv[1].nbytes)):
+            if info.offset != at:
+                raise ValueError(f"{key}: data_offsets {'overlap another tensor' if info.offset < at else 'leave a gap'}")
+            at += info.nbytes
+        if at != size:
+            raise ValueError(f"{size - at} bytes after the last tensor")
 
     def close(self) -> None:
-        """Close the file; views already taken stay valid (the mapping lives as long as they do)."""
-        os.close(self._fd)
+        """Close the file (again: nothing); views already taken stay valid (the mapping lives as long as they do)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def view(self, key: str) -> torch.Tensor:
         """The tensor as a zero-copy view of the mapped file (pages load when first touched)."""
@@ -328,6 +408,7 @@ def _quantize_modules(model: nn.Module, mode: str, device: torch.device, dtype: 
 def load_into(
     model: nn.Module, path: Path, fmt: str, device: torch.device, dtype: torch.dtype, tie_lm_head: bool,
     quantize: str | None = None, vision_dtype: torch.dtype | None = None, pack: bool = False,
+    files: list[SafetensorsFile] | None = None,
 ) -> MappedPages:
     """Fill a meta-device `model` with the checkpoint's weights (assign, no second copy).
 
@@ -336,10 +417,12 @@ def load_into(
     model's linears and the head become `quantize.PackedLinear`s: each weight is reordered for
     oneDNN straight from the mapping (a block of rows at a time, see `PackedLinear`) or, when fused
     or converted, from a staging buffer, one weight at a time. Raises WeightsError naming every missing,
-    unexpected or wrongly shaped key, before reading any. Returns where the parameters used as
-    views of the mapped files lie (`MappedPages`).
+    unexpected or wrongly shaped key, any tensor stored twice (in two files, or under both spellings
+    of a prefix) and any weight that is not floating-point, before reading any. `files`: the
+    checkpoint's files already opened with `open_files` (their headers read once); closed here.
+    Returns where the parameters used as views of the mapped files lie (`MappedPages`).
     """
-    files = [SafetensorsFile(f) for f in weight_files(path)]
+    files = open_files(path) if files is None else files
     try:
         pages = _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack)
     finally:
@@ -355,12 +438,23 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
     parts = _parts(model)
     unexpected: list[str] = []
     wrong_shape: list[str] = []
+    seen: dict[str, tuple[SafetensorsFile, str]] = {}  # vl3 name -> where it was found first
     for f in files:
         for key, info in f.tensors.items():
             name = rename_key(key, fmt)
             part = parts.get(name) if name else None
+            if name in seen:
+                first, first_key = seen[name]
+                where = (f"in {first.path} and in {f.path}" if first_key == key
+                         else f"as {first_key} in {first.path} and as {key} in {f.path}")  # fmt: skip
+                raise WeightsError(f"tensor {key} is stored twice, {where}: remove one copy (vl3 will not guess "
+                                   "which is right)")
+            if name is not None:
+                seen[name] = (f, key)
             if part is None:
                 unexpected.append(key)
+            elif not info.dtype.is_floating_point:
+                raise WeightsError(f"{f.path}: tensor {key} has dtype {info.stored}; vl3 expects floating-point weights")
             elif info.shape != part.shape:
                 wrong_shape.append(f"{key} {info.shape} (expected {part.shape})")
                 part.key = "wrong shape"
@@ -450,18 +544,16 @@ def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device,
     (a flat buffer reused from one packed weight to the next, so its pages are faulted in once)
     when given and the dtypes agree."""
     first = group[0]
-    info = first.file.tensors[first.key]
-    target = dtype if info.dtype.is_floating_point else info.dtype
     if _maps(group, dtype, device):
         return first.file.view(first.key)
     rows = sum(p.shape[0] for p in group)
     shape = (rows, *first.shape[1:])
-    if staging is not None and staging.dtype == target:
+    if staging is not None and staging.dtype == dtype:
         out = staging[: math.prod(shape)].view(shape)
     else:
-        out = torch.empty(shape, dtype=target, device=device)
+        out = torch.empty(shape, dtype=dtype, device=device)
     for p in group:
-        if p.file.tensors[p.key].dtype == target and device.type == "cpu":
+        if p.file.tensors[p.key].dtype == dtype and device.type == "cpu":
             p.file.read_rows(p.key, 0, p.shape[0], out=out[p.row : p.row + p.shape[0]])
             continue
         for start, block in _blocks(p):
@@ -472,7 +564,7 @@ def _materialise(group: list[_Part], dtype: torch.dtype, device: torch.device,
 def _maps(group: list[_Part], dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the parameter made of `group` is used as a view of the mapped file (see `_materialise`)."""
     info = group[0].file.tensors[group[0].key]
-    return len(group) == 1 and device.type == "cpu" and (info.dtype == dtype or not info.dtype.is_floating_point)
+    return len(group) == 1 and device.type == "cpu" and info.dtype == dtype
 
 
 def _names(items: list[str], limit: int = 5) -> str:
