@@ -241,3 +241,85 @@ def test_cancelling_an_item_stops_its_download(model, monkeypatch):
         loop.cancel("slow")
         future.result(timeout=3)  # the reader returned; without the check it reads on for 4 s
         assert time.monotonic() - begun < 2 and loop.idle
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def test_media_may_be_any_os_pathlike(model, files):
+    """A pathlib.Path is a path wherever media is taken; one path (str or Path) is one medium."""
+    from vl3cli import Item
+
+    image, video = files["image"], files["video"]
+    want = model.describe(str(image)).text
+    assert model.describe(image).text == want
+    assert [r.text for r in model.ask([image], ["What is it?"])] == [r.text for r in model.ask(str(image), "What is it?")]
+    assert model.chat(image).ask("What is it?").text == model.chat(str(image)).ask("What is it?").text
+    (one,) = list(model.caption_many(image))  # one path, not its characters
+    assert one.path == str(image) and one.text == want
+    (by_str,) = list(model.caption_many(str(image)))
+    assert by_str.path == str(image)
+    ((_, item),) = list(model.run([Item(image, "What is it?")]))  # a single medium and a single prompt
+    assert item.media == [str(image)] and item.prompt == "What is it?"
+    seg = [r.segment_start for r in model.segments(video, segments=1)]
+    assert seg == [r.segment_start for r in model.segments(str(video), segments=1)] == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, f: m.describe(None), "describe needs an image or video"),
+        (lambda m, f: m.ask(None, "hi"), "media must be a path or URL .* not NoneType"),
+        (lambda m, f: m.chat(None), "media must be a path or URL .* not NoneType"),
+        (lambda m, f: m.ask([f["image"], 5], "hi"), "media must be a path or URL .* not int"),
+        (lambda m, f: m.describe(""), "media: an empty path"),
+        (lambda m, f: m.describe(f["image"], 5), "prompt: a question must be text .* not int"),
+        (lambda m, f: m.describe(f["image"], b"hi"), "prompt: a question must be text .* not bytes"),
+        (lambda m, f: m.ask(f["image"], [b"hi"]), "questions: a question must be text .* not bytes"),
+        (lambda m, f: m.chat(f["image"]).ask(None), "question: a question must be text .* not NoneType"),
+        (lambda m, f: m.chat(f["image"]).ask(b"hi"), "question: a question must be text .* not bytes"),
+        (lambda m, f: m.ask(f["image"], "hi", on_text=5), "on_text must be a function"),
+        (lambda m, f: m.chat(f["image"]).ask("hi", on_text="x"), "on_text must be a function"),
+        (lambda m, f: m.caption_many([f["image"]], batch_size="2"), "--batch-size must be a whole number"),
+        (lambda m, f: m.caption_many([f["image"]], workers=None), "--workers must be a whole number"),
+        (lambda m, f: m.caption_many([f["image"]], batch_size=0), "--batch-size must be at least 1"),
+        (lambda m, f: m.caption_many(None), "paths must be a path .* not NoneType"),
+        (lambda m, f: m.caption_many([f["image"]], prompt=7), "prompt: a question must be text"),
+        (lambda m, f: m.run(None), "run takes an iterable of vl3cli.Item"),
+        (lambda m, f: list(m.run([str(f["image"])])), "run takes vl3cli.Item"),
+        (lambda m, f: list(m.run([vl3cli.Item((f["image"],), (b"hi",))])), "Item.prompts: a question must be text"),
+        (lambda m, f: m.segments(f["video"], [], segments=1), "needs at least one question"),
+        (lambda m, f: m.segments([f["video"]], segments=1), "segments cuts one video"),
+        (lambda m, f: m.segments(f["image"], segments=1), "--segments cuts videos; .*a.png is an image"),
+        (lambda m, f: vl3cli.load(None), "model must be a checkpoint folder or a Hub repo id, not NoneType"),
+        (lambda m, f: vl3cli.load(""), "model is empty"),
+        (lambda m, f: vl3cli.load("/no/such/ckpt", device=None), "device must be .* not NoneType"),
+        (lambda m, f: vl3cli.load("/no/such/ckpt", dtype=16), "dtype must be .* not int"),
+    ],
+)
+def test_bad_arguments_are_usage_errors_naming_them(model, files, call, message):
+    """Wrong types and empty values: the command line's UsageError, raised when the call is made
+    (generators included), never a TypeError or AttributeError from deep inside."""
+    with pytest.raises(UsageError, match=message):
+        call(model, files)
+
+
+def test_an_empty_question_is_refused_everywhere_alike(model, files):
+    image, video = str(files["image"]), str(files["video"])
+    calls = [
+        lambda: model.describe(image, ""),
+        lambda: model.ask(image, ["What is it?", "  "]),
+        lambda: model.caption_many([image], prompt="\n"),
+        lambda: model.chat(image).ask(" "),
+        lambda: model.segments(video, "", segments=1),
+    ]
+    messages = set()
+    for call in calls:
+        with pytest.raises(UsageError) as e:
+            call()
+        messages.add(str(e.value))
+    assert messages == {"an empty question: write some text (whitespace alone is not a question)"}
+    # in a run (a manifest's line can hold one) the item becomes error records; the others are answered
+    got = dict(model.run([vl3cli.Item((image,), ("",)), vl3cli.Item((image,), ("What is it?",))]))
+    assert got[0, 0].error == messages.pop() and got[0, 0].text is None
+    assert got[1, 0].error is None and got[1, 0].text

@@ -142,3 +142,19 @@ def test_unreadable_media_is_one_error_line(ckpt, image, tmp_path, capsys, monke
 
     monkeypatch.setattr(preprocess.media, "detect_kind", broken)
     assert vl3("chat", image, "-m", ckpt) == (1, f"Error: {image}: cannot read (ValueError: 31 is not a valid Type)\n")
+
+
+def test_a_piped_question_that_fails_is_named_by_its_line_not_repeated_whole(ckpt, image):
+    """A 40,000-word line beyond the context: one short error line, and the next question is answered."""
+    from typer.testing import CliRunner
+
+    from vl3cli.cli import app
+
+    huge = "w " * 40_000
+    r = CliRunner().invoke(app, ["chat", str(image), "-m", str(ckpt), "--max-new-tokens", "3", "-f", "jsonl"],
+                           input=f"{huge}\nWhat is it?\n")  # fmt: skip
+    assert r.exit_code == 1
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("Error: line 1 ('w w w") and "…'" in line and len(line) < 400, line[:500]
+    (rec,) = [json.loads(x) for x in r.stdout.splitlines()]
+    assert rec["prompt"] == "What is it?" and rec["text"] is not None

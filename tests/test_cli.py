@@ -161,6 +161,7 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["describe", "a.png", "--stream", "--format", "json"], "--stream"),
         (["batch", "--out", "r.jsonl"], "--files-from"),
         (["batch", ".", "--shard", "4/4"], "--shard"),
+        (["batch", ".", "--prompt", "  "], "--prompt: an empty question"),
         (["batch", ".", "--resume", "--overwrite"], "--overwrite"),
         (["batch", "no-such-folder"], "no-such-folder"),
         (["batch", ".", "--format", "text"], "--format"),

@@ -28,8 +28,9 @@ from media_factory import make_image, make_video
 from typer.testing import CliRunner
 
 from vl3cli.cli import app
-from vl3cli.output import TIMING_KEYS
+from vl3cli.errors import UsageError
 from vl3cli.options import Options
+from vl3cli.output import TIMING_KEYS
 from vl3cli.preprocess import ProcessorConfig, prepare_visual
 
 runner = CliRunner()
@@ -396,3 +397,90 @@ def test_spinner_on_a_terminal_only(ckpt, media):
     piped = vl3_process(*args)
     stdout, stderr = piped.communicate(timeout=120)
     assert piped.returncode == 0 and stderr == ""
+
+
+# ----------------------------------------------------------------------------- --out of describe / ask
+
+
+def test_a_run_that_fails_before_an_answer_leaves_out_as_it_was(ckpt, media, tmp_path):
+    """Bad options, a wrong model folder or unreadable media: an existing --out is not emptied
+    (even with --overwrite), and a new one is not created (it would block the next run)."""
+    keep = tmp_path / "keep.txt"
+    keep.write_bytes(b"old answer\n")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(os.urandom(500))
+    failing = [
+        ["describe", media["image"], "-m", ckpt["hf"], "--max-new-tokens", 99999],
+        ["describe", media["image"], "-m", tmp_path / "no-model"],
+        ["describe", bad, "-m", ckpt["hf"]],
+        ["ask", bad, "a", "b", "-m", ckpt["hf"]],
+    ]
+    for args in failing:
+        for fmt in ("text", "json", "jsonl"):
+            r = runner.invoke(app, [str(a) for a in [*args, "--out", keep, "--overwrite", "-f", fmt]])
+            assert r.exit_code in (1, 2) and keep.read_bytes() == b"old answer\n", (args, fmt, r.output)
+            new = tmp_path / f"new.{fmt}"
+            r = runner.invoke(app, [str(a) for a in [*args, "--out", new, "-f", fmt]])
+            assert r.exit_code in (1, 2) and not new.exists(), (args, fmt, r.output)
+            r = runner.invoke(app, [str(a) for a in [*args, "-f", fmt]])
+            assert r.exit_code in (1, 2) and r.stdout == "", (args, fmt, r.stdout)  # no `[]` for a run that failed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.png", "keep.txt"]  # no temporary file left
+
+
+def test_overwrite_replaces_a_links_target_keeping_its_mode(ckpt, media, tmp_path):
+    real = tmp_path / "data" / "answers.json"
+    real.parent.mkdir()
+    real.write_text("old answer\n")
+    real.chmod(0o600)
+    link = tmp_path / "answers.json"
+    link.symlink_to(real)
+    args = ["ask", media["image"], "What is it?", "Which colours?", "-m", ckpt["hf"], "--max-new-tokens", 4]
+    want = cli(*args, "-f", "jsonl")
+    r = runner.invoke(app, [str(a) for a in [*args, "-f", "json", "--out", link, "--overwrite", "--max-new-tokens", 99999]])
+    assert r.exit_code != 0 and link.is_symlink() and real.read_text() == "old answer\n"  # a failed run: as it was
+    r = runner.invoke(app, [str(a) for a in [*args, "-f", "json", "--out", link, "--overwrite"]])
+    assert r.exit_code == 0, r.output
+    assert link.is_symlink() and (real.stat().st_mode & 0o777) == 0o600
+    got = json.loads(real.read_text())
+    assert [g["text"] for g in got] == [w["text"] for w in want]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["answers.json"]
+
+
+def test_an_interrupted_run_keeps_the_answers_it_finished(ckpt, media, tmp_path, monkeypatch):
+    """Ctrl-C after the first answer is written: --out holds it, as a closed JSON array; Ctrl-C
+    before any answer leaves --out as it was."""
+    from vl3cli.cli import describe
+
+    done = describe._InOrder.done
+
+    def interrupted_after(self, i, result):
+        done(self, i, result)
+        if self.writer.count:
+            raise KeyboardInterrupt
+
+    def interrupted_before(self, i, result):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "answers.json"
+    out.write_text("old answer\n")
+    args = ["ask", media["image"], "What is it?", "Which colours?", "-m", ckpt["hf"], "--max-new-tokens", 4]
+    want = cli(*args, "-f", "jsonl")
+    monkeypatch.setattr(describe._InOrder, "done", interrupted_before)
+    r = runner.invoke(app, [str(a) for a in [*args, "-f", "json", "--out", out, "--overwrite"]])
+    assert r.exit_code == 130 and out.read_text() == "old answer\n"  # 130: Typer's handling of Ctrl-C
+    monkeypatch.setattr(describe._InOrder, "done", interrupted_after)
+    r = runner.invoke(app, [str(a) for a in [*args, "-f", "json", "--out", out, "--overwrite"]])
+    assert r.exit_code == 130
+    got = json.loads(out.read_text())
+    assert 1 <= len(got) and [(g["prompt"], g["text"]) for g in got] == [(w["prompt"], w["text"]) for w in want[: len(got)]]
+
+
+def test_empty_questions_and_segments_of_an_image_are_usage_errors(ckpt, media):
+    """UsageError: exit status 2 (the command line's `main` prints it as one line)."""
+    for args in (["ask", media["image"], ""], ["ask", media["image"], "-q", "  "], ["describe", media["image"], "-p", ""]):
+        r = runner.invoke(app, [str(a) for a in [*args, "-m", ckpt["hf"]]])
+        assert isinstance(r.exception, UsageError) and "an empty question" in str(r.exception), args
+    r = runner.invoke(app, ["describe", str(media["image"]), "--segments", "1", "-m", str(ckpt["hf"])])
+    assert isinstance(r.exception, UsageError) and f"--segments cuts videos; {media['image']} is an image" in str(r.exception)
+    r = runner.invoke(app, ["describe", "", "-m", str(ckpt["hf"])])
+    assert isinstance(r.exception, UsageError) and "empty path" in str(r.exception)

@@ -7,11 +7,12 @@ import os
 
 import pytest
 
-from vl3cli.errors import UsageError
+from vl3cli.errors import UsageError, Vl3Error
 from vl3cli.outfile import (
     Sink,
     Target,
     check_replaceable,
+    opened_on_write,
     read_records,
     rewrite_without,
 )
@@ -164,3 +165,54 @@ def test_describe_outputs_replace_only_with_overwrite(tmp_path):
     empty.write_bytes(b"")
     check_replaceable(Target.of(str(empty)), "text", overwrite=False)
     assert text.read_text() == "my notes\n" and ours.read_bytes() == rec("a")
+
+
+def test_a_file_opened_on_write_changes_only_once_written(tmp_path, monkeypatch):
+    """describe / ask: nothing written, nothing changed (no file created, none emptied); a replaced
+    file is renamed into place at the end (a link's target, its mode kept); a failed write leaves
+    the old file; appending creates the file at the first write."""
+    old = tmp_path / "old.txt"
+    old.write_text("old answer\n")
+    new = tmp_path / "new.json"
+    for replace in (True, False):
+        for path in (old, new):
+            with opened_on_write(Target.of(str(path)), replace=replace):
+                pass
+    assert old.read_text() == "old answer\n" and not new.exists()
+    with pytest.raises(RuntimeError), opened_on_write(Target.of(str(old)), replace=True):
+        raise RuntimeError("the model failed to load")
+    assert old.read_text() == "old answer\n"
+
+    real = tmp_path / "data" / "a.txt"
+    real.parent.mkdir()
+    real.write_text("old answer\n")
+    real.chmod(0o640)
+    link = tmp_path / "a.txt"
+    link.symlink_to(real)
+    with opened_on_write(Target.of(str(link)), replace=True) as f:
+        f.write("first\n")
+        assert real.read_text() == "old answer\n"  # replaced at the end, whole
+    assert link.is_symlink() and real.read_text() == "first\n" and (real.stat().st_mode & 0o777) == 0o640
+
+    class Full:
+        def __init__(self, *a, **k):
+            pass
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    real_open = open
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", lambda *a, **k: Full() if str(a[0]).endswith("vl3-tmp") else real_open(*a, **k))
+        with pytest.raises(Vl3Error, match="No space left"), opened_on_write(Target.of(str(real)), replace=True) as f:
+            f.write("second\n")
+    assert real.read_text() == "first\n" and sorted(p.name for p in real.parent.iterdir()) == ["a.txt"]
+
+    with opened_on_write(Target.of(str(new)), replace=False) as f:
+        f.write("x\n")
+    with opened_on_write(Target.of(str(new)), replace=False) as f:
+        f.write("y\n")
+    assert new.read_text() == "x\ny\n"

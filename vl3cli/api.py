@@ -14,6 +14,9 @@ Options given to `load` become the model's defaults; options given to a call ove
 that call. Bad values raise the same `Vl3Error` subclasses the command line reports (`UsageError`
 for a bad option, `MediaError` for a file that cannot be read, ...).
 
+Arguments are checked when a call is made (generators included), once for every caller
+(`media_paths`, `checked_question`): media is a path or URL as str or os.PathLike, or a list of
+them; a question is text, not empty; anything else is a `UsageError` naming the argument.
 `describe` and `ask` raise when the media cannot be used; `caption_many` (like `vl3 batch`)
 yields an error record (`Result.error` set) for a bad file and goes on. The command line, the
 server and the Ray engine are thin callers of this module: `Model.run` is the one road.
@@ -24,9 +27,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 
 from .chat import Chat
-from .errors import UsageError
+from .errors import EMPTY_QUESTION, UsageError
 from .hub import DEFAULT_MODEL, model_label, resolve_model
 from .options import Options
 from .output import Result
@@ -59,6 +63,12 @@ def load(
     from .engine import Engine
     from .media import native_logging
 
+    model = _text(model, "model", "a checkpoint folder or a Hub repo id", path=True)
+    device = _text(device, "device", '"auto", "cpu", "cuda", "cuda:N" or "mps"')
+    dtype = _text(dtype, "dtype", '"auto", "bfloat16", "float16" or "float32"')
+    for key, value in (("revision", revision), ("quantize", quantize), ("name", name)):
+        if value is not None:
+            _text(value, key, "text (or None)")
     defaults = Options.from_kwargs(**options)
     native_logging(os.environ.get("VL3_DEBUG", "") not in ("", "0"))  # decoders' own log lines: only when debugging
     start = time.perf_counter()
@@ -103,14 +113,19 @@ class Model:
         check_budget(self.engine.config, merged)
         return merged
 
-    def describe(self, media: str, prompt: str | None = None, *, on_text: Callable[[str], None] | None = None, **options) -> Result:
+    def describe(self, media: str | os.PathLike, prompt: str | None = None, *, on_text: Callable[[str], None] | None = None,
+                 **options) -> Result:  # fmt: skip
         """Caption an image or video (or answer `prompt` about it). `on_text` receives the answer as it grows."""
+        if media is None:
+            raise UsageError("describe needs an image or video (a path or URL)")
+        checked_question(prompt, "prompt")
+        check_callable(on_text, "on_text")
         (result,) = self.ask(media, [prompt], on_text=(lambda i, piece: on_text(piece)) if on_text else None, **options)
         return result
 
     def ask(
         self,
-        media: str | Sequence[str],
+        media: str | os.PathLike | Sequence[str | os.PathLike],
         questions: str | None | Sequence[str | None],
         *,
         on_text: Callable[[int, str], None] | None = None,
@@ -121,8 +136,8 @@ class Model:
 
         `on_text(question_number, piece)` receives each answer as it grows.
         """
-        media = (media,) if isinstance(media, str) else tuple(media)
-        prompts = tuple([questions] if questions is None or isinstance(questions, str) else questions)
+        media, prompts = media_paths(media), question_list(questions)
+        check_callable(on_text, "on_text")
         if not prompts:
             raise UsageError("ask needs at least one question")
         if self.options(**options).segments is not None:  # given here or as the model's default
@@ -135,25 +150,39 @@ class Model:
         return results
 
     def segments(
-        self, media: str, questions: str | None | Sequence[str | None] = None, *, segments: float | str = 30.0, **options
-    ) -> Iterator[Result]:
+        self, media: str | os.PathLike, questions: str | None | Sequence[str | None] = None, *, segments: float | str = 30.0,
+        **options,
+    ) -> Iterator[Result]:  # fmt: skip
         """Answers about each segment of a long video, in time order (each question on each segment):
         `segments` seconds per window, or "scenes" (shot boundaries; `min_segment`, `max_segment`,
         `scene_threshold`). The file is decoded once; each answer comes as soon as it and every
-        earlier one are done."""
-        prompts = tuple([questions] if questions is None or isinstance(questions, str) else questions)
+        earlier one are done. An image is refused: it has no segments."""
+        if media is None or not isinstance(media, (str, os.PathLike)):
+            raise UsageError(f"segments cuts one video: media must be a path or URL (str or os.PathLike), not {type(media).__name__}")
+        (path,), prompts = media_paths(media), question_list(questions)
+        if segments is None:
+            raise UsageError('segments must be seconds per window or "scenes"')
+        if not prompts:
+            raise UsageError("segments needs at least one question (or None to describe each segment)")
+        check_segmentable(path)
+        items = self.run([Item((path,), prompts)], segments=segments, **options)  # checks the options now
+        return self._in_order(items)
+
+    @staticmethod
+    def _in_order(items: Iterator[tuple[Key, Result]]) -> Iterator[Result]:
         done: dict[int, Result] = {}
         next_index = 0
-        for (_, i), result in self.run([Item((media,), prompts)], segments=segments, **options):
+        for (_, i), result in items:
             result.raise_error()
+            refuse_unsegmented(result)
             done[i] = result
             while next_index in done:
                 yield done.pop(next_index)
                 next_index += 1
 
-    def chat(self, media: str | Sequence[str] = (), **options) -> Chat:
+    def chat(self, media: str | os.PathLike | Sequence[str | os.PathLike] = (), **options) -> Chat:
         """A conversation about some images and/or videos (none: text only); see chat.py."""
-        media = (media,) if isinstance(media, str) else tuple(media)
+        media = media_paths(media)
         options = self.options(**options)
         if options.segments is not None:
             raise UsageError("a chat is about the whole media; segments are for model.segments(...)")
@@ -161,7 +190,7 @@ class Model:
 
     def caption_many(
         self,
-        paths: Iterable[str],
+        paths: Iterable[str | os.PathLike],
         prompt: str | None = None,
         *,
         batch_size: int = 8,
@@ -169,10 +198,16 @@ class Model:
         check: Check | None = None,
         **options,
     ) -> Iterator[Result]:
-        """One Result per file, in the order they finish; a bad file gives an error record."""
+        """One Result per file, in the order they finish; a bad file gives an error record.
+        `paths` may be one path (str or os.PathLike) or an iterable of them (read lazily)."""
+        if isinstance(paths, (str, os.PathLike)):
+            paths = (paths,)
+        elif paths is None or isinstance(paths, (bytes, bytearray)) or not isinstance(paths, Iterable):
+            raise UsageError(f"paths must be a path (str or os.PathLike) or an iterable of them, not {type(paths).__name__}")
+        checked_question(prompt, "prompt")
         items = (Item((path,), (prompt,)) for path in paths)
-        for _, result in self.run(items, batch_size=batch_size, workers=workers, check=check, **options):
-            yield result
+        results = self.run(items, batch_size=batch_size, workers=workers, check=check, **options)  # checks the options now
+        return (result for _, result in results)
 
     def run(
         self,
@@ -188,13 +223,123 @@ class Model:
 
         `key` is (item number, prompt number). Up to `batch_size` answers decode together and
         `workers` threads read the next items' media. `check` is called between steps (raise
-        KeyboardInterrupt there to stop); `on_text(key, piece)` streams the answers.
+        KeyboardInterrupt there to stop); `on_text(key, piece)` streams the answers. The arguments
+        are checked when `run` is called; each item as it is taken (an item with an empty prompt
+        becomes error records, as a bad file does).
         """
-        if batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-        if workers < 1:
-            raise UsageError(f"--workers must be at least 1 (got {workers})")
+        _count(batch_size, "--batch-size")
+        _count(workers, "--workers")
+        check_callable(check, "check")
+        check_callable(on_text, "on_text")
+        if items is None or isinstance(items, (str, bytes, Item)) or not isinstance(items, Iterable):
+            raise UsageError(f"run takes an iterable of vl3cli.Item, not {type(items).__name__}")
         run_options = self.options(**options)
         kwargs = {"check": check} if check else {}
-        yield from self.runner.run(items, run_options, slots=batch_size, workers=workers, on_text=on_text, **kwargs)
+        checked = (checked_item(item) for item in items)
+        return self.runner.run(checked, run_options, slots=batch_size, workers=workers, on_text=on_text, **kwargs)
 
+
+# -- arguments: checked here, once for every caller, with the command line's wording --------------
+
+
+
+def checked_question(value, name: str = "question", *, none: bool = True) -> str | None:
+    """A question or prompt: text that is not empty or whitespace only (`none`: None, describe the media)."""
+    if value is None and none:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"{name}: a question must be text (str), not {type(value).__name__}")
+    if not value.strip():
+        raise UsageError(EMPTY_QUESTION)
+    return value
+
+
+def question_list(value, name: str = "questions") -> tuple[str | None, ...]:
+    """One question (a str; None: describe the media) or a sequence of them, each checked."""
+    if value is None or isinstance(value, str):
+        value = (value,)
+    elif isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise UsageError(f"{name}: a question must be text (str), not {type(value).__name__}")
+    return tuple(checked_question(q, name) for q in value)
+
+
+def media_path(value, name: str = "media") -> str:
+    """One image or video: a path or URL, as str or os.PathLike, not empty."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise UsageError(f"{name} must be a path or URL (str or os.PathLike), not {type(value).__name__}")
+    if not value:
+        raise UsageError(f"{name}: an empty path; give an image or video file or URL")
+    return value
+
+
+def media_paths(value, name: str = "media") -> tuple[str, ...]:
+    """One image or video (str or os.PathLike) or a sequence of them (empty: a text-only prompt)."""
+    if isinstance(value, (str, os.PathLike)):
+        return (media_path(value, name),)
+    if value is None or isinstance(value, (bytes, bytearray)) or not isinstance(value, Iterable):
+        raise UsageError(f"{name} must be a path or URL (str or os.PathLike) or a list of them, not {type(value).__name__}")
+    return tuple(media_path(m, name) for m in value)
+
+
+def checked_item(item) -> Item:
+    """An item of `Model.run` with its media and prompts as tuples of str. A wrong type raises;
+    an empty prompt (a manifest line can hold one) makes the item's error records instead."""
+    if not isinstance(item, Item):
+        raise UsageError(f"run takes vl3cli.Item(media, prompts) items, not {type(item).__name__}")
+    media = media_paths(item.media, "Item.media")
+    prompts = item.prompts
+    if prompts is None or isinstance(prompts, str):
+        prompts = (prompts,)
+    elif isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Iterable):
+        raise UsageError(f"Item.prompts: a question must be text (str), not {type(prompts).__name__}")
+    prompts = tuple(prompts)
+    for p in prompts:
+        if p is not None and not isinstance(p, str):
+            raise UsageError(f"Item.prompts: a question must be text (str), not {type(p).__name__}")
+    if not prompts:
+        raise UsageError("an Item needs at least one prompt (None: describe its media)")
+    if (media, prompts) != (item.media, item.prompts):
+        item = replace(item, media=media, prompts=prompts)
+    if not isinstance(item.prepared, BaseException) and any(p is not None and not p.strip() for p in prompts):
+        item = replace(item, prepared=UsageError(EMPTY_QUESTION))
+    return item
+
+
+def check_segmentable(path: str) -> None:
+    """Refuse --segments on a local image now (a URL is judged once fetched: `refuse_unsegmented`).
+    Only for describe / ask / `Model.segments`: a batch treats an image as one segment."""
+    from .fetch import is_url
+    from .media import detect_kind, is_animated_image
+
+    if not is_url(path) and (detect_kind(path) == "image" or is_animated_image(path)):
+        raise UsageError(f"--segments cuts videos; {path} is an image")
+
+
+def refuse_unsegmented(result: Result) -> None:
+    """A --segments answer about media that was not cut (an image, once a URL is fetched)."""
+    if result.segment_start is None:
+        raise UsageError(f"--segments cuts videos; {result.path or 'this prompt'} is {'an image' if result.kind == 'image' else 'not one'}")
+
+
+def _text(value, name: str, what: str, path: bool = False) -> str:
+    if path and isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str):
+        raise UsageError(f"{name} must be {what}, not {type(value).__name__}")
+    if not value.strip():
+        raise UsageError(f"{name} is empty: give {what}")
+    return value
+
+
+def _count(value, option: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{option} must be a whole number, at least 1 (got {value!r})")
+    if value < 1:
+        raise UsageError(f"{option} must be at least 1 (got {value})")
+
+
+def check_callable(value, name: str) -> None:
+    if value is not None and not callable(value):
+        raise UsageError(f"{name} must be a function (or None), not {type(value).__name__}")

@@ -53,8 +53,10 @@ class Chat:
 
     def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Result:
         """The answer to `question`, given everything said so far."""
-        if not question.strip():
-            raise UsageError("an empty question")
+        from .api import check_callable, checked_question  # api.py imports this module
+
+        question = checked_question(question, "question", none=False)
+        check_callable(on_text, "on_text")
         if self.history:
             item = Item(prompts=(question,), history=tuple(self.history), options=self.options, prefix=self.prefix, keep_kv=True)
         else:  # the media's turn: read now, or as read before a /reset

@@ -40,3 +40,6 @@ class MediaError(Vl3Error):
 
 class ContextError(Vl3Error):
     """A prompt and its answer need more positions than the model's context holds."""
+
+
+EMPTY_QUESTION = "an empty question: write some text (whitespace alone is not a question)"

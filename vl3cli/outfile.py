@@ -21,6 +21,9 @@
   ever replaced whole, by a rename at the end of the run (`opened`). A replaced file (Parquet,
   or JSONL rewritten by `--retry-failed`) is the target of a link (the link is kept) and keeps
   its permission bits.
+- describe / ask open a regular `--out` file only when their first result is written
+  (`opened_on_write`): a run that fails before it has an answer leaves no file, or the file as it
+  was; text, JSON and `--overwrite` write a temporary file renamed over the target at the end.
 """
 
 from __future__ import annotations
@@ -229,6 +232,71 @@ def opened(target: Target, replace: bool) -> Iterator[Sink]:
         yield sink
     finally:
         sink._guard(f.close)
+
+
+class _LateFile:
+    """A regular file opened at its first write, so a run that fails before it has a result leaves
+    no file and never empties one. `replace`: written as a temporary file next to the target (a
+    link's target; the link stays) that `close` renames over it, keeping its permission bits; else
+    appended to. A write that failed (a full disk) leaves the target as it was."""
+
+    def __init__(self, path: Path, replace: bool):
+        self.path = Path(os.path.realpath(path)) if replace else path
+        self.tmp = self.path.with_name(f".{self.path.name}.vl3-tmp") if replace else None
+        self.f: IO[str] | None = None
+        self.failed = False
+
+    def write(self, text: str) -> None:
+        try:
+            if self.f is None:
+                self.f = open(self.tmp or self.path, "w" if self.tmp else "a", encoding="utf-8")  # noqa: SIM115 -- closed by close()
+            self.f.write(text)
+        except OSError:
+            self.failed = True
+            raise
+
+    def flush(self) -> None:
+        if self.f is not None:
+            try:
+                self.f.flush()
+            except OSError:
+                self.failed = True
+                raise
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.f is None:
+            return
+        try:
+            self.f.close()
+        except OSError:
+            self.failed = True
+            raise
+        finally:
+            if self.tmp is not None:
+                if self.failed:
+                    self.tmp.unlink(missing_ok=True)
+                else:
+                    replace_file(self.tmp, self.path)
+
+
+@contextmanager
+def opened_on_write(target: Target, replace: bool) -> Iterator[Sink]:
+    """describe / ask: like `opened`, but a regular file is created, appended to or replaced only
+    once something is written (see `_LateFile`); what was written by the time the run ends, also
+    by an error or Ctrl-C, is kept."""
+    if target.path is None or not target.regular or target.parquet:
+        with opened(target, replace) as sink:
+            yield sink
+        return
+    late = _LateFile(target.path, replace)
+    sink = Sink(late, str(target.path))
+    try:
+        yield sink
+    finally:
+        sink._guard(late.close)
 
 
 def create_empty(target: Target) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from ..errors import UsageError
+from ..errors import EMPTY_QUESTION, UsageError
 from ..hub import model_label
 from .app import (
     LOAD_KEYS,
@@ -88,6 +88,8 @@ def batch(
     request = _options(params)
     target = Target.of(out)
     shard_kn = b.parse_shard(shard)
+    if prompt is not None and not prompt.strip():
+        raise UsageError(f"--prompt: {EMPTY_QUESTION}")
     if manifest is not None:
         entries = b.read_manifest(manifest, prompt)
     else:

@@ -42,8 +42,10 @@ def chat(
     **options,
 ) -> None:
     """Talk about images and videos: follow-up questions see the earlier answers; the media is read once."""
+    from ..api import media_paths
+
     params = _params(locals())
-    media = list(media or [])
+    media = list(media_paths(media or []))  # no empty path
     request = _options(params)
     _check_media(media)
     conversation = _load(params, request).chat(media, **_as_kwargs(request))
@@ -143,7 +145,7 @@ def _chat_lines(conversation, fmt: str) -> None:
 
     writer = Writer(fmt, sys.stdout, many=True)
     failed = False
-    for line in sys.stdin:
+    for number, line in enumerate(sys.stdin, 1):
         question = line.strip()
         if not question:
             continue
@@ -151,9 +153,14 @@ def _chat_lines(conversation, fmt: str) -> None:
             result = conversation.ask(question)
         except Vl3Error as e:
             failed = True
-            print(f"Error: {question!r}: {e}", file=sys.stderr)
+            print(f"Error: line {number} ({_abbreviated(question)!r}): {e}", file=sys.stderr)
             continue
         writer.write(result)
     writer.close()
     if failed:
         raise typer.Exit(1)
+
+
+def _abbreviated(text: str, width: int = 60) -> str:
+    """The start of a question for an error line (a piped line may be megabytes long)."""
+    return text if len(text) <= width else text[:width] + "…"

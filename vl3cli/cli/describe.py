@@ -78,18 +78,25 @@ class _InOrder:
                 self._head()
                 self._out(self.writer.clean(self.held.pop(self.next)))
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """End the output. A run that failed before any answer was written writes nothing: not an
+        empty JSON array or a bare WEBVTT header that would read as a run without answers (and so,
+        with --out, no file is created or replaced: outfile.opened_on_write). An interrupted run
+        that wrote answers closes its document (a JSON array gets its `]`)."""
         if self.midline:  # Ctrl-C in the middle of a streamed answer: end its line
             self._out("\n")
-        self.writer.close()
+        if complete or self.writer.count:
+            self.writer.close()
 
 
 def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
     """describe / ask: some media (or none), one or more prompts, results to stdout or --out."""
-    from ..outfile import Target, check_replaceable, opened
+    from ..api import check_segmentable, media_paths, question_list, refuse_unsegmented
+    from ..outfile import Target, check_replaceable, opened_on_write
     from ..output import Writer
     from ..pipeline import Item
 
+    media, prompts = list(media_paths(media)), list(question_list(prompts, "question"))  # no empty path or question
     fmt, stream, overwrite = params["format"], params["stream"], params["overwrite"]
     target = Target.of(params["out"])
     if stream and (fmt != "text" or target.path is not None):
@@ -101,9 +108,14 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
     _check_media(media)  # before loading the model
     if options.segments is not None and len(media) != 1:
         raise UsageError(f"--segments cuts one video into segments (got {len(media)} media)")
+    if options.segments is not None:
+        check_segmentable(media[0])  # an image has no segments (batch, unlike describe, takes it as one)
     if fmt in ("srt", "vtt"):
-        _check_subtitled(media, fmt)  # before the output is opened (and, with --overwrite, emptied)
-    with opened(target, replace=overwrite or fmt != "jsonl") as f:
+        _check_subtitled(media, fmt)  # before the model loads
+    # The file is created, appended to or replaced only once the first answer is written: a run that
+    # fails before (bad options, model or media) leaves it as it was. describe / ask raise on an
+    # error rather than write an error record, so an error-only run writes no file in any format.
+    with opened_on_write(target, replace=overwrite or fmt != "jsonl") as f:
         model = _load(params, options)
         terminal = f.isatty()
         if stream is None:
@@ -111,20 +123,24 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
         many = len(prompts) > 1 or options.segments is not None
         printer = _InOrder(Writer(fmt, f, many=many, terminal=terminal, questions=len(prompts) > 1), prompts, stream)
         spinner = _Spinner(f"Reading {', '.join(media)} and answering" if media else "Answering")
+        complete = False
         try:
             on_text = (lambda key, piece: (spinner.stop(), printer.piece(key, piece))) if stream else None
             for (_, i), result in model.run([Item(tuple(media), tuple(prompts))], on_text=on_text):
                 spinner.stop()
                 result.raise_error()
+                if options.segments is not None:
+                    refuse_unsegmented(result)  # a URL that turned out to be an image
                 if i % len(prompts) == 0:
                     _warn(result.warnings)
                 if fmt in ("srt", "vtt") and result.kind != "video":
                     raise UsageError(f"--format {fmt} writes subtitles for a video; {result.path or 'this prompt'} is not one")
                 printer.done(i, result)
                 _debug_line(f"timings: {_timings(result)} tokens={result.generated_tokens} ({result.finish_reason})")
+            complete = True
         finally:
             spinner.stop()
-            printer.close()
+            printer.close(complete)
 
 
 def _check_subtitled(media: list[str], fmt: str) -> None:
