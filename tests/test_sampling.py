@@ -138,3 +138,13 @@ def test_frame_bounds_rule():
         assert resolve_frame_bounds(lo, hi, 4, 180) == expected, (lo, hi)
     assert Options(max_frames=1).media(ProcessorConfig()).min_frames == 1
     assert Options().media(ProcessorConfig()).min_frames == 4
+
+
+def test_a_one_frame_video_is_shown_from_the_window_start():
+    """A clip of one picture (0.2 s): the frame used for a window is reported at the window's
+    start, like any frame shown before a window begins; a start past the clip is refused."""
+    assert sample_timestamps(0.2, [0.0]) == [0.0]
+    assert sample_timestamps(0.2, [0.0], start=0.1, end=0.2) == [0.1]
+    with pytest.raises(UsageError, match="at or past the end"):
+        sample_timestamps(0.2, [0.0], start=0.5)
+    assert sample_timestamps(0.0, [0.0], start=0.5) == [0.0]  # no duration known: nothing to place it in

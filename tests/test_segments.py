@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vl3cli.errors import UsageError
@@ -40,6 +40,22 @@ def test_scene_spans_merge_short_and_split_long():
         scene_spans([], 10, min_segment=5, max_segment=2)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.floats(0.05, 99.0, allow_nan=False), max_size=8),
+    low=st.floats(0.1, 5.0),
+    high=st.floats(0.3, 7.0),
+    start=st.floats(0.0, 10.0),
+)
+def test_scene_spans_tile_the_window_exactly(cuts, low, high, start):
+    """Every span ends exactly where the next begins (==, not within a rounding error), and the
+    spans cover [start, duration] (split parts of a long shot included)."""
+    spans = scene_spans(sorted(set(cuts)), 100.0, min_segment=min(low, high), max_segment=high, start=start)
+    assert spans[0][0] == start and spans[-1][1] == 100.0
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(e > s for s, e in spans)
+
+
 def test_parse_segments():
     assert parse_segments("30") == 30.0 and parse_segments("scenes") == "scenes" and parse_segments(None) is None
     for bad in ("0", "-2", "abc", "nan"):
@@ -50,6 +66,8 @@ def test_parse_segments():
 def test_timecodes_and_cues():
     assert timecode(3661.2346) == "01:01:01.235" and timecode(0.0004, ",") == "00:00:00,000"
     assert cue_text("a\n\nb --> c") == "a\nb -> c"
+    assert cue_text("A ---> B ----> C") == "A -> B -> C"  # no "-->" left behind by a longer arrow
+    assert cue_text("x\x00\x10y z\x7f") == "xy z"
     assert cue_text("x <b> & y", vtt=True) == "x &lt;b&gt; &amp; y"
     assert max(len(line) for line in cue_text("word " * 40).splitlines()) <= 42
 
@@ -58,7 +76,7 @@ def test_subtitles_parse_with_independent_parsers():
     import srt
     import webvtt
 
-    caps = [(0, 30, "A cat jumps onto the table.\n\nThen it sits --> down."), (30, 61.5, "It looks at <the> camera & leaves " * 3)]
+    caps = [(0, 30, "A cat jumps onto the table.\n\nThen it sits ---> down."), (30, 61.5, "It looks at <the> camera & leaves " * 3)]
     text = "".join(subtitle_cue(i + 1, s, e, c, "srt") for i, (s, e, c) in enumerate(caps))
     subs = list(srt.parse(text))
     assert [(s.index, s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [(1, 0, 30), (2, 30, 61.5)]

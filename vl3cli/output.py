@@ -238,11 +238,12 @@ def timecode(seconds: float, separator: str = ".") -> str:
 
 def cue_text(text: str, width: int = 42, vtt: bool = False) -> str:
     """An answer as subtitle lines: wrapped at `width` characters, no blank line (it would end the
-    cue), no `-->`; for WebVTT `&`, `<` and `>` escaped."""
+    cue), no `-->` (nor `--->`...), no control characters; for WebVTT `&`, `<` and `>` escaped."""
     import textwrap
 
     lines = []
-    for paragraph in text.replace("-->", "->").splitlines():
+    text = re.sub(r"-{2,}>", "->", text.translate(_CONTROL))  # no arrow of any length survives; no control bytes
+    for paragraph in text.splitlines():
         if paragraph.strip():
             lines += textwrap.wrap(paragraph.strip(), width=width, break_long_words=True) or [""]
     body = "\n".join(lines) or "..."

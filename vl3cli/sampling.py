@@ -113,8 +113,8 @@ def sample_timestamps(
     ``frame_times`` the sorted start times of its source frames when known.
     """
     check_bounds(fps, min_frames, max_frames)
-    if frame_times is not None and len(frame_times) == 1:
-        return [0.0]
+    if frame_times is not None and len(frame_times) == 1:  # one picture: shown from the window's start
+        return [resolve_window(duration, start, end)[0]] if duration > 0 else [0.0]
     if duration <= 0:
         if frame_times:
             return [0.0]

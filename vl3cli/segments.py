@@ -92,5 +92,6 @@ def scene_spans(
     _check_count(sum(parts), f"--max-segment {max_segment:g}")
     out = []
     for (s, e), n in zip(spans, parts):
-        out += [(s + (e - s) * k / n, s + (e - s) * (k + 1) / n) for k in range(n)]
+        cuts = [s + (e - s) * k / n for k in range(n)] + [e]  # the last part ends exactly at the shot's end
+        out += list(zip(cuts, cuts[1:]))
     return out
