@@ -119,6 +119,13 @@ def test_a_manifest_gives_the_local_records(cluster, ckpt, folder, tmp_path):
         assert r.exit_code == 1, r.output  # the two unusable lines
         records[engine] = {rec["id"]: {k: v for k, v in rec.items() if k != "timings"} for rec in read_jsonl(out)}
     assert records["ray"] == records["local"]
+    # The same run as a program joined to the cluster: Ray Data's Python warnings (its Arrow
+    # conversion of these rows) stay off the terminal without --debug.
+    p = vl3_process("batch", "--manifest", manifest, "-m", ckpt, "--max-new-tokens", N, "--out", tmp_path / "p.jsonl",
+                    "--engine", "ray", "--ray-address", cluster)  # fmt: skip
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 1 and "Done: 4 items" in stderr, stderr
+    assert "WARNING" not in stderr and "arrow.py" not in stderr, stderr
     bad = [records["ray"][f"{manifest}:{n}"] for n in (3, 4)]
     assert all(rec["error"] and rec["kind"] is None for rec in bad)
     assert records["ray"]["txt"]["kind"] == "text" and records["ray"]["img"]["kind"] == "image"

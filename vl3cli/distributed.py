@@ -120,7 +120,7 @@ class RayEngine:
             check_budget(configs[0], options)
 
         folder = resolve_model(model, revision, on_config=checked)
-        processor = ProcessorConfig.from_dir(folder)
+        processor = ProcessorConfig.from_dir(folder, patch_size=configs[0].vision.patch_size)
         # the readers refuse a video that cannot fit from its plan, before decoding it, as the local engine does
         media = replace(options.media(processor), token_budget=visual_token_budget(configs[0], options))
         local = Path(model).expanduser().is_dir()
@@ -149,17 +149,17 @@ class RayEngine:
         already answered), in the order they finish (the local engine's records)."""
         ray = self.ray
         rows = [{"index": i, "entry": entry, "skip": skip} for i, (entry, skip) in enumerate(todo)]
-        ds = ray.data.from_items(rows).map_batches(
-            _read, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
-            fn_kwargs={"processor": self.processor, "media": self.media, "options": self.options},
-        ).map_batches(
-            _Answerer, batch_size=BATCH_FACTOR * self.settings.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=self.settings.actors), num_cpus=ACTOR_CPUS, num_gpus=self.gpus,
-            fn_constructor_kwargs={"load": self.load, "options": self.options, "batch_size": self.settings.batch_size},
-        )  # fmt: skip
         pending = {i: entry for i, (entry, _) in enumerate(todo)}
         seen: set[tuple] = set()  # (index, segment): a retried task may repeat a record; keep the first
         with self._quiet_data_context():
+            ds = ray.data.from_items(rows).map_batches(
+                _read, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
+                fn_kwargs={"processor": self.processor, "media": self.media, "options": self.options},
+            ).map_batches(
+                _Answerer, batch_size=BATCH_FACTOR * self.settings.batch_size, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=self.settings.actors), num_cpus=ACTOR_CPUS, num_gpus=self.gpus,
+                fn_constructor_kwargs={"load": self.load, "options": self.options, "batch_size": self.settings.batch_size},
+            )  # fmt: skip
             for row in _rows(ds, stop):
                 if not row["record"]:  # its segments were all answered by an earlier run
                     pending.pop(int(row["index"]), None)
@@ -180,19 +180,21 @@ class RayEngine:
     def _quiet_data_context(self) -> Iterator[None]:
         """Ray Data's settings for this run (DATA_CONTEXT), and its logs off the terminal unless debugging."""
         context = self.ray.data.DataContext.get_current()
-        logger = logging.getLogger("ray.data")
+        loggers = [logging.getLogger(name) for name in ("ray", "ray.data")]  # "ray": e.g. its Arrow conversion warnings
         settings = DATA_CONTEXT | ({"enable_progress_bars": True} if self.settings.debug else {})
-        saved = {name: getattr(context, name) for name in settings}, logger.level
+        saved = {name: getattr(context, name) for name in settings}, [logger.level for logger in loggers]
         for name, value in settings.items():
             setattr(context, name, value)
         if not self.settings.debug:
-            logger.setLevel(logging.ERROR)
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
         try:
             yield
         finally:
             for name, value in saved[0].items():
                 setattr(context, name, value)
-            logger.setLevel(saved[1])
+            for logger, level in zip(loggers, saved[1]):
+                logger.setLevel(level)
 
 
 def _connect(ray, settings: RaySettings) -> bool:
