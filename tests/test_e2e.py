@@ -24,6 +24,7 @@ import pytest
 import tiny
 import torch
 from interrupt import interrupt_after_first_record
+from links import linked_file
 from media_factory import make_image, make_video
 from typer.testing import CliRunner
 
@@ -428,12 +429,7 @@ def test_a_run_that_fails_before_an_answer_leaves_out_as_it_was(ckpt, media, tmp
 
 
 def test_overwrite_replaces_a_links_target_keeping_its_mode(ckpt, media, tmp_path):
-    real = tmp_path / "data" / "answers.json"
-    real.parent.mkdir()
-    real.write_text("old answer\n")
-    real.chmod(0o600)
-    link = tmp_path / "answers.json"
-    link.symlink_to(real)
+    link, real = linked_file(tmp_path, "answers.json", "old answer\n", 0o600)
     args = ["ask", media["image"], "What is it?", "Which colours?", "-m", ckpt["hf"], "--max-new-tokens", 4]
     want = cli(*args, "-f", "jsonl")
     r = runner.invoke(app, [str(a) for a in [*args, "-f", "json", "--out", link, "--overwrite", "--max-new-tokens", 99999]])

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+from links import linked_file
 
 from vl3cli.errors import UsageError, Vl3Error
 from vl3cli.outfile import (
@@ -183,12 +184,7 @@ def test_a_file_opened_on_write_changes_only_once_written(tmp_path, monkeypatch)
         raise RuntimeError("the model failed to load")
     assert old.read_text() == "old answer\n"
 
-    real = tmp_path / "data" / "a.txt"
-    real.parent.mkdir()
-    real.write_text("old answer\n")
-    real.chmod(0o640)
-    link = tmp_path / "a.txt"
-    link.symlink_to(real)
+    link, real = linked_file(tmp_path, "a.txt", "old answer\n", 0o640)
     with opened_on_write(Target.of(str(link)), replace=True) as f:
         f.write("first\n")
         assert real.read_text() == "old answer\n"  # replaced at the end, whole
