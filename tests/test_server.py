@@ -162,12 +162,17 @@ def test_errors_in_openais_format(server, ckpt, files, tmp_path):
         ({"messages": [user("Hi", ("image_url", "ftp://host/a.png"))]}, 400, "http(s)://"),
         ({"messages": [user("Hi", ("image_url", "data:image/png;base64,@@@"))]}, 400, "base64"),
         ({**ok, "model": "gpt-4"}, 404, "not served here"),
-        ({**ok, "max_tokens": 0}, 400, "--max-new-tokens"),
+        ({**ok, "max_tokens": 0}, 400, "'max_tokens' must be at least 1"),  # the request's words, not the CLI's
         ({**ok, "n": 2}, 400, "n=1"),
     ]
     for body, status, fragment in cases:
         got, answer = post(server, body)
         assert got == status and fragment in answer["error"]["message"], (body, answer)
+        assert "--" not in answer["error"]["message"], answer
+    for stream in (False, True):  # known before the first token: the status says it, streamed or not
+        got, answer = post(server, {**ok, "max_tokens": 4090, "stream": stream})
+        assert got == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+        assert "lower 'max_tokens'" in answer["error"]["message"]
     notes = tmp_path / "notes.txt"
     notes.write_text("not media")
     got, answer = post(server, {"messages": [user("Hi", ("image_url", notes.as_uri()))], "max_tokens": 2})
@@ -433,3 +438,39 @@ def test_an_unexpected_exception_answers_500_json_without_details():
     r = fake_app().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["type"] == "server_error" and "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_request_fields_as_openai_clients_send_them(ckpt, model):
+    """In-process app on a model loaded with a system prompt: requests without a system message use
+    it; null fields are unset; a stop string found in the answer's last step still reports usage;
+    a context error carries its code where OpenAI puts it."""
+    from fastapi.testclient import TestClient
+
+    from vl3cli.server import Limits, create_app
+
+    pirate = vl3cli.load(str(ckpt), max_new_tokens=N, system="You are a pirate.")
+
+    def ask(client, **body):
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], **body})
+        return r.status_code, r.json()
+
+    with TestClient(create_app(pirate, Limits())) as client:
+        (expected,) = pirate.ask([], "Hi")  # the model's default system prompt applies
+        status, body = ask(client)
+        assert status == 200 and body["usage"]["prompt_tokens"] == expected.prompt_tokens
+        (plain,) = model.ask([], "Hi")
+        assert expected.prompt_tokens > plain.prompt_tokens  # ...and is really there
+        status, body = ask(client, max_completion_tokens=None, max_tokens=3, n=None, logit_bias=None, ignore_eos=True)
+        assert status == 200 and body["usage"]["completion_tokens"] == 3
+        for text in ("Hi", "Go on.", "Hello there", "abc"):  # a one-token answer with text: stop at its first character
+            (one,) = pirate.ask([], text, max_new_tokens=1, ignore_eos=True)
+            if one.text:
+                break
+        status, body = ask(client, messages=[{"role": "user", "content": text}], max_tokens=1, ignore_eos=True, stop=one.text[0])
+        assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"] == {"prompt_tokens": one.prompt_tokens, "completion_tokens": 1, "total_tokens": one.prompt_tokens + 1}
+        status, body = ask(client, max_tokens=4090)
+        assert status == 400 and (body["error"]["type"], body["error"]["code"]) == ("invalid_request_error", "context_length_exceeded")
+        for field, value in (("n", True), ("n", 2), ("logit_bias", {"5": 10})):
+            status, body = ask(client, **{field: value})
+            assert status == 400 and body["error"]["param"] == field

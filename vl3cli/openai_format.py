@@ -39,12 +39,15 @@ OPTION_FIELDS = ("fps", "min_frames", "max_frames", "start", "end", "max_visual_
 class ApiError(Exception):
     """A request the server refuses: HTTP status and OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ def parse_request(body, *, allow_local_files: bool = False, max_stop: int = 4) -
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    if body.get("n", 1) != 1:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):  # null: the default, 1
         raise ApiError(400, "only n=1 is supported", "n")
     for name in ("tools", "functions", "tool_choice"):
         if body.get(name):
@@ -109,6 +113,8 @@ def parse_request(body, *, allow_local_files: bool = False, max_stop: int = 4) -
     for name in ("frequency_penalty", "presence_penalty"):
         if body.get(name) not in (None, 0, 0.0):
             raise ApiError(400, f"'{name}' is not supported (use 'repetition_penalty')", name)
+    if body.get("logit_bias"):  # null or {}: nothing to apply
+        raise ApiError(400, "'logit_bias' is not supported", "logit_bias")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
         raise ApiError(400, "only response_format {'type': 'text'} is supported", "response_format")
@@ -172,9 +178,9 @@ def _unicode(text: str, where: str) -> str:
 
 def _options(body: dict) -> dict:
     options = {}
-    tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if tokens is not None:
-        options["max_new_tokens"] = _number(tokens, "max_tokens", int)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if body.get(name) is not None:  # null is unset: a client that writes every field sends it
+        options["max_new_tokens"] = _number(body[name], name, int)
     for name in ("temperature", "top_p", "repetition_penalty"):
         if body.get(name) is not None:
             options[name] = _number(body[name], name, float)

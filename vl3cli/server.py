@@ -29,6 +29,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -81,6 +82,7 @@ class Ticket:
     stop_text: StopText | None = None
     tmpdir: str | None = None
     uploads: dict[str, str] = field(default_factory=dict)  # temporary file of a data: URL -> what the client sent
+    stopped: bool = False  # a stop string was found: the answer ends there
     done: bool = False
 
 
@@ -170,12 +172,16 @@ class Service:
             piece = ticket.stop_text.push(out) if ticket.stop_text else out
             if piece:
                 self._send(ticket, ("text", piece))
-            if ticket.stop_text and ticket.stop_text.stopped:
+            if ticket.stop_text and ticket.stop_text.stopped and not ticket.stopped:
+                ticket.stopped = True
                 answer = loop.answers.get((ticket.id, 0))
-                generated = len(answer.ids) if answer else 0
-                prompt = len(answer.input_ids) if answer else 0
+                if answer is None:  # it finished in this very step: its Result, with the counts, comes next
+                    return
                 loop.cancel(ticket.id)
-                self._end(ticket, ("done", ticket.stop_text.answer, "stop", usage(prompt, generated)))
+                self._end(ticket, ("done", ticket.stop_text.answer, "stop", usage(len(answer.input_ids), len(answer.ids))))
+            return
+        if ticket.stopped:  # a stop string was found in its last pieces
+            self._end(ticket, ("done", ticket.stop_text.answer, "stop", usage(out.prompt_tokens, out.generated_tokens)))
             return
         if out.error is not None:
             message = out.error
@@ -208,10 +214,28 @@ class Service:
             self._send(ticket, event)
 
 
+# Options named in errors as the command line spells them, and the request field a client sets.
+_OPTION = re.compile(r"(?<![\w-])--(max-new-tokens|temperature|top-p|top-k|seed|repetition-penalty|fps|min-frames|"
+                     r"max-frames|start|end|max-visual-tokens|prune|prune-threshold|ignore-eos|system)\b")  # fmt: skip
+
+
+def request_terms(message: str) -> tuple[str, str | None]:
+    """An error in the request's own words (`--max-new-tokens` is 'max_tokens', `--top-p` 'top_p'),
+    and the first field it names (OpenAI's `param`)."""
+    fields = []
+
+    def field(m: re.Match) -> str:
+        fields.append("max_tokens" if m.group(1) == "max-new-tokens" else m.group(1).replace("-", "_"))
+        return f"'{fields[-1]}'"
+
+    return _OPTION.sub(field, message), (fields[0] if fields else None)
+
+
 def api_error(exception: BaseException | None, message: str) -> ApiError:
     """The HTTP face of an item's error: the client's input is at fault unless vl3 itself failed."""
+    message = request_terms(message)[0]
     if isinstance(exception, ContextError):
-        return ApiError(400, message, "messages", "context_length_exceeded")
+        return ApiError(400, message, "messages", code="context_length_exceeded")
     if isinstance(exception, MediaError) and "too large" in message:
         return ApiError(413, message, "messages")
     if isinstance(exception, Vl3Error):
@@ -238,9 +262,10 @@ def _item(request: ChatRequest, model) -> tuple[Item, str | None, dict[str, str]
         return name
 
     try:
-        options = model.options(**request.options, system=request.system)
+        system = {} if request.system is None else {"system": request.system}  # none: the server's --system
+        options = model.options(**request.options, **system)
     except UsageError as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, *request_terms(str(e))) from None
     history = tuple(Turn(t.role, t.text, t.ids, tuple(path(m) for m in t.visuals)) for t in request.history)
     item = Item(tuple(path(m) for m in request.media), (request.prompt,), options=options, history=history)
     return item, tmpdir, uploads
@@ -297,8 +322,11 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
         except ApiError as e:
             return error(e)
         request_id = new_id()
-        if parsed.stream:
-            return StreamingResponse(_stream(service, ticket, request_id, model_id, parsed.include_usage),
+        if parsed.stream:  # what fails before the first token (media, context) answers with its status
+            first = await _last_event(request, service, ticket, first=True)
+            if first is None or first[0] == "error":
+                return JSONResponse({}, status_code=499) if first is None else error(first[1])
+            return StreamingResponse(_stream(service, ticket, request_id, model_id, parsed.include_usage, first),
                                      media_type="text/event-stream")  # fmt: skip
         event = await _last_event(request, service, ticket)
         if event is None:  # the client left: nobody reads this
@@ -310,9 +338,9 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
     return app
 
 
-async def _last_event(request: Request, service: Service, ticket: Ticket):
-    """A request that is not streamed: its ending event ("done" or "error"), skipping the text pieces,
-    or None as soon as the client disconnects (its row is then cancelled)."""
+async def _last_event(request: Request, service: Service, ticket: Ticket, first: bool = False):
+    """A request's ending event ("done" or "error"), skipping the text pieces (`first`: its first
+    event of any kind), or None as soon as the client disconnects (its row is then cancelled)."""
     left = asyncio.ensure_future(_disconnect(request.receive))
     try:
         while True:
@@ -322,7 +350,7 @@ async def _last_event(request: Request, service: Service, ticket: Ticket):
                 get.cancel()
                 service.cancel(ticket)
                 return None
-            if get.result()[0] != "text":
+            if first or get.result()[0] != "text":
                 return get.result()
     except asyncio.CancelledError:
         service.cancel(ticket)
@@ -337,8 +365,9 @@ async def _disconnect(receive) -> None:
         pass
 
 
-async def _stream(service: Service, ticket: Ticket, request_id: str, model_id: str, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def _stream(service: Service, ticket: Ticket, request_id: str, model_id: str, include_usage: bool, first):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; `first` is the
+    answer's first event, already taken from its queue."""
     created = int(time.time())
 
     def sse(obj: dict) -> str:
@@ -348,7 +377,7 @@ async def _stream(service: Service, ticket: Ticket, request_id: str, model_id: s
     try:
         yield sse(chunk(request_id, model_id, created, {"role": "assistant", "content": ""}))
         while True:
-            event = await ticket.events.get()
+            event, first = first or await ticket.events.get(), None
             if event[0] == "text":
                 yield sse(chunk(request_id, model_id, created, {"content": event[1]}))
                 continue
