@@ -103,6 +103,19 @@ def test_answers_in_question_order_as_soon_as_possible():
     assert len(out.getvalue().splitlines()) == 3
 
 
+def test_the_model_load_is_counted_on_the_first_answer_written():
+    """Questions finish in any order; the load, paid by whichever finished first, goes on the first
+    record (the README: shared work is counted on the first record), and each total moves with it."""
+    p, out = printer("jsonl", ["q0", "q1", "q2"], stream=False)
+    records = [answer(i, t) for i, t in enumerate(("zero", "one", "two"))]
+    for r, load in zip(records, (0.0, 0.0, 5.0)):
+        r.timings = {"load_s": load, "encode_s": 1.0, "decode_s": 2.0, "total_s": load + 3.0}
+    for i in (2, 1, 0):
+        p.done(i, records[i])
+    written = [json.loads(x)["timings"] for x in out.getvalue().splitlines()]
+    assert [(t["load_s"], t["total_s"]) for t in written] == [(5.0, 8.0), (0.0, 3.0), (0.0, 3.0)]
+
+
 def test_interrupted_json_array_keeps_the_finished_answers():
     p, out = printer("json", ["q0", "q1", "q2"], stream=False)
     p.done(0, answer(0, "zero"))

@@ -33,7 +33,7 @@ from .chat import Chat
 from .errors import EMPTY_QUESTION, UsageError
 from .hub import DEFAULT_MODEL, model_label, resolve_model
 from .options import Options
-from .output import Result
+from .output import Result, charge_shared_work
 from .pipeline import Check, Item, Key, Label, OnText, Runner
 
 __all__ = ["Chat", "Item", "Model", "Options", "Result", "load"]
@@ -147,6 +147,7 @@ class Model:
         for (_, i), result in self.run([Item(media, prompts)], on_text=stream, **options):
             result.raise_error()
             results[i] = result
+        charge_shared_work(results[0], results[1:])
         return results
 
     def segments(
@@ -177,6 +178,7 @@ class Model:
             refuse_unsegmented(result)
             done[i] = result
             while next_index in done:
+                charge_shared_work(done[next_index], list(done.values()))
                 yield done.pop(next_index)
                 next_index += 1
 

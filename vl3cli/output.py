@@ -94,6 +94,17 @@ SCHEMA = tuple(f.name for f in fields(Result) if f.name not in ("exception", "st
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def charge_shared_work(first: Result, others) -> None:
+    """Work several records shared (loading the model) goes on the one written first: a record
+    among `others` that finished earlier and paid for it hands it over (total_s moves with it)."""
+    for other in others:
+        paid = other.timings.get("load_s") or 0.0
+        if paid and first is not other:
+            first.timings["load_s"] = first.timings.get("load_s", 0.0) + paid
+            first.timings["total_s"] = first.timings.get("total_s", 0.0) + paid
+            other.timings["load_s"], other.timings["total_s"] = 0.0, other.timings.get("total_s", paid) - paid
+
+
 def to_json(result: Result, indent: int | None = None) -> str:
     """`result` as JSON that encodes as UTF-8: lone surrogates (a file name that is not UTF-8, as
     Python's surrogateescape reads it) become JSON escapes, which json.loads reads back as they were."""

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UsageError
+from ..output import charge_shared_work
 from .app import (
     FormatOpt,
     OutOpt,
@@ -65,6 +66,7 @@ class _InOrder:
     def done(self, i: int, result) -> None:
         self.finished[i] = result
         while self.next in self.finished:
+            charge_shared_work(self.finished[self.next], list(self.finished.values()))
             result = self.finished.pop(self.next)
             if self.stream:
                 self._head()
