@@ -187,6 +187,22 @@ def test_resume_is_keyed_by_prompt_options_and_model(tmp_path):
     assert out.path.read_bytes() == before  # nothing of that key to drop
 
 
+def test_one_file_however_it_is_spelled_across_runs(tmp_path, monkeypatch):
+    """A record written for `a.png` answers `./a.png`, the absolute path and a link to it in a later
+    run (as one run takes them for one item); a URL, and a file that is gone, only as written."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.png").write_bytes(b"x")
+    os.symlink("a.png", "link.png")
+    spellings = ["a.png", "./a.png", str(tmp_path / "a.png"), "link.png", "sub/../a.png"]
+    Path("sub").mkdir()
+    out = Target(tmp_path / "r.jsonl", True)
+    for old in spellings:
+        out.path.write_text(line(old))
+        assert [plan(keyed([m, "b.png"]), out, "resume").todo for m in spellings] == [["b.png"]] * 5
+    out.path.write_text(line("gone.png") + line("http://host/a.png"))
+    assert plan(keyed(["./gone.png", "http://host/./a.png", "gone.png"]), out, "resume").todo == ["./gone.png", "http://host/./a.png"]
+
+
 def segment_line(path, span, duration, error=None, **options):
     record = json.loads(line(path, error, **options))
     record.update(segment_start=span[0], segment_end=span[1], duration=duration)

@@ -264,10 +264,19 @@ def record_key(record: dict) -> str:
     quantization, and the segment. The same function keys planned items (as would-be records)."""
     item = record.get("id")
     if item is None:
-        item = record.get("media") or ([record["path"]] if record.get("path") is not None else [])
+        item = [media_key(m) for m in record.get("media") or ([record["path"]] if record.get("path") is not None else [])]
     parts = [item, record.get("options"), record.get("system"), model_key(record.get("model")), record.get("quantize"),
              record.get("segment_start"), record.get("segment_end")]  # fmt: skip
     return json.dumps(parts, sort_keys=True, ensure_ascii=False)
+
+
+def media_key(media) -> str:
+    """What resume compares of a medium: a local file by its real path (`a.png`, `./a.png`,
+    `/abs/a.png` and a link to it are one file across runs, as within one, as long as it is where
+    the record says from here); a URL, or a file that is gone, as written."""
+    if isinstance(media, str) and not is_url(media) and os.path.exists(media):
+        return os.path.realpath(media)
+    return media
 
 
 def model_key(model: str | None) -> str | None:
