@@ -350,3 +350,33 @@ def test_matroska_starting_late_is_whole_and_its_cut_is_not(tmp_path, suffix, co
     half = cut(late, tmp_path / f"half.{suffix}", 0.8)
     v = media.read_video(half, plan_video(half, CONFIG, MediaOptions(prune=False)))
     assert v.meta.truncated and v.meta.duration < 2.5 and v.warnings and " of 3.0 s" in v.warnings[0]
+
+
+def test_running_out_of_memory_while_decoding_is_said_so(tmp_path, monkeypatch):
+    """FFmpeg's ENOMEM (PyAV's av.error.MemoryError, an FFmpegError too) from the third packet on
+    is reported as memory, not taken for a damaged packet and then a corrupt video."""
+    from media_factory import make_video
+
+    path = make_video(tmp_path / "clip.mp4", seconds=2.0, fps=5, size=(32, 24))
+
+    class Starving:
+        is_corrupt = False
+
+        def decode(self):
+            raise av.error.MemoryError(12, "Cannot allocate memory")
+
+    class Container:  # the real container, whose packets from the third on cannot be decoded
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def demux(self, *args, **kwargs):
+            for i, packet in enumerate(self.real.demux(*args, **kwargs)):
+                yield packet if i < 2 else Starving()
+
+    real_open = video.av_open
+    monkeypatch.setattr(video, "av_open", lambda p: Container(real_open(p)))
+    with pytest.raises(MediaError, match="out of memory while decoding"):
+        media.read_video(path, lambda meta: ([0.0, 1.5], (meta.width, meta.height)), backend="pyav")

@@ -109,6 +109,8 @@ class _Cursor:
                 continue
             try:
                 yield from packet.decode()
+            except MemoryError:  # av's ENOMEM is an FFmpegError too: out of memory, not a damaged packet
+                raise
             except av.FFmpegError:
                 continue
 
@@ -138,6 +140,8 @@ class _Cursor:
             if self.nxt is None:
                 try:
                     self.nxt = next(self.frames, None)
+                except MemoryError:
+                    raise
                 except av.FFmpegError:
                     self.nxt = None  # a read error: the end of what can be decoded
                 if self.nxt is None:
@@ -333,6 +337,8 @@ def detect_cuts(path, meta: VideoMeta, threshold: float = 10.0, scale: int = 4) 
                 continue
             try:
                 frames = packet.decode()
+            except MemoryError:
+                raise
             except av.FFmpegError:
                 continue
             for frame in frames:
