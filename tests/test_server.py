@@ -474,3 +474,26 @@ def test_request_fields_as_openai_clients_send_them(ckpt, model):
         for field, value in (("n", True), ("n", 2), ("logit_bias", {"5": 10})):
             status, body = ask(client, **{field: value})
             assert status == 400 and body["error"]["param"] == field
+
+
+def test_a_server_stopped_with_requests_in_flight_answers_them_503(ckpt):
+    """SIGTERM while an answer decodes: its client gets OpenAI's error body with 503 at once (not a
+    plain-text 500 when the grace period runs out), and the server leaves without a traceback."""
+    import signal
+    import threading
+
+    p, url = start_server(ckpt)
+    answers = []
+    body = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 3000, "ignore_eos": True}
+    t = threading.Thread(target=lambda: answers.append(post(url, body, key=None)))
+    t.start()
+    deadline = time.monotonic() + 60
+    while health(url)["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+    began = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    t.join(timeout=60)
+    _, stderr = p.communicate(timeout=60)
+    assert answers and answers[0][0] == 503 and answers[0][1]["error"]["type"] == "server_shutting_down", answers
+    assert time.monotonic() - began < 4  # well inside the 5 s grace period
+    assert "Traceback" not in stderr and "Exception in ASGI" not in stderr, stderr

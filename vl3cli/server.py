@@ -57,6 +57,7 @@ from .openai_format import (
 from .pipeline import Item
 from .prompt import Turn
 
+SHUTTING_DOWN = "the server is shutting down; retry on another server or later"
 MIME_SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif",
                "video/mp4": ".mp4", "video/webm": ".webm", "video/quicktime": ".mov"}  # fmt: skip
 
@@ -101,6 +102,7 @@ class Service:
         self.tickets: dict[int, Ticket] = {}  # in flight (engine thread only)
         self.in_flight = 0  # submitted and not finished (any thread; guarded by the lock)
         self.served = self.cancelled = 0  # finished requests; requests dropped because their client left
+        self.closing = False  # shutting down: no new requests
         self.lock = threading.Lock()
         self.ids = itertools.count()
         self.thread = threading.Thread(target=self._run, name="vl3-engine", daemon=True)
@@ -114,6 +116,8 @@ class Service:
 
     def submit(self, item: Item, stops: list[str], tmpdir: str | None, uploads: dict[str, str] | None = None) -> Ticket:
         with self.lock:
+            if self.closing:
+                raise ApiError(503, SHUTTING_DOWN, kind="server_shutting_down")
             if self.in_flight >= self.limits.max_batch + self.limits.max_queue:
                 raise Busy
             self.in_flight += 1
@@ -125,6 +129,13 @@ class Service:
 
     def cancel(self, ticket: Ticket) -> None:
         self.inbox.put(("cancel", ticket))
+
+    def shut_down(self) -> None:
+        """The server is stopping (any thread, a signal handler too): the requests in flight end now
+        with 503 instead of being cut when the grace period ends, and new ones are refused."""
+        with self.lock:
+            self.closing = True
+        self.inbox.put(("shut down", None))
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -166,6 +177,10 @@ class Service:
             loop.cancel(ticket.id)
             self.cancelled += 1
             self._end(ticket, None)
+        elif command == "shut down":
+            for t in list(self.tickets.values()):
+                loop.cancel(t.id)
+                self._end(t, ("error", ApiError(503, SHUTTING_DOWN, kind="server_shutting_down")))
 
     def _deliver(self, loop, ticket: Ticket, out) -> None:
         if isinstance(out, str):
@@ -446,5 +461,12 @@ def serve(model, host: str, port: int, limits: Limits, api_key: str | None, work
     import uvicorn
 
     app = create_app(model, limits, api_key, workers)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGINT / SIGTERM: answer the requests in flight first
+            app.state.service.shut_down()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
 
