@@ -288,6 +288,20 @@ def test_stop_signal_first_sigint_stops_at_next_check():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_sigterm_stops_like_sigint_with_its_own_exit_status():
+    """SIGTERM (a Slurm time limit, `kill`) ends the run as Ctrl-C does; the exit status is 128 + 15."""
+    sink = Sink(io.StringIO(), "memory")
+    with StopSignal() as stop:
+
+        def on_item(result):
+            if result.path == "a":
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        s = write_results(results(["a", "b", "c"], stop=stop), sink, Summary(3, 0, 0), stop, on_item=on_item)
+    assert [r["path"] for r in records(sink.stream.getvalue())] == ["a"] and s.interrupted and s.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_stop_signal_while_waiting_stops_at_once():
     """A driver blocked on others' work (the Ray engine) is interrupted by the first signal."""
     with StopSignal() as stop:

@@ -202,3 +202,89 @@ def test_debug_shows_the_traceback(tmp_path):
     assert p.returncode == 1 and "Traceback" in p.stderr and p.stderr.strip().endswith("Error: no such folder: ./nope")
     p = vl3("describe", "a.png", "-m", "./nope", cwd=tmp_path, env={"VL3_DEBUG": "1"})
     assert "Traceback" in p.stderr
+
+
+def vl3_closed(*args: str, close: int, cwd=None) -> subprocess.CompletedProcess:
+    """`vl3 ARGS` started with stdin (`close=0`, `<&-`) or stdout (`close=1`, `>&-`) closed."""
+    code = "import sys; from vl3cli.cli import run; sys.argv = ['vl3'] + sys.argv[1:]; run()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL if close else None,
+        stdout=None if close == 1 else subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False, timeout=120,
+        cwd=cwd, preexec_fn=lambda: os.close(close),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, close, stream",
+    [
+        (["describe", "a.png", "-m", "./no-model"], 1, "standard output"),
+        (["ask", "a.png", "what?", "-f", "json", "-m", "./no-model"], 1, "standard output"),
+        (["batch", "a.png", "-m", "./no-model"], 1, "standard output"),
+        (["chat", "a.png", "-m", "./no-model"], 1, "standard output"),
+        (["chat", "a.png", "-m", "./no-model"], 0, "standard input"),
+        (["batch", "--files-from", "-", "--out", "r.jsonl", "-m", "./no-model"], 0, "standard input"),
+        (["batch", "--manifest", "-", "--out", "r.jsonl", "-m", "./no-model"], 0, "standard input"),
+        (["--version"], 1, "standard output"),
+        (["--help"], 1, "standard output"),
+    ],
+)
+def test_a_closed_stream_that_is_needed_is_one_line_before_loading(tmp_path, args, close, stream):
+    """One line, before the model (./no-model: it would be the error otherwise) is loaded."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    p = vl3_closed(*args, close=close, cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr == f"Error: {stream} is closed\n", p.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.parametrize("value, on", [("false", False), ("No", False), ("OFF", False), ("0", False), ("1", True), ("yes", True)])
+def test_vl3_debug_false_spellings_are_off(tmp_path, value, on):
+    (tmp_path / "a.png").write_bytes(b"x")
+    p = vl3("describe", "a.png", "-m", "./nope", cwd=tmp_path, env={"VL3_DEBUG": value})
+    assert p.returncode == 1 and ("Traceback" in p.stderr) == on, p.stderr
+
+
+BLOCKED_TORCH = (
+    "import sys\n"
+    "class Refuse:\n"
+    "    def find_spec(self, name, *args):\n"
+    "        if name == 'torch':\n"
+    "            raise {error}\n"
+    "sys.meta_path.insert(0, Refuse())\n"
+    "from vl3cli.cli import main\n"
+    "sys.argv = ['vl3', 'describe', 'a.png', '-m', './no-model']\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize("error, fragment", [("MemoryError", "Error: out of memory"),
+                                              ("ImportError('libtorch_cpu.so: failed to map segment', name='torch')",
+                                               "Error: cannot load a library (torch: libtorch_cpu.so: failed to map segment)")])
+def test_a_library_that_cannot_load_is_one_line(tmp_path, error, fragment):
+    """A low `ulimit -v` makes importing torch fail with MemoryError or ImportError."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    p = subprocess.run([sys.executable, "-c", BLOCKED_TORCH.format(error=error)], capture_output=True, text=True,
+                       check=False, timeout=60, cwd=tmp_path)  # fmt: skip
+    one_line_error(p, 1, fragment)
+
+
+LINGERING_THREAD = (
+    "import sys, threading, time, pathlib\n"
+    "def work():\n"
+    "    time.sleep({seconds})\n"
+    "    pathlib.Path('finished').touch()\n"
+    "threading.Thread(target=work, name={name!r}).start()\n"
+    "from vl3cli.cli import run\n"
+    "sys.argv = ['vl3', '--version']\n"
+    "run()\n"
+)
+
+
+def test_the_exit_does_not_wait_for_media_readers_but_for_other_threads(tmp_path):
+    """After Ctrl-C a media reader may still be decoding a long video: the exit does not wait for
+    it (nor tear the interpreter down under it); another thread is waited for."""
+    p = subprocess.run([sys.executable, "-c", LINGERING_THREAD.format(seconds=300, name="vl3-media_0")],
+                       capture_output=True, text=True, check=False, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0 and p.stdout == f"vl3 {__version__}\n" and p.stderr == ""
+    p = subprocess.run([sys.executable, "-c", LINGERING_THREAD.format(seconds=0.5, name="writer")],
+                       capture_output=True, text=True, check=False, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0 and (tmp_path / "finished").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import tiny
 import torch
-from interrupt import interrupt_after_first_record
+from interrupt import interrupt_after_first_record, signal_when
 from links import linked_file
 from media_factory import make_image, make_video
 from typer.testing import CliRunner
@@ -303,6 +304,65 @@ def test_batch_sigint_then_resume_gives_one_record_per_item(ckpt, media, tmp_pat
     recs = read_jsonl(out)
     assert recs[: len(first)] == first
     assert sorted(rec["path"] for rec in recs) == sorted(str(x) for x in d.iterdir())
+
+
+def lines_in_temp_files(folder: Path) -> int:
+    return max((p.read_bytes().count(b"\n") for p in folder.glob(".*vl3-tmp")), default=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_keep_the_finished_answers(ckpt, media, tmp_path, sig):
+    """`kill` (or a closed terminal) after some segments are answered: --out holds them, no
+    temporary file is left, and the exit status is 128 + the signal's number."""
+    out = tmp_path / "seg.txt"
+    p = vl3_process("describe", media["video"], "--segments", 0.1, "-m", ckpt["hf"], "--max-new-tokens", 1000,
+                    "--ignore-eos", "-o", out)  # fmt: skip
+    stderr, seconds = signal_when(p, lambda: lines_in_temp_files(tmp_path) >= 1, sig)
+    assert p.returncode == 128 + sig and seconds < 10, stderr
+    assert stderr.endswith(f"Interrupted ({signal.Signals(sig).name}).\n")
+    assert out.read_text().count("\n") >= 1 and not list(tmp_path.glob(".*vl3-tmp"))
+
+
+def test_sighup_completes_a_parquet_batch(ckpt, media, tmp_path):
+    """The finished records (here: a broken file's error record, reported first) are in the Parquet file."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    d = tmp_path / "many"
+    d.mkdir()
+    (d / "broken.png").write_bytes(b"not a png")
+    for i in range(6):
+        make_image(d / f"{i:02d}.png", size=(32, 32), seed=i)
+    out = tmp_path / "r.parquet"
+    p = vl3_process("batch", d, "-m", ckpt["hf"], "--out", out, "--max-new-tokens", 1000, "--ignore-eos")
+    stderr, _ = signal_when(p, lambda: p.stderr.readline().startswith("warning: "), signal.SIGHUP)
+    assert p.returncode == 129, stderr
+    rows = pq.read_table(out).to_pylist()
+    assert 1 <= len(rows) < 7 and any(r["path"].endswith("broken.png") for r in rows)
+    assert not list(tmp_path.glob(".*vl3-tmp"))
+
+
+def test_results_in_an_encoding_without_their_characters(ckpt, media, tmp_path):
+    """PYTHONIOENCODING=ascii / latin-1: JSON and JSONL on stdout stay valid and lossless."""
+    image = tmp_path / "café ü.png"
+    shutil.copy(media["image"], image)
+    question = "Qué ist das Bär 中文 😀?"
+    for encoding in ("ascii", "latin-1"):
+        for fmt in ("json", "jsonl"):
+            p = subprocess.run([sys.executable, "-m", "vl3cli.cli", "ask", str(image), question, "-m", str(ckpt["hf"]),
+                                "--max-new-tokens", "4", "-f", fmt], capture_output=True, check=False, timeout=120,
+                               env=dict(os.environ, PYTHONIOENCODING=encoding))  # fmt: skip
+            assert p.returncode == 0, p.stderr
+            rec = json.loads(p.stdout.decode(encoding))
+            assert (rec["path"], rec["prompt"]) == (str(image), question)
+
+
+def test_results_to_out_need_no_stdout(ckpt, media, tmp_path):
+    """`vl3 describe ... -o x.txt >&-`: stdout is not needed, the run succeeds."""
+    out = tmp_path / "x.json"
+    p = subprocess.run([sys.executable, "-m", "vl3cli.cli", "describe", str(media["image"]), "-m", str(ckpt["hf"]),
+                        "--max-new-tokens", "4", "-f", "json", "-o", str(out)], stderr=subprocess.PIPE, text=True,
+                       check=False, timeout=120, preexec_fn=lambda: os.close(1))  # fmt: skip
+    assert p.returncode == 0 and p.stderr == ""
+    assert json.loads(out.read_text())["generated_tokens"] == 4
 
 
 # ----------------------------------------------------------------------------- Hub cache, errors

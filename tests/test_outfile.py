@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from links import linked_file
@@ -13,9 +16,11 @@ from vl3cli.outfile import (
     Sink,
     Target,
     check_replaceable,
+    check_writable,
     opened_on_write,
     read_records,
     rewrite_without,
+    temp_name,
 )
 from vl3cli.output import Result
 
@@ -197,6 +202,15 @@ def test_a_file_opened_on_write_changes_only_once_written(tmp_path, monkeypatch)
         def write(self, text):
             raise OSError(28, "No space left on device")
 
+        def tell(self):
+            return 0
+
+        def truncate(self, size):
+            pass
+
+        def seek(self, offset):
+            pass
+
         def close(self):
             pass
 
@@ -212,3 +226,86 @@ def test_a_file_opened_on_write_changes_only_once_written(tmp_path, monkeypatch)
     with opened_on_write(Target.of(str(new)), replace=False) as f:
         f.write("y\n")
     assert new.read_text() == "x\ny\n"
+
+
+def test_a_name_as_long_as_the_system_allows_is_replaced(tmp_path):
+    """The temporary file's name stays short: a target named with NAME_MAX (255) bytes is written."""
+    long = tmp_path / ("é" * 125 + ".txt")  # 254 bytes in UTF-8
+    long.write_text("old\n")
+    assert len(os.fsencode(temp_name(long).name)) < 100
+    with opened_on_write(Target.of(str(long)), replace=True) as f:
+        f.write("new\n")
+    assert long.read_text() == "new\n"
+    jsonl = tmp_path / ("r" * 249 + ".jsonl")
+    jsonl.write_bytes(rec("a") + rec("b", error="bad"))
+    rewrite_without(jsonl, lambda r: r["error"] is not None)
+    assert jsonl.read_bytes() == rec("a") and sorted(p.name for p in tmp_path.iterdir()) == sorted([long.name, jsonl.name])
+
+
+def test_a_folder_that_allows_no_new_file_gets_its_files_rewritten_in_place(tmp_path, monkeypatch):
+    """A writable file in a read-only folder: text, JSON and JSONL are rewritten in place; a new
+    file there, or Parquet (always replaced by a temporary file), is refused before any work."""
+    answers, jsonl = tmp_path / "a.txt", tmp_path / "r.jsonl"
+    answers.write_text("old answer\n")
+    jsonl.write_bytes(rec("a") + rec("b", error="bad"))
+    real_open = open
+
+    def refusing(path, *a, **k):
+        if str(path).endswith("vl3-tmp"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", refusing)
+    with opened_on_write(Target.of(str(answers)), replace=True) as f:
+        f.write("new answer\n")
+    assert answers.read_text() == "new answer\n"
+    rewrite_without(jsonl, lambda r: r["error"] is not None)
+    assert jsonl.read_bytes() == rec("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "r.jsonl"]
+
+    folder_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else folder_access(p, mode))
+    check_writable(Target.of(str(answers)))  # the file itself may be written
+    (tmp_path / "old.parquet").write_bytes(b"")
+    for name, why in [("new.txt", "does not allow creating files"), ("old.parquet", "Parquet is written to a temporary file")]:
+        with pytest.raises(Vl3Error, match=why):
+            check_writable(Target.of(str(tmp_path / name)))
+    monkeypatch.setattr(os, "access", lambda p, mode: False)
+    with pytest.raises(Vl3Error, match="cannot write to .*a.txt: Permission denied"):
+        check_writable(Target.of(str(answers)))
+
+
+FILE_SIZE_LIMIT = """
+import resource, sys
+from vl3cli.outfile import Target, opened
+from vl3cli.output import Result
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # `ulimit -f`: writes past 2000 bytes fail (EFBIG)
+with opened(Target.of(sys.argv[1]), replace=False) as sink:
+    for i in range(100):
+        sink.write_record(Result(path=f"{i}.png", text="x" * 150))
+"""
+
+
+def test_a_write_that_fails_part_way_leaves_no_half_record(tmp_path):
+    out = tmp_path / "r.jsonl"
+    p = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMIT, str(out)], capture_output=True, text=True, check=False, timeout=60)
+    assert "cannot write to" in p.stderr and "File too large" in p.stderr
+    data = out.read_bytes()
+    assert 0 < len(data) <= 2000 and data.endswith(b"\n")
+    assert [r["path"] for r in read_records(out)] == [f"{i}.png" for i in range(data.count(b"\n"))]
+    assert out.read_bytes() == data  # nothing to mend
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_a_stream_that_cannot_encode_a_character_gets_its_json_escape(encoding):
+    """JSON stays valid and lossless (PYTHONIOENCODING=ascii); text gets readable escapes."""
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding=encoding)
+    sink = Sink(stream, "stdout")
+    result = Result(path="café ü.png", text="Ein Bär 中文 😀", prompt="Qué?")
+    sink.write_record(result)
+    sink.write("中\n")
+    sink.flush()
+    first, second = raw.getvalue().decode(encoding).splitlines()
+    assert json.loads(first) == result.to_dict()
+    assert second == "\\u4e2d"

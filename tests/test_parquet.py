@@ -17,7 +17,7 @@ from vl3cli.cli import app
 from vl3cli.errors import UsageError
 from vl3cli.outfile import Target, opened, read_records
 from vl3cli.output import SCHEMA, Result
-from vl3cli.parquet import schema
+from vl3cli.parquet import ParquetSink, schema
 
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install 'vl3cli[parquet]')")
 
@@ -191,3 +191,11 @@ def test_a_link_is_kept_and_the_file_mode_too(tmp_path):
     assert link.is_symlink() and link.resolve() == real
     assert [x["path"] for x in rows(real)] == ["a.png", "b.png"] and (real.stat().st_mode & 0o777) == 0o600
     assert not list(real.parent.glob(".*vl3-tmp")) and not list(tmp_path.glob(".*vl3-tmp"))
+
+
+def test_a_name_as_long_as_the_system_allows_is_written(tmp_path):
+    """The temporary file's name stays short (NAME_MAX): a 255-byte target name is fine."""
+    out = tmp_path / ("p" * 247 + ".parquet")
+    with ParquetSink(out, keep=False) as sink:
+        sink.write_record(Result(path="a.png", text="t"))
+    assert [r["path"] for r in read_records(out)] == ["a.png"] and [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -14,10 +14,11 @@
   model work (`resume`); `retry-failed` also redoes items whose record is an error (their old
   error lines are dropped, so each item keeps one record); `overwrite` starts an empty file.
   A stream (`--out -`, a FIFO) is written to and never read: no resume.
-- SIGINT / SIGTERM: the first one stops at the next check (between tokens, between items),
-  abandoning the unfinished items, which the next run redoes; a second one stops at once,
-  except while a line is being written; while the run only waits (for records from a Ray
-  cluster, `StopSignal.waiting`) the first one stops at once. The output is always valid.
+- SIGINT / SIGTERM / SIGHUP: the first one stops at the next check (between tokens, between
+  items), abandoning the unfinished items, which the next run redoes; a second one stops at
+  once, except while a line is being written; while the run only waits (for records from a Ray
+  cluster, `StopSignal.waiting`) the first one stops at once. The output is always valid (a
+  Parquet file is completed), and the exit status is 128 + the first signal's number.
 """
 
 from __future__ import annotations
@@ -378,7 +379,8 @@ def _tiled(spans: set, reach: tuple[float, float] | None, eps: float = 1e-6) -> 
 
 
 class StopSignal:
-    """SIGINT/SIGTERM handling for the batch loop (a context manager).
+    """SIGINT / SIGTERM / SIGHUP handling for the batch loop (a context manager); a signal that is
+    ignored (`nohup`, a background job) stays ignored.
 
     The first signal sets `requested`; `check()` (called by the pipeline between tokens and
     stages) then raises KeyboardInterrupt. A second signal raises at once unless a line is
@@ -391,11 +393,13 @@ class StopSignal:
         self.requested = False
         self.writing = False
         self.blocked = False  # inside waiting()
+        self.signum = signal.SIGINT  # the first signal received
         self._previous: dict = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -403,11 +407,14 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.signum = signum
         if (self.requested or self.blocked) and not self.writing:
             self.requested = True
             raise KeyboardInterrupt
         if not self.requested:
-            print("\nStopping: the current item is abandoned (press Ctrl-C again to stop at once).", file=sys.stderr)
+            why = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+            print(f"\nStopping{why}: the current item is abandoned (press Ctrl-C again to stop at once).", file=sys.stderr)
         self.requested = True
 
     def check(self) -> None:
@@ -433,13 +440,14 @@ class Summary:
     ok: int = 0
     failed: int = 0
     interrupted: bool = False
+    signum: int = signal.SIGINT  # what interrupted the run
     seconds: float = 0.0
     segments: bool = False  # records are per segment: counts are of segments, the total is of files
 
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return 130
+            return 128 + self.signum
         return 1 if self.failed or self.failed_before else 0
 
     def line(self) -> str:
@@ -483,8 +491,9 @@ def write_results(
             if on_item:
                 on_item(result)
             stop.check()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         summary.interrupted = True
+        summary.signum = stop.signum if stop.requested else getattr(e, "signum", signal.SIGINT)
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -24,12 +24,22 @@
 - describe / ask open a regular `--out` file only when their first result is written
   (`opened_on_write`): a run that fails before it has an answer leaves no file, or the file as it
   was; text, JSON and `--overwrite` write a temporary file renamed over the target at the end.
+- A temporary file is hidden in the target's folder under a short name (`temp_name`: any name
+  the target may have fits). Where the folder allows no new file but the target may be written,
+  text, JSON and JSONL are rewritten in place; Parquet is refused before the model loads
+  (`check_writable`).
+- A regular file is written unbuffered, each write whole or not at all (`WholeWrites`): a write
+  that fails part way (a full disk, `ulimit -f`) is cut off again, so no half record is left.
+- A stream that cannot encode a character (`PYTHONIOENCODING=ascii`) gets its JSON escape
+  (`\\u00e9`) instead: JSON and JSONL stay valid and lossless, text readable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -172,6 +182,82 @@ def check_replaceable(target: Target, fmt: str, overwrite: bool) -> None:
     raise UsageError(f"{target.path} exists (use --overwrite to replace it, or --format jsonl to append to a vl3 JSONL file)")
 
 
+def temp_name(path: Path) -> Path:
+    """The temporary file that replaces `path`: hidden in its folder, named after its start and a
+    hash of its whole name, so it stays short (NAME_MAX) whatever the target's name."""
+    digest = hashlib.blake2b(os.fsencode(path.name), digest_size=4).hexdigest()
+    return path.with_name(f".{path.name[:32]}.{digest}.vl3-tmp")
+
+
+def _folder_writable(path: Path) -> bool:
+    return os.access(path.parent, os.W_OK | os.X_OK)
+
+
+def check_writable(target: Target) -> None:
+    """Before the model loads: can the results be written to `target`? A new file needs a folder
+    that allows creating it; an existing one, write permission; Parquet (always replaced by a
+    temporary file) a folder that allows creating that file."""
+    if not target.regular:
+        return
+    path = Path(os.path.realpath(target.path))
+    if target.parquet and path.exists() and not _folder_writable(path):
+        raise Vl3Error(f"cannot write {target.path}: Parquet is written to a temporary file next to it, and the folder "
+                       f"{path.parent} does not allow creating files (write to another folder, or use JSONL)")  # fmt: skip
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise Vl3Error(f"cannot write to {target.path}: Permission denied")
+    elif not _folder_writable(path):
+        raise Vl3Error(f"cannot create {target.path}: the folder {path.parent} does not allow creating files")
+
+
+class WholeWrites:
+    """A regular file written unbuffered (UTF-8), each `write` whole or not at all: after a write
+    that fails part way (a full disk, `ulimit -f`) the file is cut back to where it began, so
+    it never ends in half a record or half an answer."""
+
+    encoding = "utf-8"
+
+    def __init__(self, path: Path, mode: str):
+        self.f = open(path, mode + "b", buffering=0)  # noqa: SIM115 -- closed by close()
+
+    def write(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        start = self.f.tell()
+        try:
+            while data:
+                data = data[self.f.write(data) :]
+        except OSError:
+            self.f.truncate(start)
+            self.f.seek(start)
+            raise
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.f.close()
+
+
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+
+
+def escaped(text: str, encoding: str) -> str:
+    """`text` with every character that `encoding` cannot write replaced by its JSON escape
+    (`\\u00e9`; a pair of them above U+FFFF): inside a JSON string that is the same string."""
+
+    def one(m: re.Match) -> str:
+        try:
+            m.group().encode(encoding)
+        except UnicodeEncodeError:
+            return json.dumps(m.group())[1:-1]
+        return m.group()
+
+    return _NON_ASCII.sub(one, text)
+
+
 class Sink:
     """A text stream whose write errors (a full disk, /dev/full) name the output: one clear line."""
 
@@ -179,7 +265,10 @@ class Sink:
         self.stream, self.name = stream, name
 
     def write(self, text: str) -> None:
-        self._guard(self.stream.write, text)
+        try:
+            self._guard(self.stream.write, text)
+        except UnicodeEncodeError:  # a stream in an encoding without some character (PYTHONIOENCODING=ascii); nothing was written
+            self._guard(self.stream.write, escaped(text, getattr(self.stream, "encoding", None) or "ascii"))
 
     def flush(self) -> None:
         self._guard(self.stream.flush)
@@ -224,7 +313,10 @@ def opened(target: Target, replace: bool) -> Iterator[Sink]:
         return
     mode = "w" if replace and target.regular else "a"
     try:
-        f = open(target.path, mode, encoding="utf-8")  # noqa: SIM115 -- closed below, with its error named
+        if target.regular:
+            f = WholeWrites(target.path, mode)
+        else:
+            f = open(target.path, mode, encoding="utf-8")  # noqa: SIM115 -- closed below, with its error named
     except OSError as e:
         raise Vl3Error(f"cannot write to {target.path}: {e.strerror or e}") from e
     sink = Sink(f, str(target.path))
@@ -237,19 +329,31 @@ def opened(target: Target, replace: bool) -> Iterator[Sink]:
 class _LateFile:
     """A regular file opened at its first write, so a run that fails before it has a result leaves
     no file and never empties one. `replace`: written as a temporary file next to the target (a
-    link's target; the link stays) that `close` renames over it, keeping its permission bits; else
-    appended to. A write that failed (a full disk) leaves the target as it was."""
+    link's target; the link stays) that `close` renames over it, keeping its permission bits
+    (where the folder allows no new file, the target is rewritten in place); else appended to. A
+    write that failed (a full disk) leaves the target as it was (in place: its whole answers)."""
 
     def __init__(self, path: Path, replace: bool):
         self.path = Path(os.path.realpath(path)) if replace else path
-        self.tmp = self.path.with_name(f".{self.path.name}.vl3-tmp") if replace else None
-        self.f: IO[str] | None = None
+        self.tmp = temp_name(self.path) if replace else None
+        self.f: WholeWrites | None = None
         self.failed = False
+
+    def _open(self) -> WholeWrites:
+        if self.tmp is None:
+            return WholeWrites(self.path, "a")
+        try:
+            return WholeWrites(self.tmp, "w")
+        except PermissionError:  # a writable file in a folder that allows no new file
+            if not self.path.exists():
+                raise
+            self.tmp = None
+            return WholeWrites(self.path, "w")
 
     def write(self, text: str) -> None:
         try:
             if self.f is None:
-                self.f = open(self.tmp or self.path, "w" if self.tmp else "a", encoding="utf-8")  # noqa: SIM115 -- closed by close()
+                self.f = self._open()
             self.f.write(text)
         except OSError:
             self.failed = True
@@ -320,13 +424,29 @@ def rewrite_without(path: Path, drop) -> None:
         parquet.rewrite_without(path, drop)
         return
     path = Path(os.path.realpath(path))  # a link's target is rewritten; the link stays
-    tmp = path.with_name(f".{path.name}.vl3-tmp")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
-        for line in src:
+
+    def kept(lines):
+        for line in lines:
             record = _is_record(line)
-            if record is not None and drop(record):
-                continue
-            dst.write(line)
+            if record is None or not drop(record):
+                yield line
+
+    tmp = temp_name(path)
+    try:
+        dst = open(tmp, "wb")  # noqa: SIM115 -- closed below
+    except PermissionError:  # the folder allows no new file: rewrite in place
+        with open(path, "r+b") as f:
+            lines = list(kept(f))
+            f.seek(0)
+            f.writelines(lines)
+            f.truncate()
+        return
+    try:
+        with open(path, "rb") as src, dst:
+            dst.writelines(kept(src))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     replace_file(tmp, path)
 
 

@@ -12,7 +12,7 @@
   when vl3 reads the file (`unescape`), so resume matches it; only U+DC80..U+DCFF, the
   surrogateescape range, are turned back.
 - Writing (`ParquetSink`): a hidden temporary file beside the target's real path (a link is
-  followed, and kept) gets the target's records so far (unless the run replaces them), then the
+  followed, and kept; `outfile.temp_name`: a short name) gets the target's records so far (unless the run replaces them), then the
   new ones in row groups, each record converted on its own first (one that cannot be becomes
   an error record, `outfile.unwritable`); `close()` -- at the end of a run, after Ctrl-C, after
   an error -- completes it and renames it over the target, with the target's permission bits. The target is therefore always a whole Parquet file, the old one or the new
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import Vl3Error
 from .options import Options
-from .outfile import not_ours, replace_file, unwritable
+from .outfile import not_ours, replace_file, temp_name, unwritable
 from .output import SCHEMA, TIMING_KEYS, Result
 
 ROW_GROUP = 1000  # records buffered before they are written as one row group
@@ -142,13 +142,13 @@ class ParquetSink:
     def __init__(self, path: Path, keep: bool):
         pa, pq = _pyarrow()
         self.path = Path(os.path.realpath(path))  # a link's target is replaced; the link stays
-        self.tmp = self.path.with_name(f".{self.path.name}.vl3-tmp")
+        self.tmp = temp_name(self.path)
         self.tables: list = []  # converted records not yet written (one table each)
         old = _open(path) if keep and path.exists() and path.stat().st_size > 0 else None
         try:
             self.writer = pq.ParquetWriter(self.tmp, schema())
         except OSError as e:
-            raise Vl3Error(f"cannot write to {self.tmp}: {e}") from e
+            raise Vl3Error(f"cannot write {path}: cannot create its temporary file {self.tmp.name} in {self.tmp.parent}: {e}") from e
         if old is not None:
             names = schema().names
             for batch in old.iter_batches():

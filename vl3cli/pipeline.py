@@ -192,6 +192,7 @@ class Loop:
     def __init__(self, runner: Runner, options: Options, slots: int, workers: int):
         self.runner, self.engine, self.options, self.slots = runner, runner.engine, options, slots
         self.scheduler = Scheduler(self.engine, options.decoding, slots)
+        # The prefix is how the `vl3` program (cli.app.READER_THREADS) knows readers it need not wait for at exit.
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
         self.reading: dict = {}  # key -> _Reading, in submission order
         self.arrived = threading.Event()  # a reader put something
@@ -205,7 +206,8 @@ class Loop:
         self.close()
 
     def close(self) -> None:
-        # Do not wait for files still being decoded: on Ctrl-C their items are redone next run.
+        # Do not wait for files still being decoded: on Ctrl-C their items are redone next run (and
+        # the `vl3` program exits without waiting for these threads either: cli.app.run).
         for reading in self.reading.values():
             reading.cancel.set()
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -7,14 +7,19 @@ stay fast (tests check it); those are imported inside the command bodies.
 
 Errors: library code raises `Vl3Error`; `main()` prints one line `Error: ...` on stderr and exits
 with the error's code (usage errors 2, others 1); a traceback only with `--debug` or
-`VL3_DEBUG=1`. stdout carries results only.
+`VL3_DEBUG=1`. stdout carries results only. SIGTERM and SIGHUP stop a command as Ctrl-C does
+(exit status 128 + the signal's number); a closed stdin / stdout is refused before the model
+loads by the commands that need it.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import os
+import signal
 import sys
+import threading
 from typing import Annotated, Literal
 
 import typer
@@ -153,7 +158,7 @@ def _options(params: dict):
 
 
 def _env_debug() -> bool:
-    return os.environ.get("VL3_DEBUG", "") not in ("", "0")
+    return os.environ.get("VL3_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _debug_line(message: str) -> None:
@@ -225,14 +230,100 @@ def _timings(result) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in result.to_dict()["timings"].items())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt so that the same clean-up
+    runs: the answers finished so far are kept (a temporary file renamed into place, a Parquet
+    file completed); the exit status is 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class _Terminations:
+    """While a command runs, SIGTERM and SIGHUP raise `Terminated` (a signal that is ignored, as
+    under `nohup`, stays ignored); `received` is the first one. Typer turns a KeyboardInterrupt
+    into exit status 130, which `main()` corrects to 128 + this signal's number."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> _Terminations:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                if signal.getsignal(sig) is signal.SIG_DFL:
+                    self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _raise(self, signum, frame) -> None:
+        self.received = self.received or signum
+        raise Terminated(signum)
+
+
+def _interrupted(e: BaseException | None) -> int:
+    """The exit status of a run stopped by a signal (`e`: its KeyboardInterrupt), after one line on stderr."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    print("Interrupted." if signum == signal.SIGINT else f"Interrupted ({signal.Signals(signum).name}).", file=sys.stderr)
+    return 128 + signum
+
+
+class ClosedStream(io.TextIOBase):
+    """sys.stdin / sys.stdout of a vl3 started with that stream closed (`<&-`, `>&-`): using it is
+    one clear error; commands that need it check with `_require` before the model loads."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def _closed(self, *_):
+        raise Vl3Error(f"{self.what} is closed")
+
+    read = readline = write = _closed
+
+    def flush(self) -> None:
+        pass
+
+
+def _standard_streams() -> None:
+    """A standard stream closed at start-up gets /dev/null on its descriptor, so that no file vl3
+    opens takes descriptor 0, 1 or 2 (where a library's stray output would land in it), and a
+    `ClosedStream` in `sys` (stderr: /dev/null, as there is nowhere to report to)."""
+    for fd, name, what in ((0, "stdin", "standard input"), (1, "stdout", "standard output"), (2, "stderr", "standard error")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        setattr(sys, name, open(os.devnull, "w") if fd == 2 else ClosedStream(what))  # noqa: SIM115 -- for the process's life
+
+
+def _require(name: str) -> None:
+    """Refuse (before the model loads) a command whose results or input need stdout / stdin when it is closed."""
+    stream = getattr(sys, name)
+    if stream is None or isinstance(stream, ClosedStream):
+        raise Vl3Error(f"{'standard output' if name == 'stdout' else 'standard input'} is closed")
+
+
 def main() -> None:
     """Console entry point: one-line errors, exit codes, tracebacks only when debugging."""
+    _standard_streams()
     debug = "--debug" in sys.argv[1:] or _env_debug()
     before = os.environ.get("VL3_DEBUG")
     if debug:
         os.environ["VL3_DEBUG"] = "1"  # the library's quiet-by-default parts (Hub retries, decoder logs) read it
     try:
-        code = app(prog_name="vl3", standalone_mode=False)
+        with _Terminations() as terminations:
+            code = app(prog_name="vl3", standalone_mode=False)
+        if code == 130 and terminations.received:  # Typer's status for a KeyboardInterrupt (here: `Terminated`)
+            code = _interrupted(Terminated(terminations.received))
     except Vl3Error as e:
         if debug:
             import traceback
@@ -247,9 +338,8 @@ def main() -> None:
     except typer.Abort:
         print("Aborted.", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        sys.exit(_interrupted(e))
     except BrokenPipeError:  # `vl3 ... | head`
         sys.stderr.close()
         sys.exit(1)
@@ -260,6 +350,18 @@ def main() -> None:
             traceback.print_exc()
         print(f"Error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+    except MemoryError:  # a low `ulimit -v`: importing torch, or loading the model
+        print("Error: out of memory (a memory limit such as `ulimit -v` may be too low for the model)", file=sys.stderr)
+        sys.exit(1)
+    except ImportError as e:  # a broken install, or too little memory to map a library
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"Error: cannot load a library ({e.name or 'import'}: {first}): too little memory (`ulimit -v`) or a broken install",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     finally:
         if before is None:
             os.environ.pop("VL3_DEBUG", None)
@@ -268,18 +370,28 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+READER_THREADS = "vl3-media"  # the name prefix of pipeline.Loop's media reader threads
+
+
+def _must_wait_for(thread: threading.Thread) -> bool:
+    """Whether the exit waits for `thread`: not for a daemon, nor for a media reader still decoding
+    a file whose answers are no longer wanted (Ctrl-C during a long decode)."""
+    return thread is not threading.current_thread() and not thread.daemon and not thread.name.startswith(READER_THREADS)
+
+
 def run() -> None:
     """The `vl3` program: `main()`, then an exit without the interpreter's teardown.
 
     Freeing a loaded model object by object and unloading PyTorch's modules takes about half a
     second with a 2B model (2-core Xeon VM); the system reclaims the memory at exit anyway. What
     Python does at exit that matters still happens: the exit handlers (`atexit`: temporary folders
-    removed, logging flushed, Ray shut down), and stdout and stderr are flushed. Where another
-    thread still runs, the exit is the usual one, which waits for it. `main()` itself returns by
-    `SystemExit`, for callers that embed it.
+    removed, logging flushed, Ray shut down), and stdout and stderr are flushed; every output file
+    was closed (or renamed into place) by the command before `main()` returned. Media reader
+    threads still decoding (after Ctrl-C) are not waited for; where another thread still runs,
+    the exit is the usual one, which waits for it. `main()` itself returns by `SystemExit`, for
+    callers that embed it.
     """
     import atexit
-    import threading
 
     try:
         main()
@@ -291,12 +403,13 @@ def run() -> None:
     elif not isinstance(code, int):  # SystemExit("message"): Python prints it and exits 1
         print(code, file=sys.stderr)
         code = 1
-    if threading.active_count() > 1:
+    if any(_must_wait_for(t) for t in threading.enumerate()):
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe (`vl3 ... | head`), or a stream closed already
             code = code or 1
     os._exit(code)

@@ -19,6 +19,7 @@ from .app import (
     _load,
     _options,
     _params,
+    _require,
     _Spinner,
     _warn,
     app,
@@ -35,7 +36,7 @@ from .app import (
         "  vl3 batch --manifest items.jsonl --out results.jsonl\n\n"
         "  vl3 batch /data --engine ray --actors 8 --out captions.parquet\n\n"
         "Re-running the same command resumes: items already in --out with the same prompt, options and model "
-        "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted."
+        "are skipped. Exit codes: 0 all done, 1 some items failed, 2 usage error, 130 interrupted (Ctrl-C; SIGTERM 143, SIGHUP 129)."
     )
 )
 @with_options("model", "decoding", "media", "segments", "debug")
@@ -60,7 +61,7 @@ def batch(
 ) -> None:
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from .. import batch as b
-    from ..outfile import Target, create_empty, opened
+    from ..outfile import Target, check_writable, create_empty, opened
 
     params = _params(locals())
 
@@ -87,6 +88,11 @@ def batch(
     mode = "retry-failed" if retry_failed else "overwrite" if overwrite else "resume"
     request = _options(params)
     target = Target.of(out)
+    check_writable(target)
+    if target.path is None:
+        _require("stdout")
+    if "-" in (files_from, manifest):
+        _require("stdin")
     shard_kn = b.parse_shard(shard)
     if prompt is not None and not prompt.strip():
         raise UsageError(f"--prompt: {EMPTY_QUESTION}")

@@ -11,11 +11,13 @@ import typer
 from ..errors import Vl3Error
 from .app import (
     OUTPUT,
+    Terminated,
     _as_kwargs,
     _check_media,
     _load,
     _options,
     _params,
+    _require,
     _Spinner,
     app,
     with_options,
@@ -47,6 +49,8 @@ def chat(
     params = _params(locals())
     media = list(media_paths(media or []))  # no empty path
     request = _options(params)
+    _require("stdin")  # the questions
+    _require("stdout")  # the answers
     _check_media(media)
     conversation = _load(params, request).chat(media, **_as_kwargs(request))
     if media:
@@ -72,6 +76,8 @@ def _chat_terminal(conversation) -> None:
         except EOFError:
             print(file=sys.stderr)
             return
+        except Terminated:  # SIGTERM / SIGHUP end the conversation; Ctrl-C only clears the line
+            raise
         except KeyboardInterrupt:
             print(file=sys.stderr)
             continue
@@ -85,6 +91,9 @@ def _chat_terminal(conversation) -> None:
         try:
             conversation.ask(line, on_text=printer.write)
             printer.end()
+        except Terminated:
+            printer.end()
+            raise
         except KeyboardInterrupt:
             printer.end()
             print("(answer stopped; ask again or go on)", file=sys.stderr)
@@ -101,18 +110,21 @@ class _StreamedLine:
     """An answer streamed to the terminal (control characters removed), ended with one newline."""
 
     def __init__(self):
+        from ..outfile import Sink
+
+        self.out = Sink(sys.stdout, "stdout")  # a terminal that cannot show a character gets its escape
         self.started = False
 
     def write(self, piece: str) -> None:
         from ..output import terminal_safe
 
-        sys.stdout.write(terminal_safe(piece))
-        sys.stdout.flush()
+        self.out.write(terminal_safe(piece))
+        self.out.flush()
         self.started = True
 
     def end(self) -> None:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        self.out.write("\n")
+        self.out.flush()
 
 
 def _chat_command(conversation, line: str) -> bool:
@@ -141,11 +153,12 @@ def _chat_command(conversation, line: str) -> bool:
 
 def _chat_lines(conversation, fmt: str) -> None:
     """stdin is not a terminal: each line is a question; each answer is written as soon as it is done."""
+    from ..outfile import Sink
     from ..output import Writer
 
-    writer = Writer(fmt, sys.stdout, many=True)
+    writer = Writer(fmt, Sink(sys.stdout, "stdout"), many=True)
     failed = False
-    for number, line in enumerate(sys.stdin, 1):
+    for number, line in _lines(sys.stdin):
         question = line.strip()
         if not question:
             continue
@@ -159,6 +172,20 @@ def _chat_lines(conversation, fmt: str) -> None:
     writer.close()
     if failed:
         raise typer.Exit(1)
+
+
+def _lines(stdin):
+    """(number, line) of stdin, read line by line: a line its encoding cannot read (UTF-8 under
+    PYTHONIOENCODING=ascii) ends the conversation with one error line, after the answers before it."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream only (tests)
+        yield from enumerate(stdin, 1)
+        return
+    for number, line in enumerate(raw, 1):
+        try:
+            yield number, line.decode(stdin.encoding)
+        except UnicodeDecodeError as e:
+            raise Vl3Error(f"line {number} of standard input is not {stdin.encoding} text ({e.reason})") from None
 
 
 def _abbreviated(text: str, width: int = 60) -> str:

@@ -23,6 +23,7 @@ from .app import (
     _load,
     _options,
     _params,
+    _require,
     _Spinner,
     _timings,
     _warn,
@@ -94,7 +95,7 @@ class _InOrder:
 def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
     """describe / ask: some media (or none), one or more prompts, results to stdout or --out."""
     from ..api import check_segmentable, media_paths, question_list, refuse_unsegmented
-    from ..outfile import Target, check_replaceable, opened_on_write
+    from ..outfile import Target, check_replaceable, check_writable, opened_on_write
     from ..output import Writer
     from ..pipeline import Item
 
@@ -107,6 +108,9 @@ def _answer(media: list[str], prompts: list[str | None], params: dict) -> None:
     if stream and options.segments is not None:
         raise UsageError("--stream shows one answer as it grows; with --segments each segment's line is printed when it is done")
     check_replaceable(target, fmt, overwrite)
+    check_writable(target)
+    if target.path is None:
+        _require("stdout")
     _check_media(media)  # before loading the model
     if options.segments is not None and len(media) != 1:
         raise UsageError(f"--segments cuts one video into segments (got {len(media)} media)")
