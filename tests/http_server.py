@@ -12,6 +12,7 @@ are cleared while it runs, so the client talks to it directly.
 
 from __future__ import annotations
 
+import gzip
 import os
 import posixpath
 import threading
@@ -84,6 +85,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"\0" * 1000)
                 self.wfile.flush()
                 release.wait(5)
+            elif path == "/gzipped":  # a file served compressed though nobody asked for it
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Encoding", "gzip")
+                body = gzip.compress(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
             elif path == "/trickle":  # never idle long, done after 4 s (or when released)
                 self.send_response(200)
                 self.send_header("Connection", "close")

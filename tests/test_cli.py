@@ -196,6 +196,15 @@ def test_decoding_option_errors_exit_2(tmp_path):
     one_line_error(vl3("describe", "a.png", "--temperature", "-1", cwd=tmp_path), 2, "--temperature")
 
 
+@pytest.mark.parametrize("command", ["describe", "batch"])
+def test_a_bad_download_variable_fails_once_before_the_model(tmp_path, command):
+    """Not an error record per item after the model loaded: one line, exit 2 (the model named
+    here does not exist, so reaching it would be another error)."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    p = vl3(command, "a.png", "-m", "./no-model", env={"VL3_MAX_DOWNLOAD_MB": "abc"}, cwd=tmp_path)
+    one_line_error(p, 2, "VL3_MAX_DOWNLOAD_MB must be a positive number")
+
+
 def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     p = vl3("describe", "a.png", "-m", "./nope", "--debug", cwd=tmp_path)

@@ -137,15 +137,56 @@ def test_limits_from_the_environment(server, monkeypatch, temp_root):
     with pytest.raises(MediaError, match="too large.*VL3_MAX_DOWNLOAD_MB"):
         prepare_visual(server + "/clip.mp4", CONFIG, MediaOptions())
     assert list(temp_root.iterdir()) == []
-    monkeypatch.setenv("VL3_MAX_DOWNLOAD_MB", "lots")
-    with pytest.raises(UsageError, match="VL3_MAX_DOWNLOAD_MB must be a positive number"):
-        prepare_visual(server + "/clip.mp4", CONFIG, MediaOptions())
+    for bad in ("lots", "inf", "nan", "0"):
+        monkeypatch.setenv("VL3_MAX_DOWNLOAD_MB", bad)
+        with pytest.raises(UsageError, match="VL3_MAX_DOWNLOAD_MB must be a positive number"):
+            prepare_visual(server + "/clip.mp4", CONFIG, MediaOptions())
+
+
+def test_a_space_in_a_url_is_sent_percent_encoded(media_files, tmp_path):
+    data = media_files["cat.png"].read_bytes()
+    with serve({"/my%20cat.png": ("image/png", data)}) as base:
+        assert fetch.download(base + "/my cat.png", tmp_path).read_bytes() == data
+        (tmp_path / "b").mkdir()
+        assert fetch.download(base + "/my%20cat.png", tmp_path / "b").read_bytes() == data  # written encoded: as is
+
+
+def test_a_compressed_body_is_named_not_taken_for_the_file(server, tmp_path):
+    with pytest.raises(MediaError, match=r"/gzipped: the server sent the file gzip-encoded"):
+        fetch.download(server + "/gzipped", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exit_that_does_not_wait_for_a_download_removes_its_folder(server, temp_root):
+    """A reader thread still downloading when the program leaves (Ctrl-C: vl3 exits without
+    joining it) does not leave its temporary folder: the exit handlers remove it."""
+    import threading
+
+    done = threading.Event()
+
+    def reader():
+        try:
+            with fetch.local_copy(server + "/trickle"):
+                pass
+        except (MediaError, OSError):
+            pass
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    deadline = time.monotonic() + 10
+    while not any(temp_root.iterdir()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    fetch._remove_folders()  # what atexit runs
+    assert list(temp_root.iterdir()) == []
+    assert done.wait(timeout=10)  # the reader ends on its own once the body does
 
 
 @pytest.mark.parametrize(
     "text,fragment",
     [("s3://bucket/cat.jpg", "s3:// URLs are not supported"), ("ftp://host/cat.jpg", "ftp:// URLs"),
-     ("https:///cat.jpg", "no host name"), ("http://host:99999/cat.jpg", "malformed URL")],
+     ("https:///cat.jpg", "no host name"), ("http://host:99999/cat.jpg", "malformed URL"),
+     ("http://[::1/cat.jpg", "malformed URL")],
 )  # fmt: skip
 def test_check_url(text, fragment):
     assert fetch.is_url(text)

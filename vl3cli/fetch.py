@@ -34,7 +34,9 @@ Nothing downloaded is ever executed: the file is only handed to the image and vi
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -65,7 +67,10 @@ def is_url(text: str) -> bool:
 
 def check_url(url: str) -> None:
     """Raise MediaError unless ``url`` is an http(s) URL with a host."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL"
+        raise MediaError(f"{url}: malformed URL ({e})") from e
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise MediaError(f"{url}: {scheme}:// URLs are not supported; use http(s):// or download the file first")
@@ -85,7 +90,7 @@ def _env_number(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise UsageError(f"{name} must be a positive number, got {raw!r}")
     return value
 
@@ -229,8 +234,10 @@ def _ascii_url(url: str) -> str:
     """``url`` with non-ASCII characters in its path and query percent-encoded as UTF-8, as browsers
     send them (http.client sends ASCII only; a non-ASCII host name goes out as IDNA by itself)."""
     parts = urlsplit(url)
-    ascii_ = "".join(map(chr, range(128)))
-    return urlunsplit(parts._replace(path=quote(parts.path, safe=ascii_), query=quote(parts.query, safe=ascii_)))
+    # Printable ASCII stays as written (so `%41` stays `%41`); spaces, control characters and
+    # non-ASCII are percent-encoded: http.client refuses them.
+    safe = "".join(map(chr, range(0x21, 0x7F)))
+    return urlunsplit(parts._replace(path=quote(parts.path, safe=safe), query=quote(parts.query, safe=safe)))
 
 
 def _file_name(url: str) -> str:
@@ -287,6 +294,10 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
                 raise MediaError(
                     f"{url}: too large: {_size(length)} (the limit is {_size(max_bytes)}; raise VL3_MAX_DOWNLOAD_MB)"
                 )
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):  # vl3 asks for none; a server that sends it anyway
+                raise MediaError(f"{url}: the server sent the file {encoding}-encoded (Content-Encoding), "
+                                 "not as the file itself")  # fmt: skip
             with open(target, "wb") as out:
                 while chunk := response.read1(CHUNK):  # what has arrived: the deadline is checked often
                     if cancelled is not None and cancelled():  # asked here: a read waits at most `timeout`
@@ -330,16 +341,30 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
             raise MediaError(f"{url}: unknown host {urlsplit(url).hostname} ({reason.strerror or reason})") from e
         text = getattr(reason, "strerror", None) or str(reason)
         raise MediaError(f"{url}: cannot connect ({text})") from e
-    except (OSError, http.client.HTTPException, UnicodeError) as e:
+    except (OSError, http.client.HTTPException, UnicodeError, ValueError) as e:  # ValueError: a malformed redirect
         raise MediaError(f"{url}: download failed ({type(e).__name__}: {e})") from e
     return got
 
 
+_FOLDERS: set[str] = set()  # download folders in use: removed at exit, whatever thread still writes there
+
+
+@atexit.register
+def _remove_folders() -> None:
+    """A program stopped while a reader thread downloads (Ctrl-C) leaves without waiting for it:
+    its folder goes here (the exit handlers run on every exit, vl3's fast one included)."""
+    for folder in list(_FOLDERS):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextmanager
 def local_copy(url: str, **limits) -> Iterator[Path]:
-    """Download ``url`` into a fresh temporary folder, yield the file, delete the folder after."""
+    """Download ``url`` into a fresh temporary folder, yield the file, delete the folder after
+    (also on an error, Ctrl-C, or an exit that does not wait for this thread)."""
     folder = tempfile.mkdtemp(prefix="vl3-")
+    _FOLDERS.add(folder)
     try:
         yield download(url, folder, **(default_limits() | limits))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        _FOLDERS.discard(folder)

@@ -152,8 +152,10 @@ def _options(params: dict):
     """The request options (`vl3cli.options.Options`) from a command's parameters (`_params`)."""
     from dataclasses import fields
 
+    from ..fetch import default_limits
     from ..options import Options
 
+    default_limits()  # VL3_MAX_DOWNLOAD_MB / VL3_DOWNLOAD_TIMEOUT checked once, before the model loads
     return Options.from_kwargs(**{f.name: params[f.name] for f in fields(Options) if f.name in params})
 
 
