@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 
 import pytest
@@ -90,14 +91,17 @@ def test_download_filter_takes_only_what_vl3_reads():
         assert not wanted(name), name
 
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """huggingface_hub's download functions replaced by fakes that record their calls."""
     import huggingface_hub
 
     calls = []
-    repo = tmp_path / "remote"
-    repo.mkdir()
+    repo = tmp_path / "remote" / "snapshots" / COMMIT  # the cache's layout: a snapshot per commit
+    repo.mkdir(parents=True)
 
     def hf_hub_download(repo_id, filename, revision=None, local_files_only=False):
         calls.append(("file", repo_id, filename, revision))
@@ -124,7 +128,8 @@ def test_download_checks_the_config_before_fetching_weights(fake_hub):
     calls.clear()
     (repo / "config.json").write_text(CONFIG)
     assert resolve_model("acme/vl3", revision="v1") == repo
-    assert calls == [("file", "acme/vl3", "config.json", "v1"), ("snapshot", "acme/vl3", "v1", ALLOW_PATTERNS)]
+    # the snapshot of the commit whose config.json was checked, not whatever "v1" names a moment later
+    assert calls == [("file", "acme/vl3", "config.json", "v1"), ("snapshot", "acme/vl3", COMMIT, ALLOW_PATTERNS)]
 
 
 def test_repo_without_config_json(fake_hub):
@@ -196,3 +201,53 @@ def test_unreachable_hub_uses_the_cache(counting_server, tmp_path, monkeypatch):
     snaps = cached_repo(tmp_path, "acme/tiny-vl3", {"main": MAIN})
     assert resolve_model("acme/tiny-vl3") == snaps["main"]
     assert len(count) <= 2
+
+
+@pytest.mark.parametrize(
+    "raised, fragment",
+    [
+        (TimeoutError("timed out"), "cannot download acme/vl3: TimeoutError: timed out"),  # the HTTP client's own errors
+        (ValueError("Invalid filename '../x.json'"), "cannot download acme/vl3: ValueError: Invalid filename"),
+        ("missing", "cannot download acme/vl3: model.safetensors not in acme/vl3"),  # not "has no config.json"
+        ("http 500", "cannot download acme/vl3: 500 Server Error"),  # not "cannot reach": the Hub answered
+    ],
+)
+def test_a_failing_snapshot_is_one_line_naming_what_failed(fake_hub, monkeypatch, raised, fragment):
+    """config.json came and was checked; the snapshot then fails: one ModelNotFoundError line
+    that says what happened, whatever huggingface_hub or its HTTP client raised."""
+    import huggingface_hub
+    import requests
+
+    repo, calls = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+
+    def snapshot_download(*args, **kwargs):
+        if raised == "missing":
+            raise huggingface_hub.errors.EntryNotFoundError("model.safetensors not in acme/vl3")
+        if raised == "http 500":
+            response = requests.Response()
+            response.status_code = 500
+            try:
+                raise huggingface_hub.errors.HfHubHTTPError("500 Server Error: Internal Server Error", response=response)
+            except huggingface_hub.errors.HfHubHTTPError as e:
+                raise huggingface_hub.errors.LocalEntryNotFoundError("cannot find the requested files in the cache") from e
+        raise raised
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model("acme/vl3")
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_retry_warnings_stay_quiet_once_the_hub_library_is_imported():
+    """huggingface_hub sets its logger's level when first imported (a fresh interpreter: here it
+    would be imported already); the quiet level must hold while vl3 downloads."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nfrom vl3cli.hub import _quiet_hub\nwith _quiet_hub():\n"
+            "    import huggingface_hub.file_download\n"
+            "    print(logging.getLogger('huggingface_hub').getEffectiveLevel())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VL3_DEBUG"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0 and int(p.stdout) >= 40, (p.stdout, p.stderr)  # logging.ERROR

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ModelConfig
-from .errors import ConfigError, ModelNotFoundError
+from .errors import ConfigError, ModelNotFoundError, Vl3Error
 
 DEFAULT_MODEL = "DAMO-NLP-SG/VideoLLaMA3-2B"  # the CLI lets VL3_MODEL override it
 PROBE_TIMEOUT_S = 2.0  # no answer from the Hub in this time: use the cache, or fail at once
@@ -73,10 +73,13 @@ def resolve_model(model: str, revision: str | None = None, on_config: Callable[[
 
 @contextmanager
 def _quiet_hub():
-    """huggingface_hub logs a warning per retry: keep them off the terminal unless debugging."""
+    """huggingface_hub logs a warning per retry: keep them off the terminal unless debugging. (It
+    sets its logger's level when first imported: imported first, so that the level set here holds.)"""
+    import huggingface_hub.file_download  # noqa: F401
+
     logger = logging.getLogger("huggingface_hub")
     level = logger.level
-    if os.environ.get("VL3_DEBUG", "") in ("", "0"):
+    if os.environ.get("VL3_DEBUG", "").strip().lower() in ("", "0", "false", "no", "off"):
         logger.setLevel(logging.ERROR)
     try:
         yield
@@ -110,13 +113,18 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
 
     rev = f" (revision {revision})" if revision else ""
     offline = constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT)
+    config = None
     try:
         # config.json first: a repo that is not a VideoLLaMA3 model is refused before any weight is fetched.
         config = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)
         folder = _checked(Path(config).parent, repo_id)
         if on_config:
             on_config(folder)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
+        # The snapshot of the very commit whose config.json was checked (a branch may move meanwhile):
+        # the cache keeps a file under snapshots/<commit>/.
+        commit = Path(config).parent.name
+        pinned = commit if _COMMIT.fullmatch(commit) else revision
+        return Path(snapshot_download(repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
     except HFValidationError as e:
         raise ModelNotFoundError(f"{repo_id!r} is neither a folder nor a Hub repo id ({e})") from e
     except GatedRepoError as e:
@@ -130,6 +138,9 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
     except RevisionNotFoundError as e:
         raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}") from e
     except (LocalEntryNotFoundError, IncompleteSnapshotError) as e:
+        answered = e.__cause__ if isinstance(e.__cause__, HfHubHTTPError) else None
+        if answered is not None and not offline:  # the Hub answered, with an error
+            raise ModelNotFoundError(f"cannot download {repo_id}{rev}: {_first_line(answered)}") from e
         if constants.HF_HUB_OFFLINE:
             raise ModelNotFoundError(
                 f"{repo_id}{rev} is not in the Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: "
@@ -140,6 +151,20 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
             "connect to the internet (or set HTTPS_PROXY), or pass a local folder with --model"
         ) from e
     except EntryNotFoundError as e:  # after LocalEntryNotFoundError, its subclass
+        if config is not None:  # config.json came: another file of the snapshot is missing
+            raise ModelNotFoundError(f"cannot download {repo_id}{rev}: {_first_line(e)}") from e
         raise ConfigError(f"{repo_id}{rev} has no config.json: not a VideoLLaMA3 checkpoint") from e
     except HfHubHTTPError as e:
         raise ModelNotFoundError(f"cannot download {repo_id}{rev}: {e}") from e
+    except (Vl3Error, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 -- the HTTP client's own errors (timeouts, cut bodies), bad listings
+        raise ModelNotFoundError(f"cannot download {repo_id}{rev}: {type(e).__name__}: {_first_line(e)}") from e
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
