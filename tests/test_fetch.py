@@ -174,9 +174,10 @@ def test_an_exit_that_does_not_wait_for_a_download_removes_its_folder(server, te
 
     threading.Thread(target=reader, daemon=True).start()
     deadline = time.monotonic() + 10
-    while not any(temp_root.iterdir()):
+    while not fetch._FOLDERS:  # the folder made and registered (made an instant before)
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    assert any(temp_root.iterdir())
     fetch._remove_folders()  # what atexit runs
     assert list(temp_root.iterdir()) == []
     assert done.wait(timeout=10)  # the reader ends on its own once the body does

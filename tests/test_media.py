@@ -257,6 +257,22 @@ def test_jpeg_end_is_found_past_thumbnails_and_scans(tmp_path):
     assert [media.detect_kind(tmp_path / n) for n in ("photo.jpg", "stereo.mpo", "stream.jpg")] == ["image", "image", "video"]
 
 
+def test_a_photo_with_an_appended_depth_map_is_a_photo(tmp_path):
+    """Phone portrait photos append their depth map as a second JPEG, named in the XMP of the
+    first (Google's container format, no MPF marker): a photo, not a Motion-JPEG stream."""
+    main, depth = io.BytesIO(), io.BytesIO()
+    Image.fromarray(frame_pixels(0, (64, 48))).save(main, "JPEG")
+    Image.fromarray(frame_pixels(1, (32, 24))).save(depth, "JPEG")
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description GCamera:SpecialTypeID="p" Container:Directory="d"/></x:xmpmeta>'
+    app1 = b"http://ns.adobe.com/xap/1.0/\x00" + xmp
+    segment = b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1
+    first = main.getvalue()
+    (tmp_path / "portrait.jpg").write_bytes(first[:2] + segment + first[2:] + depth.getvalue())
+    (tmp_path / "plain.jpg").write_bytes(first + depth.getvalue())  # the same without the XMP: a stream
+    assert media.detect_kind(tmp_path / "portrait.jpg") == "image"
+    assert media.detect_kind(tmp_path / "plain.jpg") == "video"
+
+
 def test_demuxed_but_not_decodable_is_one_error(tmp_path):
     """FFmpeg demuxes SVG but has no decoder for it (codec_context None)."""
     path = tmp_path / "logo.svg"

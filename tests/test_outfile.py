@@ -248,14 +248,14 @@ def test_a_folder_that_allows_no_new_file_gets_its_files_rewritten_in_place(tmp_
     answers, jsonl = tmp_path / "a.txt", tmp_path / "r.jsonl"
     answers.write_text("old answer\n")
     jsonl.write_bytes(rec("a") + rec("b", error="bad"))
-    real_open = open
+    real_open = os.open
 
-    def refusing(path, *a, **k):
+    def refusing(path, *a, **k):  # the folder refuses new files (creating the temporary file)
         if str(path).endswith("vl3-tmp"):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr("builtins.open", refusing)
+    monkeypatch.setattr(os, "open", refusing)
     with opened_on_write(Target.of(str(answers)), replace=True) as f:
         f.write("new answer\n")
     assert answers.read_text() == "new answer\n"
@@ -309,3 +309,27 @@ def test_a_stream_that_cannot_encode_a_character_gets_its_json_escape(encoding):
     first, second = raw.getvalue().decode(encoding).splitlines()
     assert json.loads(first) == result.to_dict()
     assert second == "\\u4e2d"
+
+
+def test_a_link_planted_at_the_temporary_name_is_not_written_through(tmp_path):
+    """The temporary file is created anew, never through what stands at its name: a link planted
+    there to send the write to another file leaves that file untouched."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not vl3's\n")
+    out = tmp_path / "answers.json"
+    out.write_text("old\n")
+    temp_name(out).symlink_to(victim)
+    with opened_on_write(Target.of(str(out)), replace=True) as f:
+        f.write("new\n")
+    assert victim.read_text() == "not vl3's\n" and out.read_text() == "new\n" and not out.is_symlink()
+
+
+def test_a_block_device_is_never_an_output(tmp_path):
+    import stat
+
+    disk = next((p for p in ("/dev/loop0", "/dev/sda", "/dev/vda", "/dev/nvme0n1") if os.path.exists(p)
+                 and stat.S_ISBLK(os.stat(p).st_mode)), None)  # fmt: skip
+    if disk is None:
+        pytest.skip("no block device to name here")
+    with pytest.raises(UsageError, match="is a block device"):
+        Target.of(disk)

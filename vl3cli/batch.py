@@ -162,7 +162,7 @@ def read_manifest(manifest: str, default_prompt: str | None = None, stdin: IO[st
     without `prompt` gets `default_prompt` (None: describe its media).
     """
     try:
-        text = (stdin or sys.stdin).read() if manifest == "-" else Path(manifest).read_text(encoding="utf-8-sig")
+        text = (stdin or sys.stdin).read() if manifest == "-" else Path(manifest).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read --manifest {manifest}: {getattr(e, 'strerror', None) or e}") from e
     text = text.removeprefix("\ufeff")  # a UTF-8 BOM (stdin)

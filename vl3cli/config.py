@@ -111,9 +111,9 @@ class TextConfig:
         rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
         if not isinstance(rope, dict):
             raise ConfigError(f"config.json: RoPE scaling {rope!r} is not supported (expected a JSON object or null)")
-        if data.get("rope_theta") is None and isinstance(rope, dict) and "rope_theta" in rope:
+        if data.get("rope_theta") is None and "rope_theta" in rope:
             data["rope_theta"] = rope["rope_theta"]
-        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default":
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ConfigError(f"RoPE scaling {rope!r} is not supported")
         return cls(**_pick(cls, data))
 
@@ -182,8 +182,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         model_type = data.get("model_type")
+        text_data = _section(data, "text_config")
         if model_type == HF_MODEL_TYPE:
-            text_data = _section(data, "text_config")
             text = TextConfig.from_dict(text_data)
             vision = VisionConfig.from_dict(_section(data, "vision_config"))
             image_id = data.get("image_token_id", 151655)
@@ -213,8 +213,7 @@ class ModelConfig:
             )
         eos = _eos_ids((generation or {}).get("eos_token_id"), "generation_config.json")
         if not eos:
-            eos = _eos_ids(data.get("eos_token_id") or _section(data, "text_config").get("eos_token_id"), "config.json")
-        text_data = _section(data, "text_config")
+            eos = _eos_ids(data.get("eos_token_id") or text_data.get("eos_token_id"), "config.json")
         stored = next((d[k] for d in (data, text_data) for k in ("torch_dtype", "dtype") if isinstance(d.get(k), str)), None)
         names = ("image_token_id", "video_token_id") if fmt == "hf" else ("image_token_index",) * 2
         for name, value in zip(names, (image_id, video_id)):

@@ -196,8 +196,6 @@ class Scheduler:
             key, request = self._queue.popleft()
             try:
                 self._admit_one(key, request)
-            except (KeyboardInterrupt, SystemExit):
-                raise
             except Exception as e:  # noqa: BLE001 -- one request's failure is its own
                 failed.append(Event(key, None, True, "error", error=e))
         return failed

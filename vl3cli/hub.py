@@ -156,7 +156,7 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
         raise ConfigError(f"{repo_id}{rev} has no config.json: not a VideoLLaMA3 checkpoint") from e
     except HfHubHTTPError as e:
         raise ModelNotFoundError(f"cannot download {repo_id}{rev}: {e}") from e
-    except (Vl3Error, KeyboardInterrupt):
+    except Vl3Error:
         raise
     except Exception as e:  # noqa: BLE001 -- the HTTP client's own errors (timeouts, cut bodies), bad listings
         raise ModelNotFoundError(f"cannot download {repo_id}{rev}: {type(e).__name__}: {_first_line(e)}") from e

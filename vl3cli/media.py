@@ -217,18 +217,38 @@ def detect_kind(path) -> str:
     return "video"
 
 
+# XMP of photos that carry more images after the main one (a depth map, a motion photo's video):
+# Google's container and depth formats. Such a file is a photo, not a Motion-JPEG stream.
+_PHOTO_CONTAINERS = (b"GContainer", b"Container:Directory", b"GDepth:", b"GCamera:MotionPhoto", b"MicroVideo")
+
+
 def _jpegs_follow(path) -> bool:
     """Whether another JPEG starts right after the first one ends: a raw Motion-JPEG stream (IP
-    cameras, .mjpeg), not a photo. Walks the first JPEG's segments to its end (EOI marker)."""
+    cameras, .mjpeg), not a photo (one whose XMP says it carries more images is a photo). Walks
+    the first JPEG's segments to its end (EOI marker), through a mapping: nothing is read whole."""
+    import mmap
+
     with open(path, "rb") as f:
-        data = f.read()
+        if os.fstat(f.fileno()).st_size < 8:
+            return False
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _another_jpeg(data)
+
+
+def _another_jpeg(data) -> bool:
     pos = 2  # after SOI
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             return False  # not a well-formed JPEG: leave it to Pillow
         marker = data[pos + 1]
         if marker == 0xD9:  # EOI
-            return data[pos + 2 :].lstrip(b"\x00").startswith(b"\xff\xd8\xff")
+            after = pos + 2
+            while after < len(data) and data[after] == 0:
+                after += 1
+            return data[after : after + 3] == b"\xff\xd8\xff"
+        if marker == 0xE1 and any(data.find(tag, pos, pos + 4 + int.from_bytes(data[pos + 2 : pos + 4], "big")) != -1
+                                  for tag in _PHOTO_CONTAINERS):  # fmt: skip
+            return False
         if marker == 0xFF or 0xD0 <= marker <= 0xD7:  # fill byte, or a restart marker without length
             pos += 1 if marker == 0xFF else 2
             continue

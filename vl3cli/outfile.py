@@ -81,6 +81,8 @@ class Target:
             raise UsageError(f"--out {out}: {e.strerror}") from None
         if stat.S_ISDIR(mode):
             raise UsageError(f"--out {out} is a folder; give a file name")
+        if stat.S_ISBLK(mode):  # a disk: writing there would overwrite what it holds
+            raise UsageError(f"--out {out} is a block device; give a file name, a pipe or -")
         if _is_parquet(path) and not stat.S_ISREG(mode):
             raise UsageError(f"--out {out}: Parquet needs a regular file (use JSONL to write to a stream)")
         return cls(path, stat.S_ISREG(mode))
@@ -123,11 +125,6 @@ def _cut_short(line: bytes, after_record: bool) -> bool:
     if line.startswith(RECORD_START):
         return True
     return after_record and (any(start.startswith(line) for start in RECORD_START) or not line.strip(b"\0"))
-
-
-def record_line(result: Result) -> str:
-    """`result` as one JSON line (no newline) that encodes as UTF-8 (see output.to_json)."""
-    return to_json(result)
 
 
 def unwritable(result: Result, error: Exception) -> Result:
@@ -187,6 +184,18 @@ def temp_name(path: Path) -> Path:
     hash of its whole name, so it stays short (NAME_MAX) whatever the target's name."""
     digest = hashlib.blake2b(os.fsencode(path.name), digest_size=4).hexdigest()
     return path.with_name(f".{path.name[:32]}.{digest}.vl3-tmp")
+
+
+def claim(tmp: Path) -> Path:
+    """`tmp` as a new empty file of ours: whatever is there (a stale temporary file, or a link
+    planted to send the write elsewhere) is removed first, and the file is created exclusively,
+    never through a link. PermissionError where the folder allows no new file."""
+    try:
+        tmp.unlink()  # a link goes, not what it points to
+    except FileNotFoundError:
+        pass
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+    return tmp
 
 
 def _folder_writable(path: Path) -> bool:
@@ -280,10 +289,10 @@ class Sink:
         """One JSONL line, flushed at once; returns the record written (an error record when
         `result` could not be serialised)."""
         try:
-            line = record_line(result)
+            line = to_json(result)
         except (TypeError, ValueError) as e:  # a value JSON cannot hold
             result = unwritable(result, e)
-            line = record_line(result)
+            line = to_json(result)
         self.write(line + "\n")
         self.flush()
         return result
@@ -343,7 +352,7 @@ class _LateFile:
         if self.tmp is None:
             return WholeWrites(self.path, "a")
         try:
-            return WholeWrites(self.tmp, "w")
+            return WholeWrites(claim(self.tmp), "w")
         except PermissionError:  # a writable file in a folder that allows no new file
             if not self.path.exists():
                 raise
@@ -433,7 +442,7 @@ def rewrite_without(path: Path, drop) -> None:
 
     tmp = temp_name(path)
     try:
-        dst = open(tmp, "wb")  # noqa: SIM115 -- closed below
+        dst = open(claim(tmp), "wb")  # noqa: SIM115 -- closed below
     except PermissionError:  # the folder allows no new file: rewrite in place
         with open(path, "r+b") as f:
             lines = list(kept(f))

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from .errors import Vl3Error
 from .options import Options
-from .outfile import not_ours, replace_file, temp_name, unwritable
+from .outfile import claim, not_ours, replace_file, temp_name, unwritable
 from .output import SCHEMA, TIMING_KEYS, Result
 
 ROW_GROUP = 1000  # records buffered before they are written as one row group
@@ -146,7 +146,7 @@ class ParquetSink:
         self.tables: list = []  # converted records not yet written (one table each)
         old = _open(path) if keep and path.exists() and path.stat().st_size > 0 else None
         try:
-            self.writer = pq.ParquetWriter(self.tmp, schema())
+            self.writer = pq.ParquetWriter(claim(self.tmp), schema())
         except OSError as e:
             raise Vl3Error(f"cannot write {path}: cannot create its temporary file {self.tmp.name} in {self.tmp.parent}: {e}") from e
         if old is not None:

@@ -192,7 +192,7 @@ class Loop:
     def __init__(self, runner: Runner, options: Options, slots: int, workers: int):
         self.runner, self.engine, self.options, self.slots = runner, runner.engine, options, slots
         self.scheduler = Scheduler(self.engine, options.decoding, slots)
-        # The prefix is how the `vl3` program (cli.app.READER_THREADS) knows readers it need not wait for at exit.
+        # The prefix is how the `vl3` program (cli.process.READER_THREADS) knows readers it need not wait for at exit.
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="vl3-media")
         self.reading: dict = {}  # key -> _Reading, in submission order
         self.arrived = threading.Event()  # a reader put something
@@ -233,6 +233,7 @@ class Loop:
         if item.to_read or item.prepared is not None:
             reading.future = self.pool.submit(_read, reading, self.engine.processor, media, self.arrived)
         else:  # nothing to read (text only): ready now, never queued behind other items' downloads
+            reading.parts = queue.Queue()  # unbounded: this thread puts all its parts without waiting
             _read(reading, self.engine.processor, media, self.arrived)
         self.reading[key] = reading
 

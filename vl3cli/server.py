@@ -131,8 +131,9 @@ class Service:
         self.inbox.put(("cancel", ticket))
 
     def shut_down(self) -> None:
-        """The server is stopping (any thread, a signal handler too): the requests in flight end now
-        with 503 instead of being cut when the grace period ends, and new ones are refused."""
+        """The server is stopping: the requests in flight end now with 503 instead of being cut when
+        the grace period ends, and new ones are refused. Called on the event loop (as `submit` is,
+        so a request is either in before the command or refused)."""
         with self.lock:
             self.closing = True
         self.inbox.put(("shut down", None))
@@ -239,11 +240,11 @@ def request_terms(message: str) -> tuple[str, str | None]:
     and the first field it names (OpenAI's `param`)."""
     fields = []
 
-    def field(m: re.Match) -> str:
+    def to_param(m: re.Match) -> str:
         fields.append("max_tokens" if m.group(1) == "max-new-tokens" else m.group(1).replace("-", "_"))
         return f"'{fields[-1]}'"
 
-    return _OPTION.sub(field, message), (fields[0] if fields else None)
+    return _OPTION.sub(to_param, message), (fields[0] if fields else None)
 
 
 def api_error(exception: BaseException | None, message: str) -> ApiError:
@@ -293,6 +294,7 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
 
     @asynccontextmanager
     async def lifespan(app):
+        app.state.loop = asyncio.get_running_loop()
         service.start()
         yield
         service.stop()
@@ -465,7 +467,11 @@ def serve(model, host: str, port: int, limits: Limits, api_key: str | None, work
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:  # SIGINT / SIGTERM: answer the requests in flight first
-            app.state.service.shut_down()
+            # A signal handler may run in the middle of `submit` on this thread: the shutdown goes
+            # onto the event loop (a self-pipe write, safe here) instead of taking locks now.
+            loop = getattr(app.state, "loop", None)
+            if loop is not None:
+                loop.call_soon_threadsafe(app.state.service.shut_down)
             super().handle_exit(sig, frame)
 
     Server(config).run()

@@ -104,10 +104,7 @@ def checkpoint_key(name: str, fmt: str) -> str:
 
 
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder, in index order; refuses pickle-only folders."""
-    weight_map = weight_index(path)
-    if weight_map is not None:
-        return [path / name for name in dict.fromkeys(weight_map.values())]
+    """The safetensors files of a checkpoint folder without an index; refuses pickle-only folders."""
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
@@ -419,14 +416,15 @@ def load_into(
     or converted, from a staging buffer, one weight at a time. Raises WeightsError naming every missing,
     unexpected or wrongly shaped key, any tensor stored twice (in two files, or under both spellings
     of a prefix) and any weight that is not floating-point, before reading any. `files`: the
-    checkpoint's files already opened with `open_files` (their headers read once); closed here.
+    checkpoint's files already opened with `open_files` (their headers read once), which the
+    caller closes; without them, the files are opened and closed here.
     Returns where the parameters used as views of the mapped files lie (`MappedPages`).
     """
-    files = open_files(path) if files is None else files
+    opened = open_files(path) if files is None else []
     try:
-        pages = _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack)
+        pages = _load(model, files or opened, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack)
     finally:
-        for f in files:
+        for f in opened:
             f.close()
     return_freed_memory()  # the block buffers' heap pages
     return pages
