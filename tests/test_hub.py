@@ -251,3 +251,39 @@ def test_retry_warnings_stay_quiet_once_the_hub_library_is_imported():
     env = {k: v for k, v in os.environ.items() if k != "VL3_DEBUG"}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 0 and int(p.stdout) >= 40, (p.stdout, p.stderr)  # logging.ERROR
+
+
+def test_ctrl_c_during_a_model_download_exits_at_once_and_the_next_run_downloads_it(checkpoints, tmp_path):
+    """A model fetched from a Hub (a local stand-in speaking its protocol to the real
+    huggingface_hub): Ctrl-C while the weight files are coming ends vl3 at once (the download's
+    pool would otherwise finish every file first: here, never); the next run downloads the model
+    and answers as the same checkpoint read from its folder does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fake_hub import serve_repo
+    from media_factory import make_image
+
+    folder = checkpoints["hf-sharded"]
+    image = make_image(tmp_path / "a.png", size=(32, 32))
+    args = [sys.executable, "-m", "vl3cli", "describe", str(image), "--max-new-tokens", "4", "-m"]
+    with serve_repo("acme/tiny-vl3", folder) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        hub.stall = True
+        p = subprocess.Popen([*args, "acme/tiny-vl3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert hub.stalled.wait(120), "no weight file was requested"
+            start = time.monotonic()
+            p.send_signal(signal.SIGINT)
+            _, stderr = p.communicate(timeout=30)
+        finally:
+            p.kill()
+        assert p.returncode == 130 and time.monotonic() - start < 5, stderr
+        assert "Traceback" not in stderr
+        hub.stall = False
+        downloaded = subprocess.run([*args, "acme/tiny-vl3"], env=env, capture_output=True, text=True, timeout=120)
+    assert downloaded.returncode == 0, downloaded.stderr
+    local = subprocess.run([*args, str(folder)], capture_output=True, text=True, timeout=120)
+    assert local.returncode == 0 and downloaded.stdout == local.stdout != ""

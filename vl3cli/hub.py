@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,9 @@ from .errors import ConfigError, ModelNotFoundError, Vl3Error
 DEFAULT_MODEL = "DAMO-NLP-SG/VideoLLaMA3-2B"  # the CLI lets VL3_MODEL override it
 PROBE_TIMEOUT_S = 2.0  # no answer from the Hub in this time: use the cache, or fail at once
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# Set once Ctrl-C (or SIGTERM) stopped a download: its files go on in huggingface_hub's threads,
+# which the command's exit does not wait for (they would finish the files first).
+ABANDONED = threading.Event()
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[\w.-]+)?$")
@@ -116,7 +120,7 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
     config = None
     try:
         # config.json first: a repo that is not a VideoLLaMA3 model is refused before any weight is fetched.
-        config = hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=offline)
+        config = _waited(hf_hub_download, repo_id, "config.json", revision=revision, local_files_only=offline)
         folder = _checked(Path(config).parent, repo_id)
         if on_config:
             on_config(folder)
@@ -124,7 +128,8 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
         # the cache keeps a file under snapshots/<commit>/.
         commit = Path(config).parent.name
         pinned = commit if _COMMIT.fullmatch(commit) else revision
-        return Path(snapshot_download(repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS, local_files_only=offline))
+        return Path(_waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
+                            local_files_only=offline))
     except HFValidationError as e:
         raise ModelNotFoundError(f"{repo_id!r} is neither a folder nor a Hub repo id ({e})") from e
     except GatedRepoError as e:
@@ -163,6 +168,32 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
 
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _waited(call: Callable, *args, **kwargs):
+    """call(*args, **kwargs) in a thread of its own, waited for here, so that Ctrl-C stops the wait
+    at once. (Called directly, snapshot_download lets an interrupt through only after its pool has
+    finished every file in progress: minutes into a large model, forever on a stalled connection.)
+    An interrupted download goes on in the background (`ABANDONED`); what it wrote is resumed by
+    the next run."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 -- handed to the waiting thread, raised there
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="vl3-model-download", daemon=True)
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        ABANDONED.set()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _first_line(e: BaseException) -> str:

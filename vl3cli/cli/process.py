@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from .. import hub
 from ..errors import Vl3Error
 
 
@@ -99,5 +100,8 @@ READER_THREADS = "vl3-media"  # the name prefix of pipeline.Loop's media reader 
 
 def _must_wait_for(thread: threading.Thread) -> bool:
     """Whether the exit waits for `thread`: not for a daemon, nor for a media reader still decoding
-    a file whose answers are no longer wanted (Ctrl-C during a long decode)."""
+    a file whose answers are no longer wanted (Ctrl-C during a long decode), nor for anything once
+    Ctrl-C stopped a model download (its pool's threads; nothing else runs before the model is there)."""
+    if hub.ABANDONED.is_set():
+        return False
     return thread is not threading.current_thread() and not thread.daemon and not thread.name.startswith(READER_THREADS)
