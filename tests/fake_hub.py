@@ -8,7 +8,8 @@ the endpoint's root (reachability), `/api/models/<repo>/revision/<rev>` and `...
 (the listing, with LFS sizes and sha256 for safetensors), and `/<repo>/resolve/<rev>/<file>` (HEAD
 with the commit, ETag and size; GET with ranges). `hub.stall` makes every weight file stop half
 way until the server closes (a download in progress, for interrupting it);
-`hub.requests` records what was asked for ("GET /path", with " from N" for a ranged GET).
+`hub.corrupt` serves weight files with one byte changed (the listing and ETag still
+those of the right content); `hub.requests` records what was asked for ("GET /path", with " from N" for a ranged GET).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class FakeHub:
         self.repo, self.commit = repo, COMMIT
         self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
         self.stall = False
+        self.corrupt = False
         self.requests: list[str] = []
         self.stalled = threading.Event()  # set once a stalled body has started
         self.closing = threading.Event()
@@ -113,6 +115,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        if hub.corrupt and name.endswith(".safetensors"):
+            middle = len(data) // 2
+            data = data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]
         if hub.stall and name.endswith(".safetensors"):
             self.wfile.write(data[start : start + len(data) // 2])
             self.wfile.flush()

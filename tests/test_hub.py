@@ -287,3 +287,35 @@ def test_ctrl_c_during_a_model_download_exits_at_once_and_the_next_run_downloads
     assert downloaded.returncode == 0, downloaded.stderr
     local = subprocess.run([*args, str(folder)], capture_output=True, text=True, timeout=120)
     assert local.returncode == 0 and downloaded.stdout == local.stdout != ""
+
+
+def test_a_corrupt_download_is_refused_removed_and_fetched_again(checkpoints, tmp_path):
+    """A weight file whose bytes do not match the sha256 the Hub lists (right length, one byte
+    changed in transfer): one error line, nothing corrupt left in the cache (huggingface_hub checks
+    only the length); the next run downloads it again and answers."""
+    import subprocess
+    import sys
+
+    from fake_hub import serve_repo
+    from media_factory import make_image
+
+    image = make_image(tmp_path / "a.png", size=(32, 32))
+    args = [sys.executable, "-m", "vl3cli", "describe", str(image), "--max-new-tokens", "4", "-m", "acme/tiny-vl3"]
+    with serve_repo("acme/tiny-vl3", checkpoints["hf-sharded"]) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        hub.corrupt = True
+        bad = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+        blobs = tmp_path / "hf" / "hub" / "models--acme--tiny-vl3" / "blobs"
+        left = {p.name: p.read_bytes() for p in blobs.iterdir()}
+        hub.corrupt = False
+        good = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stdout == ""
+    error = bad.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: the download of acme/tiny-vl3's model-0000") and "corrupt" in error, bad.stderr
+    assert "Traceback" not in bad.stderr
+    import hashlib
+
+    for name, data in left.items():  # whatever stays in the cache is what its name says
+        if len(name) == 64:
+            assert hashlib.sha256(data).hexdigest() == name
+    assert good.returncode == 0 and good.stdout.strip() != "", good.stderr

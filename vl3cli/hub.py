@@ -16,6 +16,7 @@ else ConfigError); for a Hub repo it is fetched and checked before anything else
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -104,6 +105,7 @@ def _reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
 
 def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], None] | None) -> Path:
     from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.file_download import repo_folder_name
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -118,6 +120,8 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
     rev = f" (revision {revision})" if revision else ""
     offline = constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT)
     config = None
+    blobs = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
+    before = _names(blobs)
     try:
         # config.json first: a repo that is not a VideoLLaMA3 model is refused before any weight is fetched.
         config = _waited(hf_hub_download, repo_id, "config.json", revision=revision, local_files_only=offline)
@@ -128,8 +132,10 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
         # the cache keeps a file under snapshots/<commit>/.
         commit = Path(config).parent.name
         pinned = commit if _COMMIT.fullmatch(commit) else revision
-        return Path(_waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
-                            local_files_only=offline))
+        snapshot = Path(_waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
+                                local_files_only=offline))
+        _verify_new(blobs, before, snapshot, repo_id)
+        return snapshot
     except HFValidationError as e:
         raise ModelNotFoundError(f"{repo_id!r} is neither a folder nor a Hub repo id ({e})") from e
     except GatedRepoError as e:
@@ -170,6 +176,46 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def _names(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
+
+
+def _verify_new(blobs: Path, before: set[str], snapshot: Path, repo_id: str) -> None:
+    """Check the files this download added to the cache against the names the Hub gave them: a
+    weight file's blob is named by its sha256, any other file's by its git blob hash.
+    huggingface_hub itself checks only their length, and a corrupt blob would stay cached, read by
+    every later run. A mismatch removes the blob (and the snapshot's link to it) and is a
+    ModelNotFoundError; the next run downloads the file again. A 2B model takes a few seconds, once."""
+    corrupt = []
+    for name in sorted(_names(blobs) - before):
+        path = blobs / name
+        if len(name) == 64:
+            digest = hashlib.sha256()
+        elif len(name) == 40:
+            digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+        else:
+            continue  # a partial download (`.incomplete`) or a name of another kind
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        if digest.hexdigest() == name:
+            continue
+        links = [p for p in snapshot.rglob("*") if p.is_symlink() and os.path.realpath(p) == os.path.realpath(path)]
+        for link in links:
+            link.unlink()
+        path.unlink()
+        corrupt.append(links[0].relative_to(snapshot).as_posix() if links else name)
+    if corrupt:
+        more = f" (and {len(corrupt) - 1} more)" if len(corrupt) > 1 else ""
+        raise ModelNotFoundError(
+            f"the download of {repo_id}'s {corrupt[0]}{more} is corrupt (its content does not match the Hub's hash); "
+            "removed: run again to download it afresh"
+        )
+
+
 def _waited(call: Callable, *args, **kwargs):
     """call(*args, **kwargs) in a thread of its own, waited for here, so that Ctrl-C stops the wait
     at once. (Called directly, snapshot_download lets an interrupt through only after its pool has
@@ -187,7 +233,8 @@ def _waited(call: Callable, *args, **kwargs):
     thread = threading.Thread(target=target, name="vl3-model-download", daemon=True)
     thread.start()
     try:
-        thread.join()
+        while thread.is_alive():  # in short waits: a signal handled by another thread is seen at the next one
+            thread.join(0.1)
     except BaseException:
         ABANDONED.set()
         raise
