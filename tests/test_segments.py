@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,8 +38,6 @@ def test_scene_spans_merge_short_and_split_long():
     spans = scene_spans([], 40, max_segment=15)
     assert len(spans) == 3 and spans[0] == (0, pytest.approx(40 / 3)) and spans[-1][1] == 40
     assert scene_spans([5, 50], 60, start=10, end=40) == [(10, 40)]
-    with pytest.raises(UsageError, match="--min-segment"):
-        scene_spans([], 10, min_segment=5, max_segment=2)
 
 
 @settings(max_examples=200, deadline=None)
@@ -106,3 +106,71 @@ def test_a_window_past_the_end_names_start_not_end():
     for spans in (lambda: windows(3.0, 1, start=5), lambda: scene_spans([1.0], 3.0, start=5)):
         with pytest.raises(UsageError, match=r"^--start \(5s\) is at or past the end of the video \(3\.000s\)$"):
             spans()
+
+
+def merged_by_hand(bounds: list[float], low: float) -> list[tuple[float, float]]:
+    """The merge rule, step by step: the first shortest span under `low` joins its shorter neighbour
+    (the earlier one on a tie), until none is left or one span remains."""
+    spans = list(zip(bounds, bounds[1:]))
+    while len(spans) > 1:
+        lengths = [e - s for s, e in spans]
+        i = lengths.index(min(lengths))
+        if lengths[i] >= low:
+            break
+        j = 1 if i == 0 else i - 1 if i == len(spans) - 1 or lengths[i - 1] <= lengths[i + 1] else i + 1
+        a, b = sorted((i, j))
+        spans[a : b + 1] = [(spans[a][0], spans[b][1])]
+    return spans
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.integers(1, 40), min_size=1, max_size=30), low=st.integers(0, 60))
+def test_shots_merge_as_the_rule_says(steps, low):
+    """Cuts on a 1/8 s grid (exact floats, so equal lengths tie as they do by hand)."""
+    bounds = [0.0]
+    for step in steps:
+        bounds.append(bounds[-1] + step / 8)
+    assert scene_spans(bounds[1:-1], bounds[-1], min_segment=low / 8) == merged_by_hand(bounds, low / 8)
+
+
+def test_a_cut_at_every_frame_of_a_long_video_does_not_hang():
+    """An hour at 25 fps with a cut at every frame (a strobe, or --scene-threshold near 0): merging
+    90,000 shots used to take quadratic time (tens of minutes); it takes well under a second."""
+
+    def hung(*_):
+        raise TimeoutError("merging 90,000 shots hangs")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        spans = scene_spans([k / 25 for k in range(1, 90_000)], 3600.0, min_segment=2.0, max_segment=60.0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert spans[0][0] == 0.0 and spans[-1][1] == 3600.0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(2.0 <= e - s <= 60.0 for s, e in spans)
+
+
+def test_bounds_carry_no_float_noise():
+    """0.7 * 3 is 2.0999999999999996 in floats, and a cut's time through a float time base can be
+    7.8999999999999995: records and resume keys say 2.1 and 7.9 (values worked out by hand)."""
+    assert windows(4.1, 0.7) == [(0.0, 0.7), (0.7, 1.4), (1.4, 2.1), (2.1, 2.8), (2.8, 3.5), (3.5, 4.1)]
+    assert windows(10.0, 0.1, start=0.2, end=0.6) == [(0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, 0.6)]
+    assert scene_spans([7.8999999999999995], 10.0) == [(0.0, 7.9), (7.9, 10.0)]
+    assert scene_spans([], 2.1, max_segment=0.8) == [(0.0, 0.7), (0.7, 1.4), (1.4, 2.1)]  # not 0.7000000000000001
+    assert scene_spans([], 1.2, max_segment=0.3) == [(0.0, 0.3), (0.3, 0.6), (0.6, 0.9), (0.9, 1.2)]
+    thirds = scene_spans([], 10.0, max_segment=4.0)
+    assert thirds == [(0.0, 3.333333333), (3.333333333, 6.666666667), (6.666666667, 10.0)]
+    # the given start and the clip's end are kept as they are
+    assert windows(3.0, 1.0, start=0.1234567891234)[0][0] == 0.1234567891234
+    assert windows(2.0999999999999996, 1.0)[-1][1] == 2.0999999999999996
+
+
+def test_the_default_shortest_shot_yields_to_a_smaller_longest_one():
+    """`--max-segment 1` alone: the default --min-segment (2 s) cannot hold, so it yields, as the
+    default --min-frames yields to --max-frames; a --max-segment under 0.1 s is named as such."""
+    assert scene_spans([0.5, 4.0], 6.0, min_segment=2.0, max_segment=1.0) == [
+        (0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, 6.0),
+    ]  # fmt: skip
+    with pytest.raises(UsageError, match=r"^--max-segment must be at least 0\.1 seconds \(got 0\.05\)$"):
+        scene_spans([], 3.0, min_segment=2.0, max_segment=0.05)

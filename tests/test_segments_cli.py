@@ -234,3 +234,44 @@ def test_start_past_the_end_with_segments_names_start(ckpt, clip):
         r = runner.invoke(app, [str(a) for a in ["describe", clip, "--segments", how, "--start", 50, "-m", ckpt]])
         assert isinstance(r.exception, UsageError), r.output
         assert str(r.exception) == f"{clip}: --start (50s) is at or past the end of the video (10.000s)"
+
+
+def test_records_state_window_bounds_without_float_noise(ckpt, clip):
+    """0.7 * 3 is 2.0999999999999996 in floats: the records say 2.1 (hand-computed bounds), and the
+    frames of each window are those `describe --start S --end E` samples."""
+    args = ["-m", ckpt, "--max-new-tokens", 2, "-f", "jsonl"]
+    recs = [json.loads(x) for x in cli("describe", clip, "--segments", 0.7, "--end", 2.8, *args).splitlines()]
+    assert [(r["segment_start"], r["segment_end"]) for r in recs] == [(0.0, 0.7), (0.7, 1.4), (1.4, 2.1), (2.1, 2.8)]
+    (alone,) = [json.loads(x) for x in cli("describe", clip, "--start", 2.1, "--end", 2.8, *args).splitlines()]
+    assert recs[-1]["timestamps"] == alone["timestamps"] and recs[-1]["timestamps"][0] == 2.1
+
+
+def test_max_segment_alone_below_the_default_min_segment(ckpt, clip):
+    """`--max-segment 1.5` alone cuts a 3 s shot in two (the default --min-segment 2 yields to it);
+    both given the wrong way round stay a usage error."""
+    args = ["-m", ckpt, "--max-new-tokens", 2, "-f", "jsonl", "--segments", "scenes", "--end", 3]
+    recs = [json.loads(x) for x in cli("describe", clip, "--max-segment", 1.5, *args).splitlines()]
+    assert [(r["segment_start"], r["segment_end"]) for r in recs] == [(0.0, 1.5), (1.5, 3.0)]
+    r = runner.invoke(app, [str(a) for a in ["describe", clip, "--max-segment", 1.5, "--min-segment", 2, *args]])
+    assert isinstance(r.exception, UsageError) and "--min-segment (2s) is above --max-segment (1.5s)" in str(r.exception)
+
+
+def test_a_run_with_unrounded_bounds_resumes_without_duplicates(ckpt, clip, tmp_path):
+    """Records written when inner bounds were plain float sums (0.7 * 3 = 2.0999999999999996):
+    a resumed run matches them to its rounded windows, answers only the missing segment, and
+    every window keeps one record."""
+    out = tmp_path / "r.jsonl"
+    args = ["batch", clip, "--segments", 0.7, "--end", 2.8, "--out", out, "-m", ckpt, "--max-new-tokens", N]
+    cli(*args)
+    full = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["segment_start"])
+    assert [(r["segment_start"], r["segment_end"]) for r in full] == [(0.0, 0.7), (0.7, 1.4), (1.4, 2.1), (2.1, 2.8)]
+    older = []
+    for r in full[:3]:  # the last segment is missing, as after an interrupted run
+        k = round(r["segment_start"] / 0.7)
+        older.append({**r, "segment_start": 0.0 + k * 0.7, "segment_end": r["segment_end"] if k == 3 else 0.0 + (k + 1) * 0.7})
+    assert older[2]["segment_end"] == 2.0999999999999996  # the noise is there
+    out.write_text("".join(json.dumps(r) + "\n" for r in older))
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0 and "3 already done" in r.stderr, r.stderr
+    spans = [(round(x["segment_start"], 6), round(x["segment_end"], 6)) for x in map(json.loads, out.read_text().splitlines())]
+    assert sorted(spans) == [(0.0, 0.7), (0.7, 1.4), (1.4, 2.1), (2.1, 2.8)]
