@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from media_factory import make_image, make_video
 from PIL import Image, ImageOps
 
-from vl3cli.errors import ConfigError, MediaError, UsageError
+from vl3cli.errors import ConfigError, ContextError, MediaError, UsageError
 from vl3cli.preprocess import (
     MediaOptions,
     ProcessorConfig,
@@ -105,6 +106,43 @@ def test_video_budget_shared_and_token_cap():
     assert (h // 14) * (w // 14) <= 64
 
 
+def test_small_picture_under_a_token_cap_takes_the_largest_size_within_it():
+    """The cap also lowers the min budget; scaling a small picture up to it can round past it,
+    and then the largest size within the cap is used rather than refusing the picture."""
+    kw = {"patch_size": 14, "merge_size": 1, "min_pixels": 3136, "max_pixels": 3211264}
+    # 30x30 -> 784 px < min 1960 (10 tokens): scaled by sqrt(1960/900) and ceiled it is 56x56 (16 tokens);
+    # the largest within 10 tokens is 42x42 (30 * sqrt(1960/900) = 44.3 -> floor to 42).
+    assert resized_size(30, 30, max_tokens=10, **kw) == (42, 42)
+    assert resized_size(9, 20, max_tokens=4, **kw) == (14, 28)
+    # a video asked for more frames than its budget has pixels: one merged token per frame, no division by zero
+    assert resized_size(32, 32, patch_size=14, merge_size=2, min_pixels=12544, max_pixels=12845056,
+                        frames=13_000_000) == (28, 28)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    h=st.integers(1, 3000), w=st.integers(1, 3000), merge=st.sampled_from([1, 2]), frames=st.integers(1, 40),
+    per_frame=st.integers(1, 400),
+)  # fmt: skip
+def test_token_cap_is_met_whenever_the_aspect_ratio_allows(h, w, merge, frames, per_frame):
+    """A cap of at least ceil(aspect ratio) tokens per frame always fits (one token on the short
+    side); the result is within it, and equals transformers' smart_resize (given the same lowered
+    budget) wherever that one stays within the cap."""
+    ratio = max(h, w) / min(h, w)
+    if ratio > 200:
+        return
+    factor, cap = 14 * merge, frames * max(per_frame, math.ceil(ratio))
+    lo = 16 * factor * factor
+    got = resized_size(h, w, patch_size=14, merge_size=merge, min_pixels=lo, max_pixels=10**8, frames=frames,
+                       max_tokens=cap)  # fmt: skip
+    assert got[0] % factor == 0 and got[1] % factor == 0
+    assert frames * (got[0] // factor) * (got[1] // factor) <= cap
+    hi = (cap // frames) * factor * factor
+    ref = pil_module.smart_resize(h, w, factor, min(lo, hi), hi)
+    if ref[0] * ref[1] <= hi:
+        assert got == ref
+
+
 def test_max_visual_tokens_option(tmp_path):
     path = make_image(tmp_path / "x.png", size=(640, 480))
     v = prepare_visual(path, ProcessorConfig(), MediaOptions(max_visual_tokens=100))
@@ -112,6 +150,18 @@ def test_max_visual_tokens_option(tmp_path):
     clip = make_video(tmp_path / "c.mp4", seconds=2.0, fps=10, size=(160, 120))
     v = prepare_visual(clip, ProcessorConfig(), MediaOptions(max_visual_tokens=40, prune=False))
     assert v.visual_tokens <= 40 and v.keep is None
+
+
+def test_context_check_counts_every_token_when_the_checkpoint_does_not_prune(tmp_path):
+    """A checkpoint with use_token_compression off keeps every frame whole, so a video whose
+    frames cannot all fit is refused before it is decoded, as with --no-prune."""
+    clip = make_video(tmp_path / "c.mp4", seconds=4.0, fps=5, size=(64, 48))
+    base = MediaOptions(token_budget=50)  # 4 frames of 20 tokens: 23 when pruned, 80 when not
+    assert prepare_visual(clip, ProcessorConfig(), base).visual_tokens == 80
+    with pytest.raises(ContextError, match="at least 80 visual tokens"):
+        prepare_visual(clip, ProcessorConfig(), MediaOptions(token_budget=50, prune=False))
+    with pytest.raises(ContextError, match="at least 80 visual tokens"):
+        prepare_visual(clip, ProcessorConfig(use_token_compression=False), base)
 
 
 def test_patchify_matches_transformers_layout():
@@ -193,6 +243,8 @@ def test_config_malformed(tmp_path, name):
     ("preprocessor_config.json", {"merge_size": 0}, "image_merge_size must be positive"),
     ("video_preprocessor_config.json", {"merge_size": 0}, "video_merge_size must be positive"),
     ("preprocessor_config.json", {"max_pixels": 0}, "image_max_pixels must be positive"),
+    ("preprocessor_config.json", {"max_pixels": float("inf")}, "cannot convert float infinity to integer"),
+    ("video_preprocessor_config.json", {"min_frames": float("-inf")}, "cannot convert float infinity to integer"),
     ("preprocessor_config.json", {"min_pixels": 10**12}, "image min_pixels 1000000000000 is above max_pixels"),
     ("video_preprocessor_config.json", {"min_pixels": 10**12, "max_pixels": 10**13}, "video max_pixels"),
     ("preprocessor_config.json", {"image_std": [0, 0, 0]}, "std non-zero"),

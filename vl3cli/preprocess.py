@@ -9,7 +9,9 @@ Contract:
   ``sqrt(H*W / max)`` and floor, below the min scale up and ceil; an aspect ratio above 200
   is refused. Images use their own budget (merge 1); a video's budget is shared by its
   frames (per-frame max = ``video_max_pixels // frames``, merge 2). ``max_visual_tokens``
-  lowers the max budget so the merged tokens stay within it.
+  lowers the max budget so the merged tokens stay within it. A min budget above the max is
+  lowered to it, and a picture that rounding up scales past the max takes the largest size
+  within it instead.
 - Pixels: PIL bicubic resize of the uint8 RGB frame, then ``x * (1/255)`` in float64 cast to
   float32 and ``(x - mean) / std`` in float32 -- the exact arithmetic of transformers'
   ``VideoLlama3ImageProcessorPil``, done through a 256-entry table per channel so a video
@@ -38,6 +40,7 @@ from vl3cli.config import read_json
 from vl3cli.errors import ConfigError, ContextError, MediaError, UsageError, Vl3Error
 from vl3cli.pruning import prune_mask
 from vl3cli.sampling import check_bounds, resolve_window, sample_timestamps
+from vl3cli.segments import span_key
 
 MAX_ASPECT_RATIO = 200
 
@@ -163,7 +166,7 @@ class ProcessorConfig:
                 v["fps"] = float(v["fps"])
             if "use_token_compression" in v:
                 v["use_token_compression"] = bool(v["use_token_compression"])
-        except (TypeError, ValueError, AttributeError) as e:
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
             raise ConfigError(f"{d}: bad value in the processor config files ({e})") from None
         config = cls(**v)
         problem = config._problem(patch_size)
@@ -259,14 +262,19 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
+        return _fit_within(height, width, factor, max_pixels)
+    if h_bar * w_bar < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
+
+
+def _fit_within(height: int, width: int, factor: int, max_pixels: int) -> tuple[int, int]:
+    """The largest multiples of ``factor`` of the picture scaled to ``max_pixels`` (one ``factor``
+    at least per side, so an extreme aspect ratio can stay above the budget)."""
+    beta = math.sqrt((height * width) / max_pixels)
+    return max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
 
 
 def resized_size(
@@ -279,7 +287,7 @@ def resized_size(
     user's cap in merged tokens for the whole input.
     """
     factor = patch_size * merge_size
-    hi = max_pixels // frames
+    hi = max(1, max_pixels // frames)
     if max_tokens is not None:
         per_frame = max_tokens // frames
         if per_frame < 1:
@@ -289,6 +297,8 @@ def resized_size(
             )
         hi = min(hi, per_frame * factor * factor)
     h, w = smart_resize(height, width, factor, min(min_pixels, hi), hi)
+    if h * w > hi:  # scaled up past the budget (its min was lowered to it): the largest size within it
+        h, w = _fit_within(height, width, factor, hi)
     if max_tokens is not None and frames * (h // factor) * (w // factor) > max_tokens:
         raise UsageError(
             f"--max-visual-tokens {max_tokens} is too small for a {width}x{height} input "
@@ -362,7 +372,8 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
         if options.token_budget is not None:
             tokens = (h // (config.patch_size * m)) * (w // (config.patch_size * m))
             # pruning keeps the first frame whole and at least one token of every other frame
-            fewest = tokens + (len(timestamps) - 1) * (1 if options.prune else tokens)
+            pruned = options.prune and config.use_token_compression
+            fewest = tokens + (len(timestamps) - 1) * (1 if pruned else tokens)
             if fewest > options.token_budget:
                 raise ContextError(
                     f"{path}: {len(timestamps)} frames of {w}x{h} need at least {fewest} visual tokens; the model's "
@@ -468,7 +479,8 @@ def prepare_segments(
     try:  # --start past the end, too many segments: before shot detection decodes the file
         resolve_window(meta.duration, options.start, options.end)
         with media.decoder_errors(name):  # shot detection decodes the file too
-            windows = [span for span in spans(path, meta) if span not in skip]
+            answered = {span_key(span) for span in skip}
+            windows = [span for span in spans(path, meta) if span_key(span) not in answered]
     except UsageError as e:
         raise UsageError(f"{name}: {e}") from None
     plans = [plan_video(name, config, replace(options, start=s, end=e))(meta) for s, e in windows]
