@@ -13,7 +13,7 @@ from test_engine import chat, ids_of, image_case
 from vl3cli.decoding import DecodingParams, RowParams, filter_top_k_top_p, gumbel_noise, sample, uniform_of
 from vl3cli.engine import Engine
 from vl3cli.errors import Vl3Error
-from vl3cli.generate import Request, Scheduler
+from vl3cli.generate import Request, Scheduler, generate, stream
 
 GREEDY = DecodingParams(max_new_tokens=12)
 
@@ -123,7 +123,33 @@ def test_requests_that_cannot_be_served_are_refused(engine):
         scheduler.add(0, Request(chat([], "Ho"), prefix=prefix))
     with pytest.raises(Vl3Error, match="more than the model's 4096"):
         scheduler.add(1, Request([5] * 4090))
+    # no prompt, or an id outside the embedding table (on CUDA a device assert that ends every row)
+    vocab = engine.config.text.vocab_size
+    with pytest.raises(Vl3Error, match="at least one prompt token"):
+        scheduler.add(2, Request([]))
+    for bad in (vocab, -1):
+        with pytest.raises(Vl3Error, match=f"token id {bad} is outside the model's vocabulary of {vocab}"):
+            scheduler.add(3, Request(chat([], "Hi") + [bad]))
     assert scheduler.idle
+    with pytest.raises(Vl3Error, match="at least one row"):
+        Scheduler(engine, GREEDY, slots=0)  # no row to admit into: a caller's loop would never end
+
+
+def test_stream_ends_a_refused_request_alone(engine):
+    """A request `add` refuses (too long for the model) finishes with reason "error" in `stream`;
+    the requests before and after it get the answers they get alone."""
+    good = {"a": image_request(engine, 22), "b": Request(chat([], "Hi"))}
+    expected = {key: alone(engine, request) for key, request in good.items()}
+    tokens, finished = {key: [] for key in (*good, "long")}, {}
+    with torch.inference_mode():
+        for event in stream(engine, [("a", good["a"]), ("long", Request([5] * 4090)), ("b", good["b"])], GREEDY, 2):
+            if event.token is not None:
+                tokens[event.key].append(event.token)
+            if event.finished:
+                finished[event.key] = event
+    assert finished["long"].reason == "error" and tokens["long"] == []
+    assert "more than the model's 4096" in str(finished["long"].error)
+    assert {key: tokens[key] for key in good} == expected and all(len(t) > 3 for t in expected.values())
 
 
 def test_a_request_whose_prefill_fails_ends_alone(engine):
@@ -161,6 +187,50 @@ def test_uniforms_stay_strictly_inside_0_1_so_the_noise_is_finite():
     u = uniform_of(bits)
     assert u.tolist() == [0.5 / 2**23, 0.5 / 2**23, 1.5 / 2**23, (2**23 - 0.5) / 2**23]
     assert (u > 0).all() and (u < 1).all() and (-torch.log(-torch.log(u))).isfinite().all()
+
+
+def test_a_tiny_temperature_draws_the_most_likely_token():
+    """T -> 0 puts all the probability on the largest logit (hand-computed limit). At 1e-40 (a float32
+    subnormal) logits / T overflowed: all +inf or all -inf, and the draw fell on token 0 whatever
+    the logits, with or without top-k/top-p."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [-3.0, -1.0, -2.0, -5.0], [30.0, 35.0, 10.0, -5.0]])
+    n, seen = logits.shape[0], torch.zeros(logits.shape, dtype=torch.bool)
+    for top_k, top_p in ((0, 1.0), (2, 1.0), (0, 0.9)):
+        params = RowParams.allocate(n, "cpu")
+        for row in range(n):
+            params.set_row(row, DecodingParams(temperature=1e-40, top_k=top_k, top_p=top_p))
+        for seed in range(20):
+            seeds = torch.full((n,), seed, dtype=torch.long)
+            assert sample(logits, params, seen, seeds, torch.zeros(n, dtype=torch.long)).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("penalty, temperature, top_k, top_p",
+                         [(1.0, 1.0, 0, 1.0), (1.3, 0.7, 0, 0.8), (0.8, 1.5, 4, 1.0), (1.5, 2.0, 5, 0.9)])
+def test_draws_follow_transformers_logits_processors(penalty, temperature, top_k, top_p):
+    """4000 draws (distinct seeds) of `sample`: each token's frequency within 4 standard deviations of
+    the probability that transformers' repetition penalty, temperature, top-k and top-p processors
+    give the same logits; a token they remove is never drawn."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+        TopPLogitsWarper,
+    )  # fmt: skip
+
+    logits = torch.tensor([[2.0, 1.5, -0.5, 1.0, 0.2, -1.0, 0.9, -2.0]])
+    history = torch.tensor([[1, 4, 5]])
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)])
+    processors += [TopKLogitsWarper(top_k)] if top_k else []
+    processors += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+    p = processors(history, logits.clone()).softmax(-1)[0]
+    n, vocab = 4000, logits.shape[1]
+    params = RowParams.allocate(n, "cpu")
+    params.temperature.fill_(temperature), params.top_k.fill_(top_k), params.top_p.fill_(top_p)
+    params.penalty.fill_(penalty)
+    seen = torch.zeros(n, vocab, dtype=torch.bool)
+    seen[:, history[0]] = True
+    drawn = sample(logits.expand(n, -1), params, seen, torch.arange(n), torch.zeros(n, dtype=torch.long))
+    freq = torch.bincount(drawn, minlength=vocab).float() / n
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (freq, p)
+    assert (freq[p == 0] == 0).all()
 
 
 def test_top_p_of_one_keeps_every_token_of_a_large_vocabulary():
@@ -211,21 +281,40 @@ def test_the_cache_holds_only_the_rows_in_use_and_grows_mid_answer(engine):
         assert tokens[key] == alone(engine, request, params), key
 
 
+class Graphs:
+    """Stands in for the engine's CUDA graphs: runs the step eagerly, records the caches used and forgotten."""
+
+    def __init__(self):
+        self.ran, self.forgotten = set(), []
+
+    def run(self, engine, cache, tokens, out):
+        self.ran.add(cache.k.data_ptr())
+        engine.step(cache, tokens, out)
+
+    def forget(self, cache):
+        self.forgotten.append(cache.k.data_ptr())
+
+
+def test_generate_and_stream_forget_their_graphs_however_they_end(engine, monkeypatch):
+    """The wrappers close their scheduler: run to the end, or stopped by the caller after one step,
+    the decode graphs captured on their cache are freed (they were kept in the engine for good)."""
+    graphs = Graphs()
+    monkeypatch.setattr(engine, "graphs", graphs)
+    params = DecodingParams(max_new_tokens=4, ignore_eos=True)
+    with torch.inference_mode():
+        assert len(list(generate(engine, [Request(chat([], "Hi"))], params))) == 4
+        early = generate(engine, [Request(chat([], "Hi"))], params)
+        next(early)
+        early.close()
+        events = stream(engine, [(0, Request(chat([], "Hi")))], params)
+        next(events)
+        events.close()
+    assert len(graphs.ran) >= 1 and len(graphs.forgotten) == 3 and set(graphs.forgotten) <= graphs.ran
+
+
 def test_decode_graphs_are_forgotten_with_every_cache_dropped(engine, monkeypatch):
     """CUDA graphs read the cache's buffers: each cache the scheduler drops (grown, or at close)
     is handed to the engine's graphs to forget, and the steps still run through them."""
-
-    class Graphs:
-        def __init__(self):
-            self.ran, self.forgotten = set(), []
-
-        def run(self, engine, cache, tokens, out):
-            self.ran.add(cache.k.data_ptr())
-            engine.step(cache, tokens, out)
-
-        def forget(self, cache):
-            self.forgotten.append(cache.k.data_ptr())
-
     graphs = Graphs()
     monkeypatch.setattr(engine, "graphs", graphs)
     params = DecodingParams(max_new_tokens=4, ignore_eos=True)

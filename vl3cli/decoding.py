@@ -165,7 +165,11 @@ def sample(
     if not any_sampling:
         return greedy
     sampling = params.temperature > 0
-    scaled = logits / torch.where(sampling, params.temperature, 1.0)[:, None]
+    # Each row's largest logit is moved to 0 before the division (the same softmax, the same draws):
+    # a tiny temperature then sends the others to -inf, where dividing the logits themselves made
+    # them all +inf (or all -inf) and the draw fell on the first token.
+    shifted = logits - logits.gather(1, greedy[:, None])  # (B, V), <= 0
+    scaled = shifted / torch.where(sampling, params.temperature, 1.0)[:, None]
     if any_filter:
         scaled = filter_top_k_top_p(scaled, params.top_k, params.top_p)
     drawn = (scaled + gumbel_noise(seeds, steps, logits.shape[-1])).argmax(dim=-1)

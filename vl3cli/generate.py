@@ -22,8 +22,10 @@ so a row that just finished may run one wasted step; on other devices the host r
 
 A request finishes on one of the checkpoint's EOS ids (never emitted) or after
 `params.max_new_tokens` tokens ("stop" / "length"); one whose prefill raises finishes at once
-with reason "error" and the exception, and the others go on. `generate()` (which raises it) and
-`stream()` are thin wrappers.
+with reason "error" and the exception, and the others go on. `add` refuses (Vl3Error) a request
+that cannot be served: no prompt, a token id outside the vocabulary, more positions than the model
+has. `generate()` (which raises errors) and `stream()` (where a refused request finishes with reason
+"error" too) are thin wrappers that close their scheduler however their caller stops.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def bucket(n: int) -> int:
 
 class Scheduler:
     def __init__(self, engine, params: DecodingParams, slots: int = 8):
+        if slots < 1:  # no row to admit into: every step would return nothing, forever
+            raise Vl3Error(f"a scheduler needs at least one row (got slots={slots})")
         self.engine, self.params, self.slots = engine, params, slots
         self._queue: deque[tuple[Hashable, Request]] = deque()
         self._rows: list[_Row] = []  # row i of the cache belongs to _rows[i]
@@ -117,9 +121,17 @@ class Scheduler:
         return not self._rows and not self._queue
 
     def add(self, key: Hashable, request: Request) -> None:
-        """Queue a request; it is prefilled into a free row at the next step."""
+        """Queue a request (Vl3Error for one that cannot be served); it is prefilled into a free row at
+        the next step."""
         params = request.params or self.params
-        self.engine.check_length(len(request.input_ids) + params.max_new_tokens)
+        ids = request.input_ids
+        if not ids:
+            raise Vl3Error("a request needs at least one prompt token")
+        vocab = self.engine.config.text.vocab_size
+        if not 0 <= min(ids) <= max(ids) < vocab:  # on CUDA an id outside the table is a device assert for every row
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise Vl3Error(f"token id {bad} is outside the model's vocabulary of {vocab} tokens")
+        self.engine.check_length(len(ids) + params.max_new_tokens)
         prefix = request.prefix
         if prefix is not None:
             n = len(prefix.ids)
@@ -218,7 +230,7 @@ class Scheduler:
         self._seeds[row], self._steps[row] = seed, 0
         self._row_params.set_row(row, params)
         self._seen[row] = False
-        self._seen[row, torch.tensor(request.input_ids, device=self._seen.device).clamp(max=self._seen.shape[1] - 1)] = True
+        self._seen[row, torch.tensor(request.input_ids, device=self._seen.device)] = True
         self._rows.append(_Row(key, request, params, time.perf_counter() - start, cached))
 
     def _ensure_cache(self, need: int, rows: int) -> None:
@@ -274,33 +286,47 @@ class Scheduler:
 def generate(engine, requests: list[Request], params: DecodingParams) -> Iterator[list[int | None]]:
     """One yield per step, one entry per request: the new token id, or None (finished or none this step)."""
     scheduler = Scheduler(engine, params, slots=max(1, len(requests)))
-    for key, request in enumerate(requests):
-        scheduler.add(key, request)
-    while not scheduler.idle:
-        step: list[int | None] = [None] * len(requests)
-        for event in scheduler.step():
-            if event.error is not None:
-                raise event.error
-            if event.token is not None:
-                step[event.key] = event.token
-        if any(t is not None for t in step):
-            yield step
+    try:  # closed however the caller stops: its cache's decode graphs go with it
+        for key, request in enumerate(requests):
+            scheduler.add(key, request)
+        while not scheduler.idle:
+            step: list[int | None] = [None] * len(requests)
+            for event in scheduler.step():
+                if event.error is not None:
+                    raise event.error
+                if event.token is not None:
+                    step[event.key] = event.token
+            if any(t is not None for t in step):
+                yield step
+    finally:
+        scheduler.close()
 
 
 def stream(
     engine, requests: Iterable[tuple[Hashable, Request]], params: DecodingParams, slots: int = 8
 ) -> Iterator[Event]:
-    """Continuous batching over a lazy iterable: events in generation order, a request's last one finished."""
+    """Continuous batching over a lazy iterable: events in generation order, a request's last one finished.
+
+    A request the scheduler refuses (too long for the model, say) finishes at once with reason
+    "error", as one whose prefill raises; the others go on."""
     scheduler = Scheduler(engine, params, slots)
     pending = iter(requests)
     exhausted = False
-    while True:
-        while not exhausted and scheduler.active + scheduler.queued < slots:
-            item = next(pending, None)
-            if item is None:
-                exhausted = True
-            else:
-                scheduler.add(*item)
-        if scheduler.idle:
-            return
-        yield from scheduler.step()
+    try:  # closed however the caller stops: its cache's decode graphs go with it
+        while True:
+            refused = []
+            while not exhausted and scheduler.active + scheduler.queued < slots:
+                item = next(pending, None)
+                if item is None:
+                    exhausted = True
+                    continue
+                try:
+                    scheduler.add(*item)
+                except Vl3Error as e:
+                    refused.append(Event(item[0], None, True, "error", error=e))
+            yield from refused
+            if scheduler.idle:  # the loop above ends with every item taken, or a row busy
+                return
+            yield from scheduler.step()
+    finally:
+        scheduler.close()
