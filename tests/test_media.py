@@ -196,9 +196,25 @@ def test_broken_inputs(tmp_path, clips):
 
 
 def test_decompression_bomb(tmp_path):
+    from vl3cli.media import PICTURE_PIXELS
+
     path = tmp_path / "bomb.png"
-    side = int((Image.MAX_IMAGE_PIXELS * 1.2) ** 0.5)
-    Image.new("1", (side, side)).save(path)  # a few KB on disk, > MAX_IMAGE_PIXELS decoded
+    side = int((PICTURE_PIXELS * 1.01) ** 0.5)
+    Image.new("1", (side, side)).save(path)  # a few KB on disk, > 250 million pixels decoded
+    check_error(path, "too large")
+    assert Image.MAX_IMAGE_PIXELS == 89478485  # Pillow's default is left as it was
+
+
+def test_a_108_megapixel_photo_is_not_a_bomb(tmp_path, monkeypatch):
+    """Above Pillow's default limit (89.5 MP), as phones take them: opened (decoding is not needed
+    to tell); a limit the program set itself still holds."""
+    from vl3cli.media import _open_pil
+
+    path = tmp_path / "108mp.png"
+    Image.new("1", (12000, 9000)).save(path)
+    with _open_pil(path) as im:
+        assert im.size == (12000, 9000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000_000)
     check_error(path, "too large")
 
 

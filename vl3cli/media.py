@@ -15,8 +15,10 @@ Contract:
   Transparency is composited onto white (as transformers' ``convert_to_rgb`` does); 16-bit
   and float modes are scaled to 8 bits by their mode, never by their values (16-bit / 257,
   float 0..1 x 255; Pillow would clip them); every other mode goes through
-  ``Image.convert("RGB")``. Pillow's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is
-  enforced, its warning turned into an error; its other warnings (corrupt EXIF) are silenced.
+  ``Image.convert("RGB")``. A picture of more than ``PICTURE_PIXELS`` (250 million: a 200 MP
+  phone photo opens) is refused as a decompression bomb before it is decoded; Pillow's default
+  limit (89.5 MP) would refuse a 108 MP photo. A limit a program set itself
+  (``Image.MAX_IMAGE_PIXELS``) is the one used. Pillow's other warnings (corrupt EXIF) are silenced.
 - ``read_video(path, plan)`` reads the metadata (``container.probe``, or Pillow for animated
   images), asks ``plan(meta)`` for the timestamps to use and the output size, then decodes
   only those frames, upright, resizing each one as soon as it is decoded (``video.decode``).
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -51,6 +54,9 @@ VIDEO_STREAM_FORMATS = {"MPEG"}  # Pillow names an MPEG-1/2 video stream (.m1v, 
 # (a dark 16-bit picture stays dark). 32-bit integers are taken as 16-bit data (what 16-bit PNG and
 # TIFF files open as); floats as 0..1.
 SCALE_TO_8_BITS = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I;16N": 1 / 257, "I": 1 / 257, "F": 255.0}
+PICTURE_PIXELS = 250_000_000  # the largest picture decoded (a 200 MP photo is 16320 x 12240)
+_PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own default, at import
+_LIMIT_LOCK = threading.Lock()
 GIF_MIN_DURATION_MS = 10  # GIF frames this short play at 100 ms in browsers; so do we
 VIDEO_SIGNATURES = ("mp4", "matroska")
 
@@ -120,20 +126,23 @@ def native_logging(debug: bool) -> None:
 
 
 def _open_pil(path) -> Image.Image:
-    """Image.open with the decompression-bomb limit as a hard error; HEIF support on demand."""
+    """Image.open with the decompression-bomb limit (`PICTURE_PIXELS`, or a program's own) as a hard
+    error; HEIF support on demand."""
     if signature(path) == "heif" and not _heif_registered():
         raise _fail(path, "HEIC/HEIF pictures need the pillow-heif package: pip install pillow-heif")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # corrupt EXIF and other quirks are not the user's problem
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _fail(
-            path,
-            f"image too large ({e}); refusing to decode it (Pillow's MAX_IMAGE_PIXELS "
-            f"= {Image.MAX_IMAGE_PIXELS})",
-        ) from e
+    with _LIMIT_LOCK:  # Pillow reads its limit from a global: set for this call only
+        before = Image.MAX_IMAGE_PIXELS
+        if before == _PILLOW_LIMIT:
+            Image.MAX_IMAGE_PIXELS = PICTURE_PIXELS
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # corrupt EXIF and other quirks are not the user's problem
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _fail(path, f"image too large ({e}); refusing to decode it") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 def _is_animated(im: Image.Image) -> bool:
