@@ -190,6 +190,10 @@ def test_broken_inputs(tmp_path, clips):
     check_error(tmp_path / "truncated.mp4", "truncated", "moov")
     (tmp_path / "broken.png").write_bytes(make_image(tmp_path / "ok.png", size=(200, 200)).read_bytes()[:300])
     check_error(tmp_path / "broken.png", "corrupt or truncated image")
+    Image.new("RGB", (300, 200), (10, 20, 30)).save(tmp_path / "ok.jpg", quality=90)
+    for cut in (200, 300):  # inside the headers (Pillow cannot open it; FFmpeg reads its size and no frame)
+        (tmp_path / "headers.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes()[:cut])
+        check_error(tmp_path / "headers.jpg", "corrupt or truncated image")
     for name in ("garbage.png", "garbage.jpg"):  # FFmpeg's image2 demuxer opens these by extension alone
         (tmp_path / name).write_bytes(b"garbage")
         check_error(tmp_path / name, "not an image Pillow can read")

@@ -199,6 +199,7 @@ def detect_kind(path) -> str:
     kind = signature(path)
     if kind in VIDEO_SIGNATURES:
         return "video"
+    broken = None
     try:
         with _open_pil(path) as im:
             if _is_animated(im):
@@ -212,6 +213,9 @@ def detect_kind(path) -> str:
         if kind is not None:  # a HEIF / AVIF picture Pillow cannot read
             raise _fail(path, _unreadable_picture(path)) from e
         picture = False
+        # A format Pillow knows, whose reader then failed (a JPEG cut inside its headers), rather
+        # than one it does not know (UnidentifiedImageError): a broken picture if FFmpeg sees one too.
+        broken = e if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) else None
     with container.av_open(path) as c:  # raises MediaError "not an image or video" when PyAV cannot open it
         main = container.main_video_stream(c)
         if main is None:
@@ -220,9 +224,11 @@ def detect_kind(path) -> str:
         if cc is None:  # FFmpeg demuxes it but has no decoder for it (SVG, ...)
             raise _fail(path, "not an image or video vl3 can read")
         demuxer = c.format.name
-        if (demuxer in IMAGE_DEMUXERS or demuxer.endswith("_pipe")) and not cc.width and not picture:
-            # image2 opens any file named like a picture: garbage in x.png is a broken picture, not a video
-            raise _fail(path, _unreadable_picture(path))
+        if (demuxer in IMAGE_DEMUXERS or demuxer.endswith("_pipe")) and not picture:
+            if broken is not None:
+                raise _fail(path, f"corrupt or truncated image ({broken})") from broken
+            if not cc.width:  # image2 opens any file named like a picture: garbage in x.png is a broken picture
+                raise _fail(path, _unreadable_picture(path))
     return "video"
 
 
