@@ -18,6 +18,7 @@ from media_factory import make_image, make_video
 from tokenizers import Tokenizer
 
 import vl3cli
+from vl3cli.errors import ContextError, Vl3Error
 from vl3cli.preprocess import prepare_visual
 
 N = 8
@@ -179,3 +180,65 @@ def test_a_conversation_prefills_only_its_new_turn(models, files):
     # everything before the new turn came from the kept KV: the first prompt and the answer fed back
     assert second.prompt_tokens_cached == first.prompt_tokens + len(first.state.ids) - (first.finish_reason == "length")
     assert second.timings["encode_s"] == 0.0  # the video was not encoded again
+
+
+def test_save_is_whole_or_not_at_all(models, files, tmp_path, monkeypatch):
+    """A media name that is not UTF-8 is saved as its JSON escape (and reads back as it was); a
+    save that fails part way (a full disk) leaves the earlier save as it was."""
+    out = tmp_path / "talk.json"
+    chat = models["hf"].chat(str(files["image"]))
+    chat.ask(QUESTIONS[0])
+    chat.save(out)
+    earlier = out.read_bytes()
+    odd = tmp_path / os.fsdecode(b"\xe9t\xe9.png")  # Latin-1 bytes: '\udce9t\udce9.png' under surrogateescape
+    odd.write_bytes(files["image"].read_bytes())
+    other = models["hf"].chat(str(odd))
+    other.ask(QUESTIONS[0])
+
+    real_open = Path.open
+
+    class Full:  # a file on a full disk: opened, then every write fails
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opened(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        return Full(f) if "w" in mode else f
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "open", opened)
+        with pytest.raises(Vl3Error, match="cannot write .*No space left"):
+            other.save(out)
+    assert out.read_bytes() == earlier and sorted(os.listdir(tmp_path)) == sorted([out.name, odd.name])  # no file left behind
+    other.save(out)
+    saved = json.loads(out.read_bytes().decode("utf-8"))  # valid UTF-8
+    assert saved["media"] == [str(odd)] and saved["turns"][0]["record"]["path"] == str(odd)
+
+
+def test_a_question_that_is_not_utf8_is_refused_and_the_chat_goes_on(models, files):
+    chat = models["hf"].chat(str(files["image"]))
+    with pytest.raises(vl3cli.api.UsageError, match="not valid UTF-8"):
+        chat.ask("what is \udcff\udcfe?")  # a terminal's Latin-1 bytes, as surrogateescape reads them
+    assert chat.history == [] and chat.ask(QUESTIONS[0]).ok
+
+
+def test_a_first_question_that_fails_does_not_read_the_media_again(models, files, monkeypatch):
+    from vl3cli import pipeline
+
+    reads = []
+    real = pipeline.prepare_visual
+    monkeypatch.setattr(pipeline, "prepare_visual", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    chat = models["hf"].chat(str(files["video"]))
+    with pytest.raises(ContextError):
+        chat.ask("w " * 5000)
+    assert chat.ask(QUESTIONS[0]).ok and chat.ask(QUESTIONS[1]).ok
+    assert reads == [str(files["video"])]

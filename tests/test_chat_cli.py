@@ -46,13 +46,15 @@ def test_questions_from_a_pipe_equal_the_api(ckpt, image):
 class Terminal:
     """A process on a pseudo-terminal: keys in, screen bytes out."""
 
-    def __init__(self, args: list[str], cwd: Path):
+    def __init__(self, args: list[str], cwd: Path, stdout: Path | None = None, env: dict | None = None):
         import pty
 
-        env = {k: v for k, v in os.environ.items() if k != "VL3_DEBUG"} | {"TERM": "dumb", "COLUMNS": "100"}
+        env = {k: v for k, v in os.environ.items() if k != "VL3_DEBUG"} | {"TERM": "dumb", "COLUMNS": "100"} | (env or {})
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the pty is its controlling terminal, so Ctrl-C sends SIGINT
             os.chdir(cwd)
+            if stdout is not None:  # `vl3 chat ... > stdout`: the answers go there, the rest to the terminal
+                os.dup2(os.open(stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
             os.execvpe(sys.executable, [sys.executable, "-m", "vl3cli", *args], env)
         self.screen = b""
         self.seen = 0  # the screen is read up to here
@@ -118,6 +120,49 @@ def test_a_terminal_session(ckpt, image, tmp_path):
     term.read_until(b"> ")
     term.send(b"\x04")  # Ctrl-D
     assert term.wait() == 0
+
+
+def test_a_terminal_session_with_the_answers_redirected(ckpt, image, tmp_path):
+    """`vl3 chat a.png > answers.txt`: the file holds the answers only, one line each (no prompt,
+    nothing for a question that failed); a line in another encoding than the terminal's is one
+    error line, and the conversation goes on."""
+    out = tmp_path / "answers.txt"
+    term = Terminal(["chat", str(image), "-m", str(ckpt), "--max-new-tokens", "5"], tmp_path, stdout=out,
+                    env={"PYTHONIOENCODING": "utf-8:strict"})  # fmt: skip
+    term.read_until(b"Talking about")
+    term.read_until(b"> ")
+    for keys, then in [(b"What is it?\r", b""), (b"caf\xe9?\r", b"Error: the line is not utf-8 text"),
+                       (b"w " * 2100 + b"\r", b"Error: the conversation no longer fits"), (b"And its colour?\r", b"")]:  # fmt: skip
+        term.send(keys)
+        term.read_until(then)
+        term.read_until(b"> ")
+    term.send(b"\x04")
+    assert term.wait() == 0
+    assert b"Traceback" not in term.screen
+    chat = vl3cli.load(str(ckpt), max_new_tokens=5).chat(str(image))
+    assert out.read_text() == "".join(chat.ask(q).text + "\n" for q in ["What is it?", "And its colour?"])
+
+
+def test_piped_answers_on_a_terminal_lose_their_control_characters(ckpt, image, monkeypatch, capsys):
+    """`vl3 chat a.png < questions.txt` with stdout a terminal: an answer's escape sequences and bells
+    are not sent to it (as in the interactive loop and `vl3 describe`)."""
+    from vl3cli.chat import Chat
+    from vl3cli.cli import main
+    from vl3cli.output import Result
+
+    class Screen(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Screen()
+    monkeypatch.setattr(Chat, "ask", lambda self, q, on_text=None: Result(prompt=q, text="red\x1b[31m!\x07"))
+    monkeypatch.setattr(sys, "argv", ["vl3", "chat", str(image), "-m", str(ckpt)])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is it?\n"))
+    monkeypatch.setattr(sys, "stdout", screen)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert screen.getvalue() == "Q: What is it?\nred[31m!\n"
 
 
 def test_unreadable_media_is_one_error_line(ckpt, image, tmp_path, capsys, monkeypatch):

@@ -17,7 +17,10 @@ interrupted (Ctrl-C): nothing of it is kept.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +32,7 @@ from .pipeline import Item
 from .prompt import Turn
 
 SAVE_FORMAT = "vl3-chat/1"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Chat:
@@ -56,10 +60,13 @@ class Chat:
         from .api import check_callable, checked_question  # api.py imports this module
 
         question = checked_question(question, "question", none=False)
+        if _SURROGATE.search(question):  # text read with surrogateescape: bytes that are not UTF-8
+            raise UsageError("the question is not valid UTF-8 text (set the terminal to UTF-8, or retype it)")
         check_callable(on_text, "on_text")
         if self.history:
             item = Item(prompts=(question,), history=tuple(self.history), options=self.options, prefix=self.prefix, keep_kv=True)
-        else:  # the media's turn: read now, or as read before a /reset
+        else:  # the media's turn: read once and kept, so a first question that fails is not a second read
+            self.read()
             prepared = None if self.visuals is None else (self.visuals, self._read_s)
             item = Item(media=self.media, prompts=(question,), options=self.options, prepared=prepared, keep_kv=True)
         stream = (lambda key, piece: on_text(piece)) if on_text else None
@@ -101,11 +108,26 @@ class Chat:
 
     def save(self, path: str | Path) -> Path:
         """Write the conversation as JSON; an existing file is replaced only if it is a saved vl3 chat."""
+        from .outfile import claim, escaped, replace_file, temp_name
+
         path = Path(path).expanduser()
         if path.exists() and not _saved_chat(path):
             raise UsageError(f"{path} exists and is not a saved vl3 chat; choose another file name")
+        # a media name that is not UTF-8 (surrogateescape) is kept as its JSON escape, which reads back as it was
+        data = escaped(json.dumps(self.to_dict(), ensure_ascii=False, indent=2), "utf-8").encode("utf-8") + b"\n"
+        real = Path(os.path.realpath(path))  # a link to a saved chat stays a link
         try:
-            path.write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            if real.exists() and not os.access(real, os.W_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            # written next to it and renamed over it: an earlier save survives a full disk or a Ctrl-C
+            tmp = claim(temp_name(real))
+            try:
+                with tmp.open("wb") as f:
+                    f.write(data)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            replace_file(tmp, real)
         except OSError as e:
             raise Vl3Error(f"cannot write {path}: {e.strerror or e}") from e
         return path

@@ -70,9 +70,13 @@ def _chat_terminal(conversation) -> None:
 
     about = ", ".join(conversation.media) or "nothing (text only)"
     print(f"Talking about {about} with {conversation.model.name}. /help for commands, Ctrl-D to end.", file=sys.stderr)
+    # input() writes its prompt to stdout, the answers' stream; readline needs it there only on a terminal
+    prompt = "> " if sys.stdout.isatty() else ""
     while True:
         try:
-            line = input("> ").strip()
+            if not prompt:
+                print("> ", end="", file=sys.stderr, flush=True)
+            line = input(prompt).strip()
         except EOFError:
             print(file=sys.stderr)
             return
@@ -80,6 +84,10 @@ def _chat_terminal(conversation) -> None:
             raise
         except KeyboardInterrupt:
             print(file=sys.stderr)
+            continue
+        except UnicodeDecodeError as e:  # a terminal that sends another encoding than the one set
+            print(f"Error: the line is not {e.encoding} text ({e.reason}); set the terminal to {e.encoding}",
+                  file=sys.stderr)  # fmt: skip
             continue
         if not line:
             continue
@@ -90,7 +98,7 @@ def _chat_terminal(conversation) -> None:
         printer = _StreamedLine()
         try:
             conversation.ask(line, on_text=printer.write)
-            printer.end()
+            printer.end(answered=True)
         except Terminated:
             printer.end()
             raise
@@ -107,24 +115,28 @@ def _chat_terminal(conversation) -> None:
 
 
 class _StreamedLine:
-    """An answer streamed to the terminal (control characters removed), ended with one newline."""
+    """An answer streamed to stdout (on a terminal, control characters removed), ended with one newline."""
 
     def __init__(self):
         from ..outfile import Sink
 
         self.out = Sink(sys.stdout, "stdout")  # a terminal that cannot show a character gets its escape
+        self.terminal = sys.stdout.isatty()  # a file gets the answer as generated
         self.started = False
 
     def write(self, piece: str) -> None:
         from ..output import terminal_safe
 
-        self.out.write(terminal_safe(piece))
+        self.out.write(terminal_safe(piece) if self.terminal else piece)
         self.out.flush()
         self.started = True
 
-    def end(self) -> None:
-        self.out.write("\n")
-        self.out.flush()
+    def end(self, answered: bool = False) -> None:
+        """End the answer's line: an answer (even an empty one) is one line; a question that failed
+        or was stopped before any text leaves nothing on stdout."""
+        if answered or self.started:
+            self.out.write("\n")
+            self.out.flush()
 
 
 def _chat_command(conversation, line: str) -> bool:
@@ -156,7 +168,8 @@ def _chat_lines(conversation, fmt: str) -> None:
     from ..outfile import Sink
     from ..output import Writer
 
-    writer = Writer(fmt, Sink(sys.stdout, "stdout"), many=True)
+    # on a terminal, the answers' control characters are dropped (as in the interactive loop)
+    writer = Writer(fmt, Sink(sys.stdout, "stdout"), many=True, terminal=sys.stdout.isatty())
     failed = False
     for number, line in _lines(sys.stdin):
         question = line.strip()
