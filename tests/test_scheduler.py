@@ -329,3 +329,29 @@ def test_decode_graphs_are_forgotten_with_every_cache_dropped(engine, monkeypatc
         last = scheduler._cache.k.data_ptr()
         scheduler.close()
     assert first != last and graphs.ran == {first, last} and graphs.forgotten == [first, last]
+
+
+@pytest.mark.parametrize("params", [DecodingParams(max_new_tokens=12, ignore_eos=True),
+                                    DecodingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)])
+def test_placeholder_tokens_are_never_drawn(engine, monkeypatch, params):
+    """The model made to prefer the image and video placeholders (their logits raised above all
+    others, after prefill and every decode step): no answer holds one, and a greedy answer is the
+    best of the other tokens at every step (worked out from the same logits)."""
+    marks = [engine.config.image_token_id, engine.config.video_token_id]
+    best_others = []
+    real_prefill, real_decode = engine.prefill, engine.decode
+
+    def boosted(logits):
+        logits = logits.clone()
+        others = logits.clone()
+        others[..., marks] = float("-inf")
+        best_others.append(others.argmax(dim=-1).reshape(-1).tolist())
+        logits[..., marks] = logits.max() + 100
+        return logits
+
+    monkeypatch.setattr(engine, "prefill", lambda *a, **k: boosted(real_prefill(*a, **k)))
+    monkeypatch.setattr(engine, "decode", lambda cache, tokens, out: out.copy_(boosted(real_decode(cache, tokens, out))))
+    tokens = alone(engine, image_request(engine, 5), params)
+    assert len(tokens) == 12 and not set(tokens) & set(marks)
+    if params.greedy:
+        assert tokens == [step[0] for step in best_others[: len(tokens)]]

@@ -25,7 +25,8 @@ A request finishes on one of the checkpoint's EOS ids (never emitted) or after
 with reason "error" and the exception, and the others go on. `add` refuses (Vl3Error) a request
 that cannot be served: no prompt, a token id outside the vocabulary, more positions than the model
 has. `generate()` (which raises errors) and `stream()` (where a refused request finishes with reason
-"error" too) are thin wrappers that close their scheduler however their caller stops.
+"error" too) are thin wrappers that close their scheduler however their caller stops. The image
+and video placeholder tokens are never drawn (their logits are set to -inf before sampling).
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ class Scheduler:
         self._row_params = RowParams.allocate(slots, device)
         self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
         self._overlap = cuda
+        # The image / video placeholders mark where visual features go: never part of an answer (one
+        # in a conversation's kept answer would claim features no media brings).
+        marks = {engine.config.image_token_id, engine.config.video_token_id}
+        self._placeholders = torch.tensor(sorted(m for m in marks if 0 <= m < vocab), dtype=torch.long, device=device)
 
     def close(self) -> None:
         """Done with this scheduler: its cache's decode graphs (CUDA) are freed with it."""
@@ -158,6 +163,7 @@ class Scheduler:
         if not n:
             return failed
         rows = [r.params for r in self._rows]
+        self._logits[:n, self._placeholders] = float("-inf")
         tokens = sample(self._logits[:n], self._row_params_view(n), self._seen[:n], self._seeds[:n], self._steps[:n],
                         any_sampling=any(not p.greedy for p in rows),
                         any_penalty=any(p.repetition_penalty != 1 for p in rows),
