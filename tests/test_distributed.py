@@ -176,6 +176,35 @@ def test_ctrl_c_then_resume_gives_one_record_per_path(cluster, ckpt, folder, tmp
     assert all(rec["generated_tokens"] == 40 for rec in records if not rec["error"])
 
 
+def test_leaving_the_engine_ends_a_run_the_caller_stopped_reading(cluster, ckpt, folder):
+    """A caller that stops reading on an exception of its own (`vl3 batch --engine ray | head -1`:
+    a broken pipe) still holds the unfinished generator in its traceback. Leaving the engine ends
+    that run before Ray is shut down; ended later, its clean-up would start a new local Ray."""
+    import inspect
+
+    from vl3cli.batch import Entry, StopSignal
+    from vl3cli.distributed import RayEngine, RaySettings
+    from vl3cli.options import Options
+
+    engine = RayEngine.start(str(ckpt), None, "cpu", "auto", None, Options(max_new_tokens=N), RaySettings())
+    states = []
+
+    class OwnedRay:  # the cluster of this module, as if the engine had started it: record the shutdown
+        def __getattr__(self, name):
+            return getattr(ray, name)
+
+        def shutdown(self):
+            states.append(inspect.getgeneratorstate(run))
+
+    engine.ray, engine.owned = OwnedRay(), True
+    run = engine.results([(Entry((p,)), frozenset()) for p in paths(folder)], StopSignal())
+    with pytest.raises(BrokenPipeError), engine:
+        for _ in run:
+            raise BrokenPipeError
+    assert states == [inspect.GEN_CLOSED]
+    assert ray.is_initialized()  # the module's cluster, untouched
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

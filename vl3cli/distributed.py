@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -102,6 +103,7 @@ class RayEngine:
     def __init__(self, ray, load: dict, options: Options, processor, media, gpus: float, settings: RaySettings, owned: bool):
         self.ray, self.load, self.options, self.processor, self.media = ray, load, options, processor, media
         self.gpus, self.settings, self.owned = gpus, settings, owned
+        self._runs: weakref.WeakSet = weakref.WeakSet()  # the `results()` generators not finished yet
 
     @classmethod
     def start(cls, model: str, revision: str | None, device: str, dtype: str, quantize: str | None,
@@ -141,12 +143,23 @@ class RayEngine:
         return self
 
     def __exit__(self, *exc) -> None:
+        # A caller that stopped reading early (a broken pipe, a full disk: its traceback still holds
+        # the generator) has its run ended here, its actors released: closed later, after the
+        # shutdown, the run's clean-up would call into Ray and start a new local Ray.
+        for run in list(self._runs):
+            run.close()
         if self.owned:
             self.ray.shutdown()
 
     def results(self, todo: list[tuple[Entry, frozenset]], stop: StopSignal) -> Iterator[Result]:
         """One Result per entry of `todo` (one per segment when segmenting; the frozenset: segments
-        already answered), in the order they finish (the local engine's records)."""
+        already answered), in the order they finish (the local engine's records). Leaving the
+        engine ends a run not read to its end."""
+        run = self._results(todo, stop)
+        self._runs.add(run)
+        return run
+
+    def _results(self, todo: list[tuple[Entry, frozenset]], stop: StopSignal) -> Iterator[Result]:
         ray = self.ray
         rows = [{"index": i, "entry": entry, "skip": skip} for i, (entry, skip) in enumerate(todo)]
         pending = {i: entry for i, (entry, _) in enumerate(todo)}
