@@ -323,3 +323,48 @@ def test_an_empty_question_is_refused_everywhere_alike(model, files):
     got = dict(model.run([vl3cli.Item((image,), ("",)), vl3cli.Item((image,), ("What is it?",))]))
     assert got[0, 0].error == messages.pop() and got[0, 0].text is None
     assert got[1, 0].error is None and got[1, 0].text
+
+
+def test_threads_sharing_a_model_take_turns_on_the_engine(model, files, monkeypatch):
+    """Several threads may call one Model: the engine is never driven by two at once (on a GPU a
+    decode graph being captured cannot share the device), and each answer is the one a lone call
+    gives. Runs interleaved in one thread still go on side by side."""
+    import threading
+
+    engine, active, most, guard = model.engine, [0], [0], threading.Lock()
+
+    def counted(method):
+        def call(*args, **kwargs):
+            with guard:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            try:
+                return method(*args, **kwargs)
+            finally:
+                with guard:
+                    active[0] -= 1
+
+        return call
+
+    for name in ("encode_visuals", "prefill", "prefill_prefix", "decode"):
+        monkeypatch.setattr(engine, name, counted(getattr(engine, name)))
+    video, image = str(files["video"]), str(files["image"])
+    alone = {video: model.describe(video).text, image: model.describe(image).text}
+    got, errors = [], []
+
+    def work(path):
+        try:
+            got.extend((path, model.describe(path).text) for _ in range(3))
+        except BaseException as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in (video, image, video)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 9 and all(text == alone[path] for path, text in got)
+    assert most[0] == 1
+    first, second = model.caption_many([video, image], batch_size=1), model.caption_many([image, video], batch_size=1)
+    pairs = list(zip(first, second))
+    assert sorted((r.path, r.text) for pair in pairs for r in pair) == sorted((p, alone[p]) for p in (video, image) * 2)

@@ -18,13 +18,16 @@ Arguments are checked when a call is made (generators included), once for every 
 (`media_paths`, `checked_question`): media is a path or URL as str or os.PathLike, or a list of
 them; a question is text, not empty; anything else is a `UsageError` naming the argument.
 `describe` and `ask` raise when the media cannot be used; `caption_many` (like `vl3 batch`)
-yields an error record (`Result.error` set) for a bad file and goes on. The command line, the
-server and the Ray engine are thin callers of this module: `Model.run` is the one road.
+yields an error record (`Result.error` set) for a bad file and goes on. Threads may share one
+`Model`: their runs take turns on the engine, one answer at a time (`Model.run`). The command
+line, the server and the Ray engine are thin callers of this module: `Model.run` is the one road.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -95,13 +98,16 @@ def check_budget(config, options: Options) -> None:
 
 
 class Model:
-    """A loaded checkpoint. Not thread-safe: one call at a time (the server runs one loop)."""
+    """A loaded checkpoint. Threads may share it: their calls take turns on the engine, each run
+    going on until its next answer is done (`run`); a run left unfinished holds nothing."""
 
     def __init__(self, engine, label: Label, defaults: Options, load_s: float = 0.0):
         self.engine = engine
         self.label = label
         self.defaults = defaults
         self.runner = Runner(engine, label, load_s)
+        # Re-entrant: a caller's on_text or check may itself call the model from the same thread.
+        self._turn = threading.RLock()
 
     @property
     def name(self) -> str:
@@ -238,7 +244,24 @@ class Model:
         run_options = self.options(**options)
         kwargs = {"check": check} if check else {}
         checked = (checked_item(item) for item in items)
-        return self.runner.run(checked, run_options, slots=batch_size, workers=workers, on_text=on_text, **kwargs)
+        results = self.runner.run(checked, run_options, slots=batch_size, workers=workers, on_text=on_text, **kwargs)
+        return self._in_turn(results)
+
+    def _in_turn(self, results: Iterator[tuple[Key, Result]]) -> Iterator[tuple[Key, Result]]:
+        """`results` advanced under the model's lock, one answer at a time: runs in several threads
+        never drive the engine at once (on a GPU, a decode graph being captured cannot share the
+        device with other work), and a run suspended between answers leaves the engine to the others."""
+        try:
+            while True:
+                with self._turn:
+                    try:
+                        out = next(results)
+                    except StopIteration:
+                        return
+                yield out
+        finally:
+            with self._turn:
+                results.close()
 
 
 # -- arguments: checked here, once for every caller, with the command line's wording --------------
@@ -253,7 +276,12 @@ def checked_question(value, name: str = "question", *, none: bool = True) -> str
         raise UsageError(f"{name}: a question must be text (str), not {type(value).__name__}")
     if not value.strip():
         raise UsageError(EMPTY_QUESTION)
+    if _SURROGATE.search(value):  # bytes that are not UTF-8, as a command line or stdin hands them over
+        raise UsageError(f"{name}: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)")
     return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def question_list(value, name: str = "questions") -> tuple[str | None, ...]:
