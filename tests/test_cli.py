@@ -297,3 +297,18 @@ def test_the_exit_does_not_wait_for_media_readers_but_for_other_threads(tmp_path
     p = subprocess.run([sys.executable, "-c", LINGERING_THREAD.format(seconds=0.5, name="writer")],
                        capture_output=True, text=True, check=False, timeout=60, cwd=tmp_path)  # fmt: skip
     assert p.returncode == 0 and (tmp_path / "finished").exists()
+
+
+def test_a_question_that_is_not_utf8_is_one_error_line(tmp_path):
+    """Bytes that are not UTF-8 in a command-line question (a Latin-1 terminal): one error line
+    naming the cause, before any model loads."""
+    import subprocess
+    import sys
+
+    from media_factory import make_image
+
+    image = make_image(tmp_path / "a.png", size=(32, 32))
+    p = subprocess.run([sys.executable.encode(), b"-m", b"vl3cli", b"ask", str(image).encode(), b"caf\xe9?",
+                        b"-m", b"/nonexistent-model"], capture_output=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and p.stdout == b""
+    assert p.stderr.decode().strip() == "Error: question: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)"

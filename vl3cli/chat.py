@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +31,6 @@ from .pipeline import Item
 from .prompt import Turn
 
 SAVE_FORMAT = "vl3-chat/1"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Chat:
@@ -60,8 +58,6 @@ class Chat:
         from .api import check_callable, checked_question  # api.py imports this module
 
         question = checked_question(question, "question", none=False)
-        if _SURROGATE.search(question):  # text read with surrogateescape: bytes that are not UTF-8
-            raise UsageError("the question is not valid UTF-8 text (set the terminal to UTF-8, or retype it)")
         check_callable(on_text, "on_text")
         if self.history:
             item = Item(prompts=(question,), history=tuple(self.history), options=self.options, prefix=self.prefix, keep_kv=True)
