@@ -83,7 +83,7 @@ def generate(ref, ids: list[int], inputs: dict, eos: list[int]) -> list[int]:
     with torch.inference_mode():
         out = ref.generate(
             input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, **inputs,
+            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, suppress_tokens=tiny.placeholder_ids(), **inputs,
         )[0, len(ids):].tolist()  # fmt: skip
     return [t for t in out if t not in eos]
 

@@ -80,6 +80,12 @@ def token_id(token: str) -> int:
     return Tokenizer.from_str(tokenizer_json()).token_to_id(token)
 
 
+def placeholder_ids() -> list[int]:
+    """The visual placeholder tokens of both formats: vl3 never draws them, so a reference's
+    generate() is run with them suppressed (`suppress_tokens`) for a like-for-like comparison."""
+    return [token_id(t) for t in ("<|image_pad|>", "<|video_pad|>", "<image>")]
+
+
 def hf_config(tied: bool, vision: dict | None = None) -> dict:
     text = dict(TEXT, model_type="qwen2", tie_word_embeddings=tied)
     return {
