@@ -79,11 +79,11 @@ def reference_inputs(model, paths):
     return "".join(t + "\n" for t in texts), inputs
 
 
-def generate(ref, ids: list[int], inputs: dict, eos: list[int]) -> list[int]:
+def generate(ref, ids: list[int], inputs: dict, eos: list[int], folder) -> list[int]:
     with torch.inference_mode():
         out = ref.generate(
             input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, suppress_tokens=tiny.placeholder_ids(), **inputs,
+            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, suppress_tokens=tiny.placeholder_ids(folder), **inputs,
         )[0, len(ids):].tolist()  # fmt: skip
     return [t for t in out if t not in eos]
 
@@ -104,7 +104,7 @@ def test_three_turns_equal_transformers(fmt, kind, models, ref, ckpt, files):
     for k, question in enumerate(QUESTIONS):
         if k:
             ids = ids + expected + t.encode(f"<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n").ids
-        expected = generate(ref, ids, inputs, eos_ids(ckpt[fmt]))
+        expected = generate(ref, ids, inputs, eos_ids(ckpt[fmt]), ckpt[fmt])
         r = chat.ask(question)
         assert r.state.ids == expected, (k, r.text)
         assert r.prompt_tokens == len(ids) and r.prompt == question and r.media == [str(files[kind])]
@@ -120,13 +120,13 @@ def test_two_images_and_text_only_equal_transformers(fmt, models, ref, ckpt, fil
     question = "What changed?"
     ids = tok().encode(f"<|im_start|>user\n{visual}{question}<|im_end|>\n<|im_start|>assistant\n").ids
     (r,) = model.ask([str(p) for p in paths], question)
-    assert r.state.ids == generate(ref, ids, inputs, eos_ids(ckpt[fmt]))
+    assert r.state.ids == generate(ref, ids, inputs, eos_ids(ckpt[fmt]), ckpt[fmt])
     assert r.kind == "multiple" and r.path is None and [m["path"] for m in r.media_info] == [str(p) for p in paths]
     assert r.visual_tokens == sum(m["visual_tokens"] for m in r.media_info)
     text_q = "What color is a banana?"
     ids = tok().encode(f"<|im_start|>user\n{text_q}<|im_end|>\n<|im_start|>assistant\n").ids
     (r,) = model.ask([], text_q)
-    assert r.state.ids == generate(ref, ids, {}, eos_ids(ckpt[fmt]))
+    assert r.state.ids == generate(ref, ids, {}, eos_ids(ckpt[fmt]), ckpt[fmt])
     assert r.kind == "text" and r.media == [] and r.visual_tokens == 0
 
 

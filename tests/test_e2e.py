@@ -91,7 +91,7 @@ def reference_answer(ref, folder: Path, path: Path, question: str, system: str |
     with torch.inference_mode():
         out = ref.generate(
             input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, suppress_tokens=tiny.placeholder_ids(), **inputs,
+            do_sample=False, max_new_tokens=N, eos_token_id=eos, pad_token_id=0, suppress_tokens=tiny.placeholder_ids(folder), **inputs,
         )[0, len(ids) :].tolist()  # fmt: skip
     generated = [t for t in out if t not in eos]
     return tok.decode(generated, skip_special_tokens=True), len(generated)

@@ -188,7 +188,7 @@ def test_32_greedy_tokens_equal_transformers_generate(engine, reference):
             max_new_tokens=32,
             eos_token_id=[],
             pad_token_id=0,
-            suppress_tokens=tiny.placeholder_ids(),
+            suppress_tokens=tiny.placeholder_ids(engine.path),
         )[0, len(ids) :].tolist()
     assert len(ours) == 32
     assert ours == ref
@@ -212,7 +212,7 @@ def test_greedy_stops_at_eos_like_transformers(engine, reference):
             max_new_tokens=24,
             eos_token_id=list(engine.eos_token_ids),
             pad_token_id=0,
-            suppress_tokens=tiny.placeholder_ids(),
+            suppress_tokens=tiny.placeholder_ids(engine.path),
         )[0, len(ids) :].tolist()
     ref = [t for t in ref if t not in engine.eos_token_ids]  # we never yield the stop token
     assert ours == ref

@@ -80,10 +80,14 @@ def token_id(token: str) -> int:
     return Tokenizer.from_str(tokenizer_json()).token_to_id(token)
 
 
-def placeholder_ids() -> list[int]:
-    """The visual placeholder tokens of both formats: vl3 never draws them, so a reference's
-    generate() is run with them suppressed (`suppress_tokens`) for a like-for-like comparison."""
-    return [token_id(t) for t in ("<|image_pad|>", "<|video_pad|>", "<image>")]
+def placeholder_ids(folder: str | Path) -> list[int]:
+    """The visual placeholder tokens of checkpoint `folder` (its config's image and video ids): vl3
+    never draws them, so a reference's generate() runs with them suppressed (`suppress_tokens`) for
+    a like-for-like comparison."""
+    from vl3cli.config import ModelConfig
+
+    config = ModelConfig.from_dir(Path(folder))
+    return sorted({config.image_token_id, config.video_token_id})
 
 
 def hf_config(tied: bool, vision: dict | None = None) -> dict:
