@@ -7,9 +7,8 @@ One repo at one commit (`hub.commit`), its files those of `folder`, answered as 
 the endpoint's root (reachability), `/api/models/<repo>/revision/<rev>` and `.../tree/<commit>`
 (the listing, with LFS sizes and sha256 for safetensors), and `/<repo>/resolve/<rev>/<file>` (HEAD
 with the commit, ETag and size; GET with ranges). `hub.stall` makes every weight file stop half
-way until the server closes (a download in progress, for interrupting it);
-`hub.corrupt` serves weight files with one byte changed (the listing and ETag still
-those of the right content); `hub.requests` records what was asked for ("GET /path", with " from N" for a ranged GET).
+way until the server closes (a download in progress, for interrupting it); `hub.corrupt` serves
+weight files with one byte changed (the listing and ETag still those of the right content).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ class FakeHub:
         self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
         self.stall = False
         self.corrupt = False
-        self.requests: list[str] = []
         self.stalled = threading.Event()  # set once a stalled body has started
         self.closing = threading.Event()
         self.endpoint = ""
@@ -76,8 +74,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, body: bool) -> None:
         hub = self.hub
         path = unquote(urlsplit(self.path).path)
-        ranged = self.headers.get("Range", "")
-        hub.requests.append(f"{self.command} {path}" + (f" from {ranged[6:].split('-')[0]}" if ranged else ""))
         api = f"/api/models/{hub.repo}/"
         if path == "/":
             self.send_response(200)

@@ -220,6 +220,15 @@ def test_a_108_megapixel_photo_is_not_a_bomb(tmp_path, monkeypatch):
         assert im.size == (12000, 9000)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000_000)
     check_error(path, "too large")
+    import subprocess
+    import sys
+
+    # a limit set before vl3 is imported holds too
+    code = ("from PIL import Image; Image.MAX_IMAGE_PIXELS = 50_000_000\n"
+            "from vl3cli.errors import MediaError\nfrom vl3cli.media import _open_pil\n"
+            f"try:\n    _open_pil({str(path)!r})\nexcept MediaError as e:\n    print(e)")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "too large" in p.stdout, p.stderr
 
 
 def test_audio_only_file(tmp_path):

@@ -220,8 +220,8 @@ def _waited(call: Callable, *args, **kwargs):
     """call(*args, **kwargs) in a thread of its own, waited for here, so that Ctrl-C stops the wait
     at once. (Called directly, snapshot_download lets an interrupt through only after its pool has
     finished every file in progress: minutes into a large model, forever on a stalled connection.)
-    An interrupted download goes on in the background (`ABANDONED`); what it wrote is resumed by
-    the next run."""
+    An interrupted download goes on in the background (`ABANDONED`); huggingface_hub names its
+    partial files per process, so the next run fetches those files again."""
     outcome: dict = {}
 
     def target() -> None:

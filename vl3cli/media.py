@@ -55,7 +55,7 @@ VIDEO_STREAM_FORMATS = {"MPEG"}  # Pillow names an MPEG-1/2 video stream (.m1v, 
 # TIFF files open as); floats as 0..1.
 SCALE_TO_8_BITS = {"I;16": 1 / 257, "I;16L": 1 / 257, "I;16B": 1 / 257, "I;16N": 1 / 257, "I": 1 / 257, "F": 255.0}
 PICTURE_PIXELS = 250_000_000  # the largest picture decoded (a 200 MP photo is 16320 x 12240)
-_PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own default, at import
+_PILLOW_LIMIT = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own default (89.5 MP): any other value is a program's
 _LIMIT_LOCK = threading.Lock()
 GIF_MIN_DURATION_MS = 10  # GIF frames this short play at 100 ms in browsers; so do we
 VIDEO_SIGNATURES = ("mp4", "matroska")
