@@ -96,8 +96,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
-    """huggingface_hub's download functions replaced by fakes that record their calls."""
+    """huggingface_hub's download functions replaced by fakes that record their calls: (folder,
+    calls, plan, block): `plan` lists the (name, size) a dry run reports; with `block` set the
+    download hangs until the test ends."""
+    import threading
+
     import huggingface_hub
+    from huggingface_hub import DryRunFileInfo
 
     calls = []
     repo = tmp_path / "remote" / "snapshots" / COMMIT  # the cache's layout: a snapshot per commit
@@ -109,18 +114,28 @@ def fake_hub(tmp_path, monkeypatch):
             raise huggingface_hub.errors.EntryNotFoundError(f"{filename} not in {repo_id}")
         return str(repo / filename)
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, dry_run=False,
+                          tqdm_class=None):
+        if dry_run:  # the plan: what a download would add (the test sets `plan`)
+            calls.append(("plan", repo_id, revision, allow_patterns))
+            return [DryRunFileInfo(revision, size, name, str(repo / name), False, True) for name, size in plan]
         calls.append(("snapshot", repo_id, revision, allow_patterns))
+        if block.is_set():
+            release.wait(30)
         return str(repo)
+
+    plan: list[tuple[str, int]] = []
+    block, release = threading.Event(), threading.Event()
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr("vl3cli.hub._reachable", lambda endpoint: True)
-    return repo, calls
+    yield repo, calls, plan, block
+    release.set()
 
 
 def test_download_checks_the_config_before_fetching_weights(fake_hub):
-    repo, calls = fake_hub
+    repo, calls, _, _ = fake_hub
     (repo / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ConfigError, match="acme/bert: model_type 'bert'"):
         resolve_model("acme/bert")
@@ -129,7 +144,8 @@ def test_download_checks_the_config_before_fetching_weights(fake_hub):
     (repo / "config.json").write_text(CONFIG)
     assert resolve_model("acme/vl3", revision="v1") == repo
     # the snapshot of the commit whose config.json was checked, not whatever "v1" names a moment later
-    assert calls == [("file", "acme/vl3", "config.json", "v1"), ("snapshot", "acme/vl3", COMMIT, ALLOW_PATTERNS)]
+    assert calls == [("file", "acme/vl3", "config.json", "v1"), ("plan", "acme/vl3", COMMIT, ALLOW_PATTERNS),
+                     ("snapshot", "acme/vl3", COMMIT, ALLOW_PATTERNS)]
 
 
 def test_repo_without_config_json(fake_hub):
@@ -138,7 +154,7 @@ def test_repo_without_config_json(fake_hub):
 
 
 def test_on_config_runs_before_any_weight_is_fetched(fake_hub):
-    repo, calls = fake_hub
+    repo, calls, _, _ = fake_hub
     (repo / "config.json").write_text(CONFIG)
 
     def refuse(folder):
@@ -218,7 +234,7 @@ def test_a_failing_snapshot_is_one_line_naming_what_failed(fake_hub, monkeypatch
     import huggingface_hub
     import requests
 
-    repo, calls = fake_hub
+    repo, calls, _, _ = fake_hub
     (repo / "config.json").write_text(CONFIG)
 
     def snapshot_download(*args, **kwargs):
@@ -319,3 +335,122 @@ def test_a_corrupt_download_is_refused_removed_and_fetched_again(checkpoints, tm
         if len(name) == 64:
             assert hashlib.sha256(data).hexdigest() == name
     assert good.returncode == 0 and good.stdout.strip() != "", good.stderr
+
+
+def test_a_model_over_the_size_limit_is_refused_before_any_weight(fake_hub, monkeypatch):
+    """The dry run's sizes of the files to fetch (2.5 + 1.5 GB) against VL3_MAX_MODEL_GB: 3 GB is
+    refused before the download starts, 5 GB lets it through."""
+    repo, calls, plan, _ = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+    plan += [("model-1.safetensors", 2_500_000_000), ("model-2.safetensors", 1_500_000_000)]
+    monkeypatch.setattr("vl3cli.hub.shutil.disk_usage", lambda path: __import__("shutil")._ntuple_diskusage(0, 0, 10**13))
+    monkeypatch.setenv("VL3_MAX_MODEL_GB", "3")
+    with pytest.raises(ModelNotFoundError, match=r"acme/vl3 would download 4\.00 GB, more than the 3\.00 GB limit"):
+        resolve_model("acme/vl3")
+    assert [c[0] for c in calls] == ["file", "plan"]
+    monkeypatch.setenv("VL3_MAX_MODEL_GB", "5")
+    assert resolve_model("acme/vl3") == repo and calls[-1][0] == "snapshot"
+
+
+def test_a_model_larger_than_the_free_disk_is_refused_before_any_weight(fake_hub, monkeypatch, tmp_path):
+    repo, calls, plan, _ = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+    plan += [("model.safetensors", 4_000_000_000), ("config.json", 900)]
+    seen = []
+
+    def disk_usage(path):
+        seen.append(Path(path))
+        return __import__("shutil")._ntuple_diskusage(10**12, 10**12 - 3_000_000_000, 3_000_000_000)
+
+    monkeypatch.setattr("vl3cli.hub.shutil.disk_usage", disk_usage)
+    with pytest.raises(ModelNotFoundError, match=r"acme/vl3 needs 4\.00 GB and .* has 3\.00 GB free"):
+        resolve_model("acme/vl3")
+    assert [c[0] for c in calls] == ["file", "plan"]
+    assert seen and seen[0].exists()  # the nearest existing folder of the cache
+
+
+@pytest.mark.parametrize("name, value", [("VL3_MAX_MODEL_GB", "0"), ("VL3_MAX_MODEL_GB", "lots"),
+                                         ("VL3_MODEL_DOWNLOAD_TIMEOUT", "-5"), ("VL3_MODEL_DOWNLOAD_TIMEOUT", "nan")])
+def test_bad_model_download_limits_are_usage_errors(fake_hub, monkeypatch, name, value):
+    from vl3cli.errors import UsageError
+
+    repo, calls, _, _ = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UsageError, match=f"{name} must be a positive number"):
+        resolve_model("acme/vl3")
+    assert calls == []  # nothing was asked of the Hub
+
+
+def test_a_download_past_its_time_limit_ends_with_one_line(fake_hub, monkeypatch):
+    """A download that never finishes (a fake that blocks) ends after VL3_MODEL_DOWNLOAD_TIMEOUT."""
+    import time
+
+    from vl3cli import hub
+
+    repo, calls, plan, block = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+    plan.append(("model.safetensors", 1000))
+    block.set()
+    monkeypatch.setenv("VL3_MODEL_DOWNLOAD_TIMEOUT", "0.5")
+    monkeypatch.setattr(hub, "ABANDONED", __import__("threading").Event())  # not the process's own flag
+    start = time.monotonic()
+    with pytest.raises(ModelNotFoundError, match=r"the download of acme/vl3 did not finish within 0.5 s") as e:
+        resolve_model("acme/vl3")
+    assert 0.5 <= time.monotonic() - start < 5 and "\n" not in str(e.value)
+    assert "VL3_MODEL_DOWNLOAD_TIMEOUT" in str(e.value) and hub.ABANDONED.is_set()
+
+
+def test_the_default_time_limit_grows_with_the_download(fake_hub, monkeypatch):
+    """No VL3_MODEL_DOWNLOAD_TIMEOUT: 600 s plus a second per MB to fetch (1 MB/s at least)."""
+    from vl3cli import hub
+
+    repo, calls, plan, _ = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+    plan += [("model.safetensors", 3_000_000_000), ("tokenizer.json", 7_000_000)]
+    limits = []
+    waited = hub._waited
+
+    def spy(call, *args, timeout=None, **kwargs):
+        limits.append(timeout)
+        return waited(call, *args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(hub, "_waited", spy)
+    monkeypatch.setattr("vl3cli.hub.shutil.disk_usage", lambda path: __import__("shutil")._ntuple_diskusage(0, 0, 10**13))
+    resolve_model("acme/vl3")
+    assert limits == [None, None, 600 + 3007]  # config.json, the plan, the download
+
+
+def test_model_download_limits_end_to_end(checkpoints, tmp_path):
+    """The real huggingface_hub against a local Hub: a model over VL3_MAX_MODEL_GB is refused and
+    no weight file reaches the cache; a download that stalls ends at VL3_MODEL_DOWNLOAD_TIMEOUT
+    with one error line (huggingface_hub's own read timeout is 10 s, longer than this limit)."""
+    import subprocess
+    import sys
+    import time
+
+    from fake_hub import serve_repo
+    from media_factory import make_image
+
+    image = make_image(tmp_path / "a.png", size=(32, 32))
+    args = [sys.executable, "-m", "vl3cli", "describe", str(image), "--max-new-tokens", "4", "-m", "acme/tiny-vl3"]
+    folder = checkpoints["hf-sharded"]
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    with serve_repo("acme/tiny-vl3", folder) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+        big = subprocess.run(args, env={**env, "VL3_MAX_MODEL_GB": str(weights / 2 / 1e9)},
+                             capture_output=True, text=True, timeout=120)
+        blobs = tmp_path / "hf" / "hub" / "models--acme--tiny-vl3" / "blobs"
+        sizes = sorted(p.stat().st_size for p in blobs.iterdir())
+        hub.stall = True
+        start = time.monotonic()
+        slow = subprocess.run(args, env={**env, "VL3_MODEL_DOWNLOAD_TIMEOUT": "2"}, capture_output=True, text=True,
+                              timeout=120)
+        took = time.monotonic() - start
+    assert big.returncode == 1 and big.stdout == "" and "Traceback" not in big.stderr
+    error = big.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: acme/tiny-vl3 would download ") and "VL3_MAX_MODEL_GB" in error, big.stderr
+    assert sizes == [(folder / "config.json").stat().st_size]  # only config.json came
+    assert slow.returncode == 1 and slow.stdout == "" and "Traceback" not in slow.stderr and took < 30
+    error = slow.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: the download of acme/tiny-vl3 did not finish within 2 s"), slow.stderr

@@ -82,7 +82,8 @@ def check_url(url: str) -> None:
         raise MediaError(f"{url}: malformed URL (no host name)")
 
 
-def _env_number(name: str, default: float) -> float:
+def env_number(name: str, default: float) -> float:
+    """A positive finite number from environment variable `name`, `default` when unset or blank; else UsageError."""
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -98,8 +99,8 @@ def _env_number(name: str, default: float) -> float:
 def default_limits() -> dict:
     """``max_bytes`` and ``total_timeout`` from the environment, else the defaults."""
     return {
-        "max_bytes": int(_env_number("VL3_MAX_DOWNLOAD_MB", MAX_BYTES / 2**20) * 2**20),
-        "total_timeout": _env_number("VL3_DOWNLOAD_TIMEOUT", TOTAL_TIMEOUT_S),
+        "max_bytes": int(env_number("VL3_MAX_DOWNLOAD_MB", MAX_BYTES / 2**20) * 2**20),
+        "total_timeout": env_number("VL3_DOWNLOAD_TIMEOUT", TOTAL_TIMEOUT_S),
     }
 
 

@@ -10,6 +10,13 @@ warnings only with `VL3_DEBUG=1`. When the Hub does not answer a first request w
 `PROBE_TIMEOUT_S`, the cache is used as if offline, so a machine without network fails (or
 starts from the cache) in about a second instead of retrying for half a minute.
 
+Limits: before any weight is fetched, the files the download would add are listed (a dry run)
+and refused when they come to more than `VL3_MAX_MODEL_GB` (default 64) or more than the
+cache's disk has free. The whole download must finish within `VL3_MODEL_DOWNLOAD_TIMEOUT`
+seconds (default: 10 minutes plus a second per MB to fetch, that is 1 MB/s at least), on top of
+huggingface_hub's own limit on a stalled read (`HF_HUB_DOWNLOAD_TIMEOUT`). A download stopped by
+a limit or by Ctrl-C goes on in huggingface_hub's threads until the process ends (`ABANDONED`).
+
 Either way the folder's config.json must describe a VideoLLaMA3 model (`ModelConfig.from_dir`,
 else ConfigError); for a Hub repo it is fetched and checked before anything else.
 """
@@ -18,9 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
+import shutil
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +40,9 @@ from .errors import ConfigError, ModelNotFoundError, Vl3Error
 
 DEFAULT_MODEL = "DAMO-NLP-SG/VideoLLaMA3-2B"  # the CLI lets VL3_MODEL override it
 PROBE_TIMEOUT_S = 2.0  # no answer from the Hub in this time: use the cache, or fail at once
+MAX_MODEL_GB = 64.0  # the most a model download may add to the cache (VL3_MAX_MODEL_GB); a 7B model is 16-17 GB
+MIN_RATE = 1e6  # bytes/s: the slowest download the default time limit lets finish
+BASE_TIMEOUT_S = 600.0  # ... plus this (VL3_MODEL_DOWNLOAD_TIMEOUT replaces the sum)
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
 # Set once Ctrl-C (or SIGTERM) stopped a download: its files go on in huggingface_hub's threads,
 # which the command's exit does not wait for (they would finish the files first).
@@ -117,6 +130,10 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
         RevisionNotFoundError,
     )
 
+    from .fetch import env_number
+
+    max_bytes = env_number("VL3_MAX_MODEL_GB", MAX_MODEL_GB) * 1e9  # checked before any request
+    timeout = env_number("VL3_MODEL_DOWNLOAD_TIMEOUT", math.inf)
     rev = f" (revision {revision})" if revision else ""
     offline = constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT)
     config = None
@@ -132,8 +149,27 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
         # the cache keeps a file under snapshots/<commit>/.
         commit = Path(config).parent.name
         pinned = commit if _COMMIT.fullmatch(commit) else revision
-        snapshot = Path(_waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
-                                local_files_only=offline))
+        limit, needed = None, 0
+        if not offline:
+            plan = _waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
+                           dry_run=True, tqdm_class=_bars(None))
+            needed = sum(f.file_size or 0 for f in plan if f.will_download)
+            _check_room(repo_id, needed, max_bytes, blobs.parent.parent)
+            limit = timeout if math.isfinite(timeout) else BASE_TIMEOUT_S + needed / MIN_RATE
+        shown: list = []
+        try:
+            snapshot = Path(_waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
+                                    local_files_only=offline, timeout=limit, tqdm_class=_bars(shown)))
+        except BaseException as e:
+            for bar in shown:  # end the progress lines (and their updates from the abandoned threads)
+                bar.close()
+            if not isinstance(e, _Overdue):
+                raise
+            got = sum(_size_of(blobs / name) for name in _names(blobs) - before)
+            raise ModelNotFoundError(
+                f"the download of {repo_id}{rev} did not finish within {_seconds(limit)} s ({_gb(got)} of "
+                f"{_gb(needed)} written; VL3_MODEL_DOWNLOAD_TIMEOUT sets the limit): run again to fetch it afresh"
+            ) from e
         _verify_new(blobs, before, snapshot, repo_id)
         return snapshot
     except HFValidationError as e:
@@ -176,6 +212,59 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def _bars(shown: list | None):
+    """huggingface_hub's progress bar class, either silent (`shown` None: a dry run's "Fetching N
+    files" fetches nothing) or keeping each bar in `shown`, so that a download given up can end them."""
+    from huggingface_hub.utils import tqdm
+
+    class Bars(tqdm):
+        def __init__(self, *args, **kwargs):
+            if shown is None:
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            if shown is not None:
+                shown.append(self)
+
+    return Bars
+
+
+def _seconds(t: float) -> str:
+    return f"{t:,.0f}" if t >= 10 else f"{t:g}"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e7 else f"{n / 1e6:,.2f} MB"
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _check_room(repo_id: str, needed: int, max_bytes: float, cache: Path) -> None:
+    """ModelNotFoundError when the `needed` bytes a download would add are over the limit, or over
+    what the disk holding the Hub cache has free (huggingface_hub would only warn, then fail midway)."""
+    if needed > max_bytes:
+        raise ModelNotFoundError(
+            f"{repo_id} would download {_gb(needed)}, more than the {_gb(max_bytes)} limit "
+            "(VL3_MAX_MODEL_GB raises it)"
+        )
+    probe = cache
+    while not probe.exists() and probe != probe.parent:  # the cache folder may not exist yet
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if needed > free:
+        raise ModelNotFoundError(
+            f"{repo_id} needs {_gb(needed)} and {cache} has {_gb(free)} free: free some space, "
+            "or set HF_HUB_CACHE to a disk with room"
+        )
+
+
 def _names(folder: Path) -> set[str]:
     try:
         return set(os.listdir(folder))
@@ -216,13 +305,19 @@ def _verify_new(blobs: Path, before: set[str], snapshot: Path, repo_id: str) -> 
         )
 
 
-def _waited(call: Callable, *args, **kwargs):
+class _Overdue(Exception):
+    """A wait that `_waited` gave up (not the HTTP client's own TimeoutError)."""
+
+
+def _waited(call: Callable, *args, timeout: float | None = None, **kwargs):
     """call(*args, **kwargs) in a thread of its own, waited for here, so that Ctrl-C stops the wait
     at once. (Called directly, snapshot_download lets an interrupt through only after its pool has
     finished every file in progress: minutes into a large model, forever on a stalled connection.)
-    An interrupted download goes on in the background (`ABANDONED`); huggingface_hub names its
-    partial files per process, so the next run fetches those files again."""
+    After `timeout` seconds the wait ends with `_Overdue`. An interrupted download goes on in the
+    background (`ABANDONED`); huggingface_hub names its partial files per process, so the next run
+    fetches those files again."""
     outcome: dict = {}
+    deadline = None if timeout is None else time.monotonic() + timeout
 
     def target() -> None:
         try:
@@ -235,6 +330,8 @@ def _waited(call: Callable, *args, **kwargs):
     try:
         while thread.is_alive():  # in short waits: a signal handled by another thread is seen at the next one
             thread.join(0.1)
+            if deadline is not None and thread.is_alive() and time.monotonic() > deadline:
+                raise _Overdue(f"not done in {timeout} s")
     except BaseException:
         ABANDONED.set()
         raise
