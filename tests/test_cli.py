@@ -7,6 +7,7 @@ entry point) or Typer's CliRunner (help texts, with the width pinned by conftest
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -312,3 +313,43 @@ def test_a_question_that_is_not_utf8_is_one_error_line(tmp_path):
                         b"-m", b"/nonexistent-model"], capture_output=True, timeout=120)  # fmt: skip
     assert p.returncode == 2 and p.stdout == b""
     assert p.stderr.decode().strip() == "Error: question: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)"
+
+
+ALLOCATION_FAILS = (
+    "import sys, torch\n"
+    "import vl3cli.{module} as m\n"
+    "def huge(*args, **kwargs):\n"
+    "    return torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: PyTorch's CPU allocator refuses it\n"
+    "setattr(m.{owner}, {name!r}, huge)\n"
+    "from vl3cli.cli import main\n"
+    "sys.argv = ['vl3', 'describe', 'a.png', '--max-new-tokens', '2', '-m', {model!r}]\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize("module, owner, name", [("engine", "Engine", "prefill"), ("api", "Model", "__init__")])
+def test_running_out_of_memory_is_one_line(tmp_path, hf_checkpoint, module, owner, name):
+    """A real allocation PyTorch cannot make, in a prompt's prefill (the answer's error) or while
+    the model loads (the command's): one line saying out of memory and how much, no traceback."""
+    from media_factory import make_image
+
+    make_image(tmp_path / "a.png", size=(32, 32))
+    script = ALLOCATION_FAILS.format(module=module, owner=owner, name=name, model=str(hf_checkpoint))
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=120,
+                       cwd=tmp_path)  # fmt: skip
+    one_line_error(p, 1, "out of memory (an allocation of 1,048,576.00 GiB failed)")
+
+
+def test_a_batch_size_far_above_the_items_costs_nothing(tmp_path, hf_checkpoint):
+    """--batch-size is an upper bound: the per-row buffers grow with the answers running, so a
+    huge value with one file answers as --batch-size 1 does (it used to allocate its rows up front)."""
+    from media_factory import make_image
+
+    make_image(tmp_path / "a.png", size=(32, 32))
+    outs = []
+    for size in ("1", str(10**9)):
+        p = vl3("batch", "a.png", "--out", f"{size}.jsonl", "--batch-size", size, "--max-new-tokens", "4",
+                "-m", str(hf_checkpoint), cwd=tmp_path)  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        outs.append(json.loads((tmp_path / f"{size}.jsonl").read_text())["text"])
+    assert outs[0] == outs[1] != ""

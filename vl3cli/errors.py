@@ -5,6 +5,8 @@ Messages say what went wrong, with the file or key involved, and what to do next
 
 from __future__ import annotations
 
+import re
+
 
 class Vl3Error(Exception):
     """Base of every error vl3 reports to its user without a traceback."""
@@ -40,6 +42,23 @@ class MediaError(Vl3Error):
 
 class ContextError(Vl3Error):
     """A prompt and its answer need more positions than the model's context holds."""
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """For an allocation that failed (Python's MemoryError, PyTorch's CPU allocator, a GPU out of
+    memory), a one-line message saying so; None for any other error."""
+    text = str(error)
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        pass
+    elif not (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())):
+        return None
+    tried = re.search(r"(?i)tried to allocate ([\d.]+ ?[KMGTP]i?B|\d+ bytes)", text)
+    if tried and tried.group(1).endswith("bytes"):
+        n = int(tried.group(1).split()[0])
+        size = f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+    else:
+        size = tried.group(1) if tried else None
+    return "out of memory" + (f" (an allocation of {size} failed)" if size else "")
 
 
 EMPTY_QUESTION = "an empty question: write some text (whitespace alone is not a question)"

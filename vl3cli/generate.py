@@ -92,13 +92,15 @@ class Scheduler:
         self._rows: list[_Row] = []  # row i of the cache belongs to _rows[i]
         self._cache = None
         device, vocab, cuda = engine.device, engine.config.text.vocab_size, engine.device.type == "cuda"
-        self._logits = torch.zeros(slots, vocab, device=device)  # next-token logits of each row
-        self._tokens = torch.zeros(slots, dtype=torch.long, device=device)  # the tokens the next step feeds
-        self._seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
-        self._seeds = torch.zeros(slots, dtype=torch.long, device=device)
-        self._steps = torch.zeros(slots, dtype=torch.long, device=device)  # draws so far, per row
-        self._row_params = RowParams.allocate(slots, device)
-        self._host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
+        # Per-row buffers, grown with the cache's rows (`_grow_rows`): a large `slots` costs nothing
+        # until that many answers run at once.
+        self._logits = torch.zeros(1, vocab, device=device)  # next-token logits of each row
+        self._tokens = torch.zeros(1, dtype=torch.long, device=device)  # the tokens the next step feeds
+        self._seen = torch.zeros(1, vocab, dtype=torch.bool, device=device)  # for the repetition penalty
+        self._seeds = torch.zeros(1, dtype=torch.long, device=device)
+        self._steps = torch.zeros(1, dtype=torch.long, device=device)  # draws so far, per row
+        self._row_params = RowParams.allocate(1, device)
+        self._host_tokens = torch.zeros(1, dtype=torch.long, pin_memory=cuda)
         self._overlap = cuda
         # The image / video placeholders mark where visual features go: never part of an answer (one
         # in a conversation's kept answer would claim features no media brings).
@@ -260,6 +262,26 @@ class Scheduler:
                 cache.set_row(row, n)
             self.engine.forget_graphs(old)
         self._cache = cache
+        self._grow_rows(cache.batch)
+
+    def _grow_rows(self, batch: int) -> None:
+        """The per-row buffers hold `batch` rows, those in use copied over (a new cache came with
+        them, so no decode graph keeps the old logits buffer)."""
+        n = self._logits.shape[0]
+        if batch <= n:
+            return
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            new = torch.zeros((batch, *t.shape[1:]), dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+            new[:n] = t
+            return new
+
+        self._logits, self._tokens, self._seen, self._seeds, self._steps, self._host_tokens = (
+            grown(t) for t in (self._logits, self._tokens, self._seen, self._seeds, self._steps, self._host_tokens))
+        params = RowParams.allocate(batch, self._logits.device)
+        for name in ("temperature", "top_k", "top_p", "penalty"):
+            getattr(params, name)[:n] = getattr(self._row_params, name)
+        self._row_params = params
 
     # -- compaction --------------------------------------------------------------------------
 

@@ -234,7 +234,12 @@ class StreamDecoder:
 
 
 def error_message(error: BaseException) -> str:
-    """An error as a record states it: vl3's own messages as they are, others with their type."""
+    """An error as a record states it: vl3's own messages as they are, running out of memory as
+    such, others with their type."""
+    from .errors import out_of_memory
+
+    if memory := out_of_memory(error):
+        return memory
     return str(error) if type(error).__module__.startswith("vl3cli") else f"{type(error).__name__}: {error}"
 
 

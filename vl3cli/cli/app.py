@@ -281,6 +281,18 @@ def main() -> None:
     except MemoryError:  # a low `ulimit -v`: importing torch, or loading the model
         print("Error: out of memory (a memory limit such as `ulimit -v` may be too low for the model)", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:  # PyTorch's allocators: one line; any other error stays a traceback (a bug)
+        from ..errors import out_of_memory
+
+        if not (memory := out_of_memory(e)):
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"Error: {memory}: try fewer frames, a smaller --batch-size, --quantize, or another --device",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     except ImportError as e:  # a broken install, or too little memory to map a library
         if debug:
             import traceback
