@@ -241,6 +241,32 @@ def make_with_cover(path, fmt: str, numbered: int = 0) -> Path:
     return Path(path)
 
 
+def make_late_video(path, video_start: int = 20, frames: int = 30, rate: int = 10, audio_s: float = 5.0) -> Path:
+    """Silent AAC audio from time 0 for ``audio_s`` seconds and a ``rate`` fps H.264 video whose
+    frame i shows ``index_picture(i)`` at ``(video_start + i) / rate`` s: a video track that begins
+    after the audio (an MP4 gets an empty edit before it). The container follows the suffix."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        clip = container.add_stream(encoder_for("h264"), rate=rate)
+        clip.width, clip.height, clip.pix_fmt = 64, 48, "yuv420p"
+        clip.codec_context.gop_size = 10
+        audio = container.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        size = 1024
+        for k in range(int(audio_s * 16000) // size):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, size), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 16000, k * size, Fraction(1, 16000)
+            container.mux(audio.encode(frame))
+        container.mux(audio.encode())
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(index_picture(i), format="rgb24").reformat(format="yuv420p")
+            frame.pts, frame.time_base = video_start + i, Fraction(1, rate)
+            container.mux(clip.encode(frame))
+        container.mux(clip.encode())
+    return Path(path)
+
+
 def second_level(second: int) -> int:
     """Grey level of the VFR clip's frames shown during ``second`` (0..9)."""
     return 20 + 20 * second

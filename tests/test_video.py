@@ -380,3 +380,25 @@ def test_running_out_of_memory_while_decoding_is_said_so(tmp_path, monkeypatch):
     monkeypatch.setattr(video, "av_open", lambda p: Container(real_open(p)))
     with pytest.raises(MediaError, match="out of memory while decoding"):
         media.read_video(path, lambda meta: ([0.0, 1.5], (meta.width, meta.height)), backend="pyav")
+
+
+@pytest.mark.parametrize("suffix", ["mp4", "mkv"])
+def test_a_video_track_starting_after_the_audio_keeps_the_files_clock(tmp_path, suffix):
+    """Audio from 0 s, video from 2 s (frame i shows i at 2 + i / 10 s): times count from the file's
+    start, as players (and subtitles) do, so --start 3 --end 4 shows frames 10-19, reported at
+    their own times."""
+    from media_factory import make_late_video
+
+    late = make_late_video(tmp_path / f"late.{suffix}")
+    with av.open(str(late)) as c:  # what FFmpeg itself says of the file (an independent reading)
+        video_start = float(c.streams.video[0].start_time * c.streams.video[0].time_base)
+        assert c.start_time == 0 and video_start == pytest.approx(2.0)
+    meta = container.probe(late)
+    assert meta.frame_times[0] == pytest.approx(2.0) and meta.duration == pytest.approx(5.0)
+    v = media.read_video(late, plan_video(late, CONFIG, MediaOptions(fps=10, start=3, end=4, prune=False)))
+    assert [read_index(f) for f in v.frames] == list(range(10, 20))
+    assert v.timestamps == pytest.approx([3 + i / 10 for i in range(10)])
+    whole = media.read_video(late, plan_video(late, CONFIG, MediaOptions(fps=1, min_frames=1, prune=False)))
+    # samples at 0, 1, ... s: before 2 s the first frame (reported at its own time), then one per second
+    assert [read_index(f) for f in whole.frames] == [0, 10, 20]
+    assert whole.timestamps == pytest.approx([2.0, 3.0, 4.0])

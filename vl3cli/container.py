@@ -13,7 +13,9 @@ Contract:
   display matrix (phone videos: 90, 180, 270 degrees, mirrored or not). ``truncated`` says
   the file holds less than its headers announce (read errors, cut packets, fewer frames or
   an earlier end than the headers state; Matroska's Duration counts from timestamp 0).
-  ``format`` is FFmpeg's name for the container, ``start_pts`` the timestamp taken as time 0.
+  ``format`` is FFmpeg's name for the container, ``start_pts`` the timestamp taken as time 0:
+  the file's start (the earliest of its streams, as players count time), so a video track that
+  begins after the audio has its first frame after 0.
   A frame side data type PyAV cannot name (EXIF, FFmpeg 8) leaves the rotation FFmpeg reads.
 - ``av_open(path)`` opens a file with PyAV; a file it cannot open is a one-line MediaError
   saying why (an MP4 cut before its index names the box the file ends in).
@@ -251,6 +253,11 @@ def probe(path) -> VideoMeta:
         header_fps = float(s.average_rate or s.guessed_rate or 0) or None
         start = s.start_time if s.start_time is not None else (min(pts) if pts else 0)
         num, den = (tb.numerator, tb.denominator) if tb else (1, 1)
+        if c.start_time is not None and tb:
+            # Time 0 is the file's start, as players count it (and subtitles are timed), not the video
+            # track's own: a video that begins after its audio (an edit list's empty edit, a cut made
+            # with stream copy) has its first frame at that later time.
+            start = min(start, round(c.start_time * den / (num * av.time_base)))
         times = sorted({(p - start) * num / den for p in pts if p >= start})  # exact ints, one rounding
         if not times and packets and header_fps:  # no timestamps at all (raw streams)
             times = [i / header_fps for i in range(packets)]
