@@ -87,6 +87,23 @@ def test_subtitles_parse_with_independent_parsers():
     assert "&lt;the&gt;" in cues[1].raw_text or "<the>" in cues[1].text
 
 
+def test_a_clip_shorter_than_a_millisecond_is_a_cue_of_one():
+    """`--start 1 --end 1.0004` (or a clip of one instant): a cue lasts at least 1 ms, as parsed by
+    srt and webvtt-py (both round-trip the times), never a zero-length cue players drop."""
+    import srt
+    import webvtt
+
+    for start, end, expected in [(1.0, 1.0004, ("00:00:01.000", "00:00:01.001")),
+                                 (3.0, 3.0, ("00:00:03.000", "00:00:03.001")),
+                                 (2.9996, 3.0, ("00:00:03.000", "00:00:03.001"))]:  # fmt: skip
+        sub = next(srt.parse(subtitle_cue(1, start, end, "x", "srt")))
+        assert (sub.end - sub.start).total_seconds() == pytest.approx(0.001)
+        cue = webvtt.from_string("WEBVTT\n\n" + subtitle_cue(1, start, end, "x", "vtt")).captions[0]
+        assert (cue.start, cue.end) == expected
+    sub = next(srt.parse(subtitle_cue(1, 1.0, 1.0016, "x", "srt")))  # longer ones keep their own end
+    assert sub.end.total_seconds() == pytest.approx(1.002)
+
+
 def test_absurd_segment_lengths_are_refused():
     """Shorter than 0.1 s, or more than 100,000 segments of one video: one UsageError, no list built."""
     for bad in ("0.05", "1e-7"):

@@ -269,7 +269,9 @@ def cue_text(text: str, width: int = 42, vtt: bool = False) -> str:
 
 
 def subtitle_cue(number: int, start: float, end: float, text: str, fmt: str) -> str:
-    """One numbered cue of an SRT or WebVTT file, with its trailing blank line."""
+    """One numbered cue of an SRT or WebVTT file, with its trailing blank line. A cue lasts at
+    least a millisecond (a clip shorter than that would round to a cue players drop)."""
+    end = max(round(end * 1000), round(start * 1000) + 1) / 1000
     if fmt == "srt":
         return f"{number}\n{timecode(start, ',')} --> {timecode(end, ',')}\n{cue_text(text)}\n\n"
     return f"{number}\n{timecode(start)} --> {timecode(end)}\n{cue_text(text, vtt=True)}\n\n"
