@@ -285,3 +285,32 @@ def test_a_video_that_cannot_fit_is_refused_by_the_reader(cluster, ckpt, tmp_pat
     assert r.exit_code == 1, r.output
     (record,) = read_jsonl(out)
     assert "20 frames of 448x448 need at least 5120 visual tokens" in record["error"], record["error"]
+
+
+def test_a_lost_item_is_an_error_record_with_the_runs_dtype_and_device(monkeypatch):
+    """An item no actor answered (its worker died) becomes a "lost" error record after the run,
+    naming its media and prompt, with the dtype and device the actors reported in their records
+    (none answered: null). Ray's dataset is a stand-in here that yields the first item's record only."""
+    from types import SimpleNamespace
+
+    from vl3cli import distributed
+    from vl3cli.batch import Entry
+    from vl3cli.options import Options
+    from vl3cli.output import Result, to_json
+
+    answered = Result(path="a.png", media=["a.png"], prompt="Describe.", text="A cat.", model="m", dtype="bfloat16",
+                      device="cpu")  # fmt: skip
+    dataset = SimpleNamespace(map_batches=lambda *args, **kwargs: dataset)
+    context = SimpleNamespace(**distributed.DATA_CONTEXT)
+    fake_ray = SimpleNamespace(data=SimpleNamespace(from_items=lambda rows: dataset, ActorPoolStrategy=lambda size: None,
+                                                    DataContext=SimpleNamespace(get_current=lambda: context)))  # fmt: skip
+    todo = [(Entry(("a.png",)), frozenset()), (Entry(("b.mp4",), prompt="What?"), frozenset())]
+    load = {"name": "m", "quantize": None}
+    engine = distributed.RayEngine(fake_ray, load, Options(), None, None, 0.0, distributed.RaySettings(), owned=False)
+    for rows, dtype, device in [([{"index": 0, "record": to_json(answered)}], "bfloat16", "cpu"), ([], None, None)]:
+        monkeypatch.setattr(distributed, "_rows", lambda ds, stop, rows=rows: iter(rows))
+        records = list(engine.results(todo if rows else todo[1:], stop=None))
+        lost = records[-1]
+        assert (lost.media, lost.prompt, lost.error) == (["b.mp4"], "What?", distributed.LOST)
+        assert (lost.dtype, lost.device, lost.model) == (dtype, device, "m")
+    assert records[:-1] == [] and len(records) == 1

@@ -164,6 +164,7 @@ class RayEngine:
         rows = [{"index": i, "entry": entry, "skip": skip} for i, (entry, skip) in enumerate(todo)]
         pending = {i: entry for i, (entry, _) in enumerate(todo)}
         seen: set[tuple] = set()  # (index, segment): a retried task may repeat a record; keep the first
+        used = {"dtype": None, "device": None}  # what the actors ran on, for the records of lost items
         with self._quiet_data_context():
             ds = ray.data.from_items(rows).map_batches(
                 _read, batch_size=1, batch_format="numpy", num_cpus=READ_CPUS,
@@ -181,12 +182,13 @@ class RayEngine:
                 if (mark := (int(row["index"]), record.get("segment_start"))) not in seen:
                     seen.add(mark)
                     pending.pop(mark[0], None)
+                    used = {k: record.get(k) or used[k] for k in used}
                     yield Result.from_dict(record)
         for entry in pending.values():
             yield Result(
                 id=entry.id, path=entry.media[0] if len(entry.media) == 1 else None, media=list(entry.media),
                 prompt=entry.prompt, system=self.options.system, model=self.load["name"], quantize=self.load["quantize"],
-                options=self.options.record(entry.prompt), error=LOST,
+                options=self.options.record(entry.prompt), error=LOST, **used,
             )  # fmt: skip
 
     @contextmanager
