@@ -291,6 +291,7 @@ def test_stop_signal_first_sigint_stops_at_next_check():
 def test_sigterm_stops_like_sigint_with_its_own_exit_status():
     """SIGTERM (a Slurm time limit, `kill`) ends the run as Ctrl-C does; the exit status is 128 + 15."""
     sink = Sink(io.StringIO(), "memory")
+    before = signal.getsignal(signal.SIGTERM)  # the default, or the handler a Ray run in this process left
     with StopSignal() as stop:
 
         def on_item(result):
@@ -299,7 +300,7 @@ def test_sigterm_stops_like_sigint_with_its_own_exit_status():
 
         s = write_results(results(["a", "b", "c"], stop=stop), sink, Summary(3, 0, 0), stop, on_item=on_item)
     assert [r["path"] for r in records(sink.stream.getvalue())] == ["a"] and s.interrupted and s.exit_code == 143
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before  # put back as it was
 
 
 def test_stop_signal_while_waiting_stops_at_once():
