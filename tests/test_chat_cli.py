@@ -203,3 +203,25 @@ def test_a_piped_question_that_fails_is_named_by_its_line_not_repeated_whole(ckp
     assert line.startswith("Error: line 1 ('w w w") and "…'" in line and len(line) < 400, line[:500]
     (rec,) = [json.loads(x) for x in r.stdout.splitlines()]
     assert rec["prompt"] == "What is it?" and rec["text"] is not None
+
+
+def test_piped_lines_take_the_terminals_commands(ckpt, image, tmp_path):
+    """A replayed session: /reset starts again (the next question is answered as a first one),
+    /save writes the conversation so far, //text asks "/text", an unknown command is an error line
+    naming its line (exit code 1, the rest goes on), /exit ends before the lines after it."""
+    lines = ["What is it?", "And its colour?", "/reset", "What is it?", "//etc/passwd?", "/save talk.json",
+             "/bogus", "/exit", "Never asked?"]  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "vl3cli", "chat", str(image), "-m", str(ckpt), "--max-new-tokens", "5", "-f", "jsonl"],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert p.returncode == 1, p.stderr
+    recs = [json.loads(x) for x in p.stdout.splitlines()]
+    assert [r["prompt"] for r in recs] == ["What is it?", "And its colour?", "What is it?", "/etc/passwd?"]
+    first, again = recs[0], recs[2]
+    assert (again["text"], again["prompt_tokens"]) == (first["text"], first["prompt_tokens"])  # nothing before it
+    assert recs[3]["prompt_tokens"] > again["prompt_tokens"]
+    saved = json.loads((tmp_path / "talk.json").read_text())
+    assert [t["question"] for t in saved["turns"]] == ["What is it?", "/etc/passwd?"]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: line 7: unknown command /bogus (/help lists them; //bogus asks it as a question)"]

@@ -24,7 +24,8 @@ from .app import (
 )
 
 CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FILE (the conversation as JSON),
-/help, /exit. Ctrl-C stops an answer (the conversation goes on); Ctrl-D or /exit ends it."""
+/help, /exit. A question that starts with / is written with two (//). Ctrl-C stops an answer
+(the conversation goes on); Ctrl-D or /exit ends it."""
 
 
 @app.command(
@@ -33,8 +34,9 @@ CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FI
         "  vl3 chat clip.mp4\n\n"
         "  vl3 chat before.jpg after.jpg --system \"Answer in one sentence.\"\n\n"
         "  vl3 chat clip.mp4 < questions.txt --format jsonl\n\n"
-        "In a terminal: /reset, /save FILE, /help, /exit; Ctrl-C stops an answer, Ctrl-D ends. "
-        "With stdin not a terminal, each line is a question and each answer is written when done."
+        "Commands: /reset, /save FILE, /help, /exit (//text asks \"/text\"); in a terminal Ctrl-C stops an answer, "
+        "Ctrl-D ends. With stdin not a terminal, each line is a question or a command and each answer is "
+        "written when done."
     )
 )
 @with_options("model", "decoding", "media", "debug")
@@ -91,10 +93,11 @@ def _chat_terminal(conversation) -> None:
             continue
         if not line:
             continue
-        if line.startswith("/"):
+        if _is_command(line):
             if _chat_command(conversation, line):
                 return
             continue
+        line = _question(line)
         printer = _StreamedLine()
         try:
             conversation.ask(line, on_text=printer.write)
@@ -139,8 +142,28 @@ class _StreamedLine:
             self.out.flush()
 
 
-def _chat_command(conversation, line: str) -> bool:
-    """Run a /command; True when the conversation ends."""
+def _is_command(line: str) -> bool:
+    return line.startswith("/") and not line.startswith("//")
+
+
+def _question(line: str) -> str:
+    """The question a line asks: `//etc` asks `/etc`."""
+    return line[1:] if line.startswith("//") else line
+
+
+def _chat_command(conversation, line: str, where: str = "") -> bool:
+    """Run a /command (`where`: "line N: " for a piped one, before its errors); True when the
+    conversation ends. Raises Vl3Error for a command that failed (printed here in a terminal)."""
+    try:
+        return _run_command(conversation, line)
+    except Vl3Error as e:
+        if where:
+            raise Vl3Error(f"{where}{e}") from e
+        print(f"Error: {e}", file=sys.stderr)
+        return False
+
+
+def _run_command(conversation, line: str) -> bool:
     name, _, arg = line.partition(" ")
     if name in ("/exit", "/quit"):
         return True
@@ -149,17 +172,13 @@ def _chat_command(conversation, line: str) -> bool:
         print("(the conversation starts again; the media stays)", file=sys.stderr)
     elif name == "/save":
         if not arg.strip():
-            print("Error: /save needs a file name, e.g. /save talk.json", file=sys.stderr)
-        else:
-            try:
-                path = conversation.save(arg.strip())
-                print(f"(saved to {path})", file=sys.stderr)
-            except Vl3Error as e:
-                print(f"Error: {e}", file=sys.stderr)
+            raise Vl3Error("/save needs a file name, e.g. /save talk.json")
+        path = conversation.save(arg.strip())
+        print(f"(saved to {path})", file=sys.stderr)
     elif name == "/help":
         print(CHAT_HELP, file=sys.stderr)
     else:
-        print(f"Error: unknown command {name} (/help lists them)", file=sys.stderr)
+        raise Vl3Error(f"unknown command {name} (/help lists them; //{name[1:]} asks it as a question)")
     return False
 
 
@@ -175,6 +194,15 @@ def _chat_lines(conversation, fmt: str) -> None:
         question = line.strip()
         if not question:
             continue
+        if _is_command(question):  # as typed in a terminal: a replayed session does the same
+            try:
+                if _chat_command(conversation, question, where=f"line {number}: "):
+                    break
+            except Vl3Error as e:
+                failed = True
+                print(f"Error: {e}", file=sys.stderr)
+            continue
+        question = _question(question)
         try:
             result = conversation.ask(question)
         except Vl3Error as e:
