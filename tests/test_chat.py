@@ -242,3 +242,70 @@ def test_a_first_question_that_fails_does_not_read_the_media_again(models, files
         chat.ask("w " * 5000)
     assert chat.ask(QUESTIONS[0]).ok and chat.ask(QUESTIONS[1]).ok
     assert reads == [str(files["video"])]
+
+
+def test_a_resumed_conversation_goes_on_as_the_saved_one_would(models, ref, ckpt, files, tmp_path):
+    """Two questions, /save, then a new chat resuming the file: the third answer is the one the
+    unbroken conversation gives (the answers' saved ids, not their text), and a second save holds
+    all three turns. Saved by another model, the answers are taken as text: the prompt is then
+    the layout of the texts, and the answer transformers' for it."""
+    from vl3cli.chat import saved_chat
+
+    model = models["hf"]
+    talk = model.chat(str(files["video"]))
+    for question in QUESTIONS[:2]:
+        talk.ask(question)
+    saved = tmp_path / "talk.json"
+    talk.save(saved)
+    third = talk.ask(QUESTIONS[2])
+    assert saved_chat(saved) == {"media": [str(files["video"])], "system": None}
+    again = model.chat(**saved_chat(saved))
+    again.resume(saved)
+    r = again.ask(QUESTIONS[2])
+    assert (r.state.ids, r.prompt_tokens) == (third.state.ids, third.prompt_tokens)
+    again.save(tmp_path / "all.json")
+    turns = json.loads((tmp_path / "all.json").read_text())["turns"]
+    assert [t["question"] for t in turns] == QUESTIONS and turns[2]["ids"] == third.state.ids
+    from vl3cli.pipeline import Item
+
+    assert Item(history=tuple(again.history)).to_read == ()  # the media read for that question is kept
+
+    data = json.loads(saved.read_text())
+    data["model"] = "another/model"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(data, indent=2))
+    answers = [t["answer"] for t in data["turns"]]
+    visual, inputs = reference_inputs(model, [files["video"]])
+    layout = (f"<|im_start|>user\n{visual}{QUESTIONS[0]}<|im_end|>\n<|im_start|>assistant\n{answers[0]}<|im_end|>\n"
+              f"<|im_start|>user\n{QUESTIONS[1]}<|im_end|>\n<|im_start|>assistant\n{answers[1]}<|im_end|>\n"
+              f"<|im_start|>user\n{QUESTIONS[2]}<|im_end|>\n<|im_start|>assistant\n")  # fmt: skip
+    ids = tok().encode(layout).ids
+    texts = model.chat(str(files["video"]))
+    texts.resume(other)
+    r = texts.ask(QUESTIONS[2])
+    assert r.prompt_tokens == len(ids)
+    assert r.state.ids == generate(ref, ids, inputs, eos_ids(ckpt["hf"]), ckpt["hf"])
+
+
+def test_resuming_what_is_not_a_saved_conversation_is_one_usage_error(models, files, tmp_path):
+    from vl3cli.chat import saved_chat
+    from vl3cli.errors import UsageError
+
+    model = models["hf"]
+    talk = model.chat(str(files["image"]))
+    talk.ask(QUESTIONS[0])
+    saved = tmp_path / "talk.json"
+    talk.save(saved)
+    (tmp_path / "notes.json").write_text('{"turns": []}')
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text(saved.read_text().replace('"turns": [', '"turns": [7, '))
+    for path, message in [(tmp_path / "none.json", "no such file"), (tmp_path / "notes.json", "is not a conversation saved by vl3"),
+                          (damaged, "the saved conversation is damaged")]:  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            saved_chat(path)
+    with pytest.raises(UsageError, match=r"is a conversation about .*a\.png, not .*b\.jpg"):
+        model.chat(str(files["image2"])).resume(saved)
+    with pytest.raises(UsageError, match="another system prompt"):
+        model.chat(str(files["image"]), system="Be brief.").resume(saved)
+    with pytest.raises(UsageError, match="in a new chat"):
+        talk.resume(saved)

@@ -225,3 +225,26 @@ def test_piped_lines_take_the_terminals_commands(ckpt, image, tmp_path):
     assert [t["question"] for t in saved["turns"]] == ["What is it?", "/etc/passwd?"]
     errors = [line for line in p.stderr.splitlines() if line.startswith("Error:")]
     assert errors == ["Error: line 7: unknown command /bogus (/help lists them; //bogus asks it as a question)"]
+
+
+def test_resume_continues_a_saved_conversation_from_the_command_line(ckpt, image, tmp_path):
+    """`/save` in one session, `vl3 chat --resume FILE` in the next (media and system prompt from
+    the file): its answers are those of the unbroken conversation (the API's); a file that is
+    not a saved chat is one line, before the model loads."""
+    args = [sys.executable, "-m", "vl3cli", "chat", "-m", str(ckpt), "--max-new-tokens", "5", "-f", "jsonl"]
+    first = subprocess.run([*args[:4], str(image), *args[4:]], input="What is it?\n/save talk.json\n",
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    later = subprocess.run([*args, "--resume", "talk.json"], input="And its colour?\nAgain?\n", capture_output=True,
+                           text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert later.returncode == 0, later.stderr
+    assert "(continuing talk.json: 1 questions and answers)" in later.stderr
+    chat = vl3cli.load(str(ckpt), max_new_tokens=5).chat(str(image))
+    unbroken = [chat.ask(q) for q in ["What is it?", "And its colour?", "Again?"]]
+    recs = [json.loads(x) for x in later.stdout.splitlines()]
+    assert [(r["prompt"], r["text"], r["prompt_tokens"]) for r in recs] == [(r.prompt, r.text, r.prompt_tokens) for r in unbroken[1:]]
+    (tmp_path / "notes.json").write_text("{}")
+    bad = subprocess.run([*args, "--resume", "notes.json"], input="", capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "Error: notes.json is not a conversation saved by vl3 (/save FILE writes one)"], bad.stderr

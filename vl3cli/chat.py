@@ -5,6 +5,8 @@
     r = chat.ask("And then?")                # sees the earlier question and answer
     chat.reset()                             # back to just the media
     chat.save("talk.json")                   # the conversation as JSON
+    chat = model.chat(**saved_chat("talk.json"))   # later: the same media and system prompt...
+    chat.resume("talk.json")                 # ... and the questions and answers saved
 
 Turn k's prompt is turn k-1's prompt, its answer's ids as generated (never re-tokenised), then
 the next user turn (`prompt.follow_up_ids`). Each question is one item of the model's run
@@ -13,6 +15,10 @@ first question, and kept. The KV of everything said is kept too (`Item.keep_kv`)
 question prefills only its own tokens, never the video again. A question that cannot fit in the model's context is refused with the
 advice to `/reset`; the conversation stays as it was. So does a question whose answer is
 interrupted (Ctrl-C): nothing of it is kept.
+
+A saved conversation holds each answer's ids besides its text: `resume` continues it with the
+answers as they were generated (by another model, as their text), the first question then
+prefilling the media and everything said (its KV is kept from there on, as usual).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Chat:
         self.history: list[Turn] = []
         self.results: list[Result] = []
         self.visuals = None  # the media as read for the first question, kept for the conversation
+        self.restored: list[dict] = []  # turns of a saved conversation continued here (`resume`), as saved
         self.prefix = None  # the KV of everything said so far (engine.Prefix): a new turn prefills only itself
         self._read_s = 0.0  # reading time not yet on a record
 
@@ -71,6 +78,9 @@ class Chat:
         answer = result.state
         if not self.history:
             self.visuals, self._read_s = answer.visuals, 0.0
+        elif self.visuals is None and self.media:  # a resumed conversation's media, read for this question: kept
+            self.visuals = answer.visuals[: len(self.media)]
+            self.history[0] = replace(self.history[0], visuals=tuple(self.visuals))
         visuals = self.visuals if not self.history else ()
         self.history += [Turn("user", question, visuals=tuple(visuals)), Turn("assistant", ids=tuple(answer.ids))]
         self.prefix = answer.prefix
@@ -83,7 +93,30 @@ class Chat:
         """Forget the questions and answers; the media (already read) stays."""
         self.history = []
         self.results = []
+        self.restored = []
         self.prefix = None
+
+    def resume(self, path: str | Path) -> None:
+        """Continue the conversation `save` wrote to `path` (this chat must be new, about the same
+        media with the same system prompt: `model.chat(**saved_chat(path))`). The answers are taken
+        as the ids they were generated as when the same model saved them, else as their text."""
+        data = _load_saved(path)
+        if self.history:
+            raise UsageError("resume a saved conversation in a new chat (this one has questions already)")
+        if tuple(data["media"]) != self.media:
+            raise UsageError(f"{path} is a conversation about {_names(data['media'])}, not {_names(self.media)}")
+        if data["system"] != self.options.system:
+            raise UsageError(f"{path} was held with another system prompt: {data['system']!r}")
+        vocab = self.model.engine.config.text.vocab_size
+        same_model = data["model"] == self.model.name
+        history = []
+        for number, turn in enumerate(data["turns"]):
+            visuals = (tuple(self.visuals) if self.visuals is not None else self.media) if number == 0 else ()
+            ids = turn.get("ids")
+            exact = same_model and isinstance(ids, list) and all(type(i) is int and 0 <= i < vocab for i in ids)
+            answer = Turn("assistant", ids=tuple(ids)) if exact else Turn("assistant", turn["answer"])
+            history += [Turn("user", turn["question"], visuals=visuals), answer]
+        self.history, self.restored, self.prefix = history, list(data["turns"]), None
 
     @property
     def prompt_tokens(self) -> int:
@@ -99,7 +132,10 @@ class Chat:
             "model": self.model.name,
             "media": list(self.media),
             "system": self.options.system,
-            "turns": [{"question": r.prompt, "answer": r.text, "record": r.to_dict()} for r in self.results],
+            "turns": self.restored + [
+                {"question": r.prompt, "answer": r.text, "ids": list(t.ids or ()), "record": r.to_dict()}
+                for r, t in zip(self.results, self.history[2 * len(self.restored) + 1 :: 2])
+            ],
         }
 
     def save(self, path: str | Path) -> Path:
@@ -127,6 +163,37 @@ class Chat:
         except OSError as e:
             raise Vl3Error(f"cannot write {path}: {e.strerror or e}") from e
         return path
+
+
+def saved_chat(path: str | Path) -> dict:
+    """The media and system prompt of the conversation saved in `path`, as `Model.chat` takes them."""
+    data = _load_saved(path)
+    return {"media": list(data["media"]), "system": data["system"]}
+
+
+def _names(media) -> str:
+    return ", ".join(media) if media else "no media"
+
+
+def _load_saved(path: str | Path) -> dict:
+    """A saved conversation, checked: UsageError naming the file for one that is not."""
+    path = Path(path).expanduser()
+    if not _saved_chat(path):
+        if not path.exists():
+            raise UsageError(f"no such file: {path}")
+        raise UsageError(f"{path} is not a conversation saved by vl3 (/save FILE writes one)")
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the conversation saved in {path}: {e}") from e
+    turns, media = data.get("turns"), data.get("media")
+    ok = (isinstance(media, list) and all(isinstance(m, str) and m for m in media)
+          and (data.get("system") is None or isinstance(data.get("system"), str)) and isinstance(turns, list)
+          and all(isinstance(t, dict) and isinstance(t.get("question"), str) and isinstance(t.get("answer"), str)
+                  for t in turns))  # fmt: skip
+    if not ok:
+        raise UsageError(f"{path}: the saved conversation is damaged (media, system or turns are not as /save writes them)")
+    return {"media": media, "system": data.get("system"), "model": data.get("model"), "turns": turns}
 
 
 def _saved_chat(path: Path) -> bool:

@@ -34,6 +34,7 @@ CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FI
         "  vl3 chat clip.mp4\n\n"
         "  vl3 chat before.jpg after.jpg --system \"Answer in one sentence.\"\n\n"
         "  vl3 chat clip.mp4 < questions.txt --format jsonl\n\n"
+        "  vl3 chat --resume talk.json\n\n"
         "Commands: /reset, /save FILE, /help, /exit (//text asks \"/text\"); in a terminal Ctrl-C stops an answer, "
         "Ctrl-D ends. With stdin not a terminal, each line is a question or a command and each answer is "
         "written when done."
@@ -43,13 +44,20 @@ CHAT_HELP = """Commands: /reset (forget the questions, keep the media), /save FI
 def chat(
     media: Annotated[list[str] | None, typer.Argument(help="Images, videos or URLs to talk about (none: text only).", show_default=False)] = None,
     format: Annotated[Literal["text", "jsonl"], typer.Option("--format", "-f", help="When stdin is not a terminal: text or jsonl (one record per answer).", rich_help_panel=OUTPUT)] = "text",
+    resume: Annotated[str | None, typer.Option("--resume", help="Continue a conversation saved with /save FILE (its media and system prompt unless given).", show_default=False)] = None,
     **options,
 ) -> None:
     """Talk about images and videos: follow-up questions see the earlier answers; the media is read once."""
     from ..api import media_paths
+    from ..chat import saved_chat
 
     params = _params(locals())
     media = list(media_paths(media or []))  # no empty path
+    if resume is not None:
+        saved = saved_chat(resume)  # before the model loads: a wrong file costs nothing
+        media = media or saved["media"]
+        if params.get("system") is None:
+            params["system"] = saved["system"]
     request = _options(params)
     _require("stdin")  # the questions
     _require("stdout")  # the answers
@@ -58,6 +66,9 @@ def chat(
     if media:
         with _Spinner(f"Reading {', '.join(media)}"):
             conversation.read()
+    if resume is not None:
+        conversation.resume(resume)
+        print(f"(continuing {resume}: {len(conversation.restored)} questions and answers)", file=sys.stderr)
     if sys.stdin.isatty():
         _chat_terminal(conversation)
     else:
