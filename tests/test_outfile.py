@@ -55,6 +55,11 @@ def test_a_whole_last_record_gets_its_newline(tmp_path):
         b"\x00" * 100_000,  # no newline at all
         b'{"text": "t", "path": "a", "error": null}\n',  # has a record's keys, but vl3 never wrote it
         b'{"',  # a start of a record, but no record before it: nothing says the file is ours
+        b'{"id": 17, "name": "my precious data", "values": [1,2,3]}',  # another program's JSON, no final newline
+        b'{"path": "a", "text": "t"}',  # whole JSON that lacks a record's fields: not a cut
+        b'{"id": 17, "name": "my',  # cut short, but with a key no record has
+        rec("a") + b'{"id": 1, "id": 2, "pa',  # a key twice
+        b'{"id": 17, "path": "x" "text"',  # not JSON's layout
     ],
 )
 def test_files_that_are_not_ours_are_refused_byte_identical(tmp_path, content):
@@ -333,3 +338,54 @@ def test_a_block_device_is_never_an_output(tmp_path):
         pytest.skip("no block device to name here")
     with pytest.raises(UsageError, match="is a block device"):
         Target.of(disk)
+
+
+def test_a_record_cut_anywhere_is_cut_off_even_as_the_only_line(tmp_path):
+    """A crash during the first record leaves its start alone in the file: cut wherever it stops
+    (inside a key, a value, a multi-byte character), and the empty file resumes."""
+    line = rec("clip.mp4", prompt="Qu'est-ce qui se passe ? \u00e9\u4e2d", error=None)
+    for cut in range(8, len(line) - 1):
+        out = tmp_path / f"{cut}.jsonl"
+        out.write_bytes(line[:cut])
+        assert read_records(out) == [], cut
+        assert out.read_bytes() == b""
+
+
+def test_records_longer_than_the_first_line_limit_read_back_once_the_file_is_ours(tmp_path, monkeypatch):
+    """A record longer than MAX_LINE after a record (a huge prompt's error record): still ours,
+    so the run resumes; the same line first in the file is refused without being read whole."""
+    import vl3cli.outfile as outfile
+
+    monkeypatch.setattr(outfile, "MAX_LINE", 1024)
+    out = tmp_path / "r.jsonl"
+    long = rec("b", prompt="word " * 2000, error="too long")
+    assert len(long) > 1024
+    out.write_bytes(rec("a") + long + rec("c"))
+    assert [r["path"] for r in read_records(out)] == ["a", "b", "c"]
+    first = tmp_path / "first.jsonl"
+    first.write_bytes(long)
+    with pytest.raises(UsageError, match="not a vl3 results file"):
+        read_records(first)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(tmp_path):
+    """`exclusive`: a second holder of the same file (by any name: a link) is refused with one
+    line naming the first run's process; once the first ends, the file is free and no lock file
+    is left."""
+    from vl3cli.outfile import exclusive
+
+    out = tmp_path / "r.jsonl"
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    before = set(os.listdir(tmp_path))
+    with exclusive(Target.of(out)):
+        for name in (out, link):
+            with pytest.raises(Vl3Error, match=rf"is being written by another vl3 run \(process {os.getpid()}\)"):
+                with exclusive(Target.of(name)):
+                    pass
+        other = tmp_path / "other.jsonl"
+        with exclusive(Target.of(other)):  # another file is another lock
+            pass
+    with exclusive(Target.of(link)):
+        pass
+    assert set(os.listdir(tmp_path)) == before  # no lock file left, nothing created

@@ -32,6 +32,8 @@
   that fails part way (a full disk, `ulimit -f`) is cut off again, so no half record is left.
 - A stream that cannot encode a character (`PYTHONIOENCODING=ascii`) gets its JSON escape
   (`\\u00e9`) instead: JSON and JSONL stay valid and lossless, text readable.
+- A batch run holds `exclusive(target)` from reading what is done to its last record, so two
+  runs never write one file at once.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from .output import Result, to_json
 
 RECORD_FIELDS = ("path", "text", "error")
 RECORD_START = (b'{"id": ', b'{"path": ')  # how a record line begins (ours: json.dumps of Result.to_dict())
-MAX_LINE = 64 * 1024 * 1024  # a longer line is not one of ours
+MAX_LINE = 64 * 1024 * 1024  # a longer first line is not one of ours (the file is not read whole to find out)
+MAX_RECORD_LINE = 1024**3  # once a file is ours: its records may be longer (a huge prompt's, written twice)
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,66 @@ def _is_record(line: bytes) -> dict | None:
 
 
 def _cut_short(line: bytes, after_record: bool) -> bool:
-    """Whether an unterminated last line is what a crash mid-write leaves: the start of a record,
-    or (after a record, so the file is ours) a shorter start of one, or a tail of NUL bytes."""
+    """Whether an unterminated last line is what a crash mid-write leaves: the start of a record
+    (not a whole JSON value: that was written whole, by whoever wrote it), or (after a record, so
+    the file is ours) a shorter start of one, or a tail of NUL bytes."""
     if line.startswith(RECORD_START):
-        return True
+        return _record_start(line)
     return after_record and (any(start.startswith(line) for start in RECORD_START) or not line.strip(b"\0"))
+
+
+def _record_start(line: bytes) -> bool:
+    """Whether `line` is the start of a record cut short: not a whole JSON value, and its keys so
+    far are record fields, each once (another program's `{"id": 17, "name": ...` is not)."""
+    from .output import SCHEMA
+
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut in two at the end is a cut; elsewhere it is not ours
+        if e.end < len(line) - 3:
+            return False
+        text = line[: e.start].decode("utf-8")
+    decoder, fields, at, seen = json.JSONDecoder(), set(SCHEMA) | {"timings"}, 1, set()
+    try:
+        json.loads(text)
+        return False  # whole: not a record (`_is_record` said so), and not cut short
+    except ValueError:
+        pass
+    while True:  # key, ':', value, ',' ... until the text runs out
+        at = _skip_space(text, at)
+        if at >= len(text):
+            return True
+        try:
+            key, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return not text[at:].strip(' "abcdefghijklmnopqrstuvwxyz_')  # a key cut short
+        if not isinstance(key, str) or key not in fields or key in seen:
+            return False
+        seen.add(key)
+        at = _skip_space(text, at)
+        if at >= len(text):
+            return True
+        if text[at] != ":":
+            return False
+        at = _skip_space(text, at + 1)
+        if at >= len(text):
+            return True
+        try:
+            _, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return True  # the value is where the line was cut
+        at = _skip_space(text, at)
+        if at >= len(text):
+            return True
+        if text[at] != ",":
+            return False
+        at += 1
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t":
+        at += 1
+    return at
 
 
 def unwritable(result: Result, error: Exception) -> Result:
@@ -148,12 +206,12 @@ def read_records(path: Path) -> list[dict]:
     records: list[dict] = []
     cut = newline = None
     with open(path, "rb") as f:
-        while line := f.readline(MAX_LINE):
-            record = _is_record(line) if len(line) < MAX_LINE else None
+        while line := f.readline(limit := MAX_RECORD_LINE if records else MAX_LINE):
+            record = _is_record(line) if len(line) < limit else None
             if record is not None:
                 records.append(record)
                 newline = not line.endswith(b"\n")
-            elif not line.endswith(b"\n") and len(line) < MAX_LINE and _cut_short(line, bool(records)):
+            elif not line.endswith(b"\n") and len(line) < limit and _cut_short(line, bool(records)):
                 cut = f.tell() - len(line)
             else:
                 raise not_ours(path)
@@ -457,6 +515,59 @@ def rewrite_without(path: Path, drop) -> None:
         tmp.unlink(missing_ok=True)
         raise
     replace_file(tmp, path)
+
+
+@contextmanager
+def exclusive(target: Target) -> Iterator[None]:
+    """Held for a whole batch run on a regular `--out`, from reading what is done to the last
+    record: a second run on the same file (any link to it) is refused with one line instead of
+    answering the same items again, or renaming a rewritten file over the records the first run
+    is appending. An advisory lock (`flock`) on a hidden file next to the target, named like its
+    temporary file, removed on the way out; where the folder allows no new file, on the target
+    itself (which is then rewritten in place, never replaced)."""
+    if not target.regular:
+        yield
+        return
+    import fcntl
+
+    path = Path(os.path.realpath(target.path))
+    lock = path.with_name(temp_name(path).name[: -len(".vl3-tmp")] + ".vl3-lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            ours = True
+        except PermissionError:
+            fd, ours = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
+        except OSError as e:
+            raise Vl3Error(f"cannot lock {target.path} for this run: {e.strerror or e}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() if ours else ""
+            os.close(fd)
+            pid = f" (process {holder})" if holder.isdigit() else ""
+            raise Vl3Error(f"{target.path} is being written by another vl3 run{pid}; wait for it to end, "
+                           "or write to another file") from None  # fmt: skip
+        if not ours:
+            break
+        try:  # the lock file is still the one at its name (a run ending meanwhile removes it)
+            if os.fstat(fd).st_ino == os.stat(lock, follow_symlinks=False).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        if ours:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if ours:
+            try:
+                lock.unlink()  # before the lock goes: a run waiting on this file then tries again
+            except OSError:
+                pass
+        os.close(fd)
 
 
 def replace_file(tmp: Path, path: Path) -> None:
