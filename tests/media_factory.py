@@ -14,6 +14,8 @@
     marked_picture(size) -> array       # black, with a white block in the top-left corner
     set_track_matrix(path, (a, b, c, d)) -> Path   # write a display matrix into an MP4/MOV
     faststart_copy(src, dst) -> Path    # the same packets, index at the front
+    trim_with_edit_list(src, dst, start_s, seconds) -> Path  # a lossless trim: only the MP4's 'elst' changes
+    make_two_tracks(path, frames=50, rate=10) -> Path  # an MP4 with two numbered video tracks
     cut(src, dst, fraction) -> Path     # the first `fraction` of the bytes
     encoder_for(codec) -> str | None      # the PyAV encoder that writes `codec`, if any
     require_encoder(codec) -> str         # same, or pytest.skip with the reason
@@ -343,6 +345,51 @@ def faststart_copy(src, dst) -> Path:
                 p.stream = s
                 o.mux(p)
     return Path(dst)
+
+
+def trim_with_edit_list(src, dst, start_s: float, seconds: float) -> Path:
+    """A copy of the MP4 ``src`` that plays ``seconds`` from ``start_s`` on, as QuickTime's or the
+    iPhone Photos app's lossless "Trim" writes it: the video track's edit list ('elst', one edit)
+    is all that changes; the samples before the new start stay in the file."""
+    data = bytearray(Path(src).read_bytes())
+
+    def find(path, start=0, end=len(data)):
+        for kind, _, body, stop in _boxes(data, start, end):
+            if kind == path[0]:
+                return body if len(path) == 1 else find(path[1:], body, stop)
+        raise ValueError(f"{src} has no {b'/'.join(path).decode()} box")
+
+    movie_scale = int.from_bytes(data[find([b"moov", b"mvhd"]) + 12 :][:4], "big")  # version 0 boxes
+    media_scale = int.from_bytes(data[find([b"moov", b"trak", b"mdia", b"mdhd"]) + 12 :][:4], "big")
+    elst = find([b"moov", b"trak", b"edts", b"elst"])
+    assert data[elst] == 0 and int.from_bytes(data[elst + 4 : elst + 8], "big") == 1, "one version-0 edit"
+    media_time = int.from_bytes(data[elst + 12 : elst + 16], "big")  # where the edit starts (B-frame delay)
+    data[elst + 8 : elst + 12] = round(seconds * movie_scale).to_bytes(4, "big")
+    data[elst + 12 : elst + 16] = (media_time + round(start_s * media_scale)).to_bytes(4, "big")
+    Path(dst).write_bytes(bytes(data))
+    return Path(dst)
+
+
+def make_two_tracks(path, frames: int = 50, rate: int = 10) -> Path:
+    """An MP4 with two H.264 video tracks of ``frames`` frames: the first 64x48, its frame i showing
+    ``index_picture(i)``; the second larger (320x240), showing ``index_picture(1000 + i)``."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        tracks = []
+        for size in ((64, 48), (320, 240)):
+            stream = container.add_stream(encoder_for("h264"), rate=rate)
+            stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+            tracks.append((stream, size))
+        for i in range(frames):
+            for k, (stream, size) in enumerate(tracks):
+                frame = av.VideoFrame.from_ndarray(index_picture(1000 * k + i, size), format="rgb24")
+                frame = frame.reformat(format="yuv420p")
+                frame.pts = i
+                container.mux(stream.encode(frame))
+        for stream, _ in tracks:
+            container.mux(stream.encode())
+    return Path(path)
 
 
 def cut(src, dst, fraction: float) -> Path:

@@ -370,3 +370,45 @@ def test_fps_above_the_clips_own_costs_nothing_extra(clips, monkeypatch):
     assert len(lookups) <= 3 * len(times)
     # without frame times: max_frames evenly spaced candidates, k = i * n // max_frames, n = 3e6
     assert sampling.sample_timestamps(3.0, None, fps=1e6, max_frames=4) == [0.0, 0.75, 1.5, 2.25]
+
+
+def test_a_text_file_ffmpeg_would_draw_is_not_a_video(tmp_path):
+    """FFmpeg's tty demuxer takes a text file named .nfo (.ans, .diz...) for a picture of its text:
+    it is no more a video than the same bytes named .txt."""
+    import av
+
+    text = "Release notes\nline two\n"
+    (tmp_path / "readme.txt").write_text(text)
+    (tmp_path / "readme.nfo").write_text(text)
+    with av.open(str(tmp_path / "readme.nfo")) as c:  # FFmpeg does open it, as a picture
+        assert c.format.name == "tty" and len(c.streams.video) == 1
+    for name in ("readme.txt", "readme.nfo"):
+        check_error(tmp_path / name, "not an image or video file")
+        with pytest.raises(MediaError, match="not an image or video file"):
+            container.probe(tmp_path / name)
+
+
+@pytest.mark.parametrize("fmt,suffix", [("GIF", "gif"), ("PNG", "png")])
+def test_animated_picture_cut_short_gives_what_decodes(tmp_path, fmt, suffix):
+    """An animated GIF / APNG cut at half: the frames Pillow decodes before the one that breaks,
+    each as Pillow decodes it, at 0.1 s each, with the truncation warning."""
+    whole = make_animated(tmp_path / f"anim.{suffix}", fmt, size=(200, 150))
+    path = tmp_path / f"half.{suffix}"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    expected = []  # the reference: Pillow's own frames, up to the first that does not decode
+    with Image.open(path) as im:
+        try:
+            for i in range(im.n_frames):
+                im.seek(i)
+                im.load()
+                expected.append(np.asarray(im.convert("RGB")))
+        except OSError:
+            pass
+    assert 0 < len(expected) < 10
+    v = media.read_video(path, lambda meta: (list(meta.frame_times), (meta.width, meta.height)))
+    assert v.backend == "pillow" and v.meta.truncated and v.meta.frame_count == len(expected)
+    assert v.timestamps == pytest.approx([i / 10 for i in range(len(expected))])
+    assert all(np.array_equal(a, b) for a, b in zip(v.frames, expected, strict=True))
+    (warning,) = v.warnings
+    assert f"only the first {len(expected) / 10:.1f} s could be read" in warning
+    assert media.read_video(whole, lambda meta: ([0.0], (meta.width, meta.height))).warnings == []

@@ -25,12 +25,15 @@ from media_factory import (
     make_camera_mjpeg,
     make_clip,
     make_numbered,
+    make_two_tracks,
     make_vfr_clip,
     make_video,
     marked_picture,
     read_index,
+    require_encoder,
     second_level,
     set_track_matrix,
+    trim_with_edit_list,
 )
 from PIL import Image, ImageOps
 
@@ -402,3 +405,101 @@ def test_a_video_track_starting_after_the_audio_keeps_the_files_clock(tmp_path, 
     # samples at 0, 1, ... s: before 2 s the first frame (reported at its own time), then one per second
     assert [read_index(f) for f in whole.frames] == [0, 10, 20]
     assert whole.timestamps == pytest.approx([2.0, 3.0, 4.0])
+
+
+def test_hevc_with_open_gops_gives_the_frames_asked_for(tmp_path):
+    """x265's defaults (open GOPs, B-frames): decord 0.6 drops the leading pictures after a seek to
+    a CRA keyframe and hands back frames from seconds earlier, so HEVC is read by PyAV. Frame i
+    shows i: the frame for time t is round(t * 10)."""
+    require_encoder("hevc")
+    path = make_numbered(tmp_path / "hevc.mkv", 100, 10, codec="hevc", gop=40)
+    v = media.read_video(path, plan_video(path, CONFIG, MediaOptions(fps=1, prune=False)))
+    assert v.backend == "pyav" and v.timestamps == pytest.approx(list(range(10)))
+    assert [read_index(f) for f in v.frames] == [round(t * 10) for t in v.timestamps]
+    pytest.importorskip("decord")
+    with pytest.raises(MediaError, match="HEVC"):
+        media.read_video(path, lambda meta: ([0.0, 7.0], (meta.width, meta.height)), backend="decord")
+
+
+def test_two_video_tracks_are_read_from_the_main_one(tmp_path):
+    """An MP4 with a 64x48 track (frame i shows i) and a larger one (frame i shows 1000 + i): every
+    decoder reads the first, which the metadata describes; decord, which picks the largest, is not used."""
+    path = make_two_tracks(tmp_path / "two.mp4")
+    with av.open(str(path)) as c:  # FFmpeg sees both tracks
+        assert [(s.width, s.height) for s in c.streams.video] == [(64, 48), (320, 240)]
+    meta = container.probe(path)
+    assert (meta.width, meta.height, meta.video_streams) == (64, 48, 2)
+    for backend in ("auto", "pyav"):
+        v = media.read_video(path, lambda meta: ([0.0, 1.0, 2.5, 4.9], (meta.width, meta.height)), backend=backend)
+        assert [read_index(f) for f in v.frames] == [0, 10, 25, 49], backend
+    pytest.importorskip("decord")
+    with pytest.raises(MediaError, match="2 video streams"):
+        media.read_video(path, lambda meta: ([0.0], (meta.width, meta.height)), backend="decord")
+
+
+def test_an_mp4_trimmed_by_its_edit_list_is_whole(tmp_path):
+    """A lossless trim (only the edit list changes: 8 s from 2 s in) is an intact file: no warning,
+    8 s long as FFmpeg says, frame 20 first. The same file cut short still warns."""
+    full = faststart_copy(make_numbered(tmp_path / "clip.mp4", 100, 10, gop=10), tmp_path / "fast.mp4")
+    trimmed = trim_with_edit_list(full, tmp_path / "trimmed.mp4", 2.0, 8.0)
+    with av.open(str(trimmed)) as c:
+        assert c.duration / av.time_base == pytest.approx(8.0) and c.streams.video[0].frames == 100
+    v = media.read_video(trimmed, plan_video(trimmed, CONFIG, MediaOptions(fps=1, prune=False)))
+    assert v.warnings == [] and not v.meta.truncated and v.meta.duration == pytest.approx(8.0)
+    assert [read_index(f) for f in v.frames] == [20 + round(t * 10) for t in v.timestamps]
+    assert v.timestamps == pytest.approx(list(range(8)))
+    half = cut(trimmed, tmp_path / "part.mp4", 0.8)
+    v = media.read_video(half, plan_video(half, CONFIG, MediaOptions(fps=1, prune=False)))
+    assert v.meta.truncated and v.meta.duration < 7.0 and " of 8.0 s" in v.warnings[0]
+
+
+def test_avi_with_b_frames_is_timed_by_display_order(tmp_path):
+    """AVI stores no presentation times; with B-frames (x264's default) FFmpeg gives the packets
+    made-up ones in decode order. Frame i (shown i) is at i / 10 s: 10 frames at 0, 1, ... 9 s,
+    no warning, whichever decoder is asked for and however the window starts."""
+    path = make_numbered(tmp_path / "x264.avi", 100, 10)
+    with av.open(str(path)) as c:  # FFmpeg: the codec reorders frames, and the clip has 100 of them
+        assert c.streams.video[0].codec_context.has_b_frames and c.streams.video[0].frames == 100
+    for backend in ("auto", "pyav"):
+        v = media.read_video(path, plan_video(path, CONFIG, MediaOptions(fps=1, prune=False)), backend=backend)
+        assert v.backend == "pyav" and v.warnings == [] and v.meta.duration == pytest.approx(10.0)
+        assert v.timestamps == pytest.approx(list(range(10)))
+        assert [read_index(f) for f in v.frames] == list(range(0, 100, 10))
+    v = media.read_video(path, plan_video(path, CONFIG, MediaOptions(fps=5, start=2, end=3, prune=False)))
+    assert v.timestamps == pytest.approx([2.0, 2.2, 2.4, 2.6, 2.8])
+    assert [read_index(f) for f in v.frames] == [20, 22, 24, 26, 28]
+    pytest.importorskip("decord")
+    with pytest.raises(MediaError, match="B-frames"):
+        media.read_video(path, lambda meta: ([0.0, 5.0], (meta.width, meta.height)), backend="decord")
+
+
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_raw_streams_keep_their_rate_and_start_anywhere(tmp_path, codec):
+    """A raw Annex-B stream (DVR / IP-camera dump) at 10 fps: FFmpeg's demuxer says 25 (its default)
+    while the stream states 10 (guessed_rate, the packets' durations): 5 s long, and --start 3
+    decodes on from the start of the file (the demuxer cannot seek) to frame 30."""
+    require_encoder(codec)
+    path = make_numbered(tmp_path / f"cam.{codec}", 50, 10, codec=codec, fmt=codec)
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        assert c.format.name == codec and s.average_rate == 25 and s.guessed_rate == 10
+    meta = container.probe(path)
+    assert meta.frame_count == 50 and meta.duration == pytest.approx(5.0) and meta.fps == pytest.approx(10.0)
+    v = media.read_video(path, plan_video(path, CONFIG, MediaOptions(fps=2, start=3, prune=False)))
+    assert v.timestamps == pytest.approx([3.0, 3.5, 4.0, 4.5]) and v.warnings == []
+    assert [read_index(f) for f in v.frames] == [30, 35, 40, 45]
+
+
+def test_fragmented_mp4_cut_short_warns(tmp_path):
+    """A fragmented MP4 (an empty index first, then fragments: OBS, screen recorders) announces no
+    length: cut at half, only its layout says it was cut. The whole file gets no warning."""
+    whole = make_numbered(tmp_path / "rec.mp4", 100, 10, gop=10, options={"movflags": "frag_keyframe+empty_moov"})
+    half = cut(whole, tmp_path / "half.mp4", 0.5)
+    readable = decodable_frames(half)
+    assert 0 < len(readable) < 100  # what a plain PyAV decode gets out of it
+    v = media.read_video(whole, plan_video(whole, CONFIG, MediaOptions(fps=1, prune=False)))
+    assert v.warnings == [] and v.meta.duration == pytest.approx(10.0)
+    v = media.read_video(half, plan_video(half, CONFIG, MediaOptions(fps=1, prune=False)))
+    assert v.meta.truncated and v.meta.duration <= (max(readable) + 1) / 10 + 1e-6
+    (warning,) = v.warnings
+    assert "truncated" in warning and f"first {v.meta.duration:.1f} s" in warning

@@ -12,11 +12,19 @@ Contract:
   is the PIL transpose that turns a decoded frame upright according to the container's
   display matrix (phone videos: 90, 180, 270 degrees, mirrored or not). ``truncated`` says
   the file holds less than its headers announce (read errors, cut packets, fewer frames or
-  an earlier end than the headers state; Matroska's Duration counts from timestamp 0).
+  an earlier end than the headers state; Matroska's Duration counts from timestamp 0; the
+  samples an MP4's edit list trims away, which FFmpeg leaves out of its index, are not missing)
+  or that an MP4 / MOV file ends inside a box (a fragmented MP4 cut short announces nothing).
+  Frames without presentation times are timed by their order (``timed_by_order``): an AVI's
+  frame is at its slot (its dts; with B-frames FFmpeg makes up pts in decode order), a raw
+  stream's (.h264, .hevc) follows the packets' durations, else the rate its headers state
+  (``guessed_rate``: FFmpeg's ``average_rate`` for raw streams is its default of 25).
+  ``video_streams`` counts the video streams that are not cover pictures.
   ``format`` is FFmpeg's name for the container, ``start_pts`` the timestamp taken as time 0:
   the file's start (the earliest of its streams, as players count time), so a video track that
   begins after the audio has its first frame after 0.
   A frame side data type PyAV cannot name (EXIF, FFmpeg 8) leaves the rotation FFmpeg reads.
+  A text file FFmpeg would render as a picture (its ``tty`` demuxer) is "not an image or video file".
 - ``av_open(path)`` opens a file with PyAV; a file it cannot open is a one-line MediaError
   saying why (an MP4 cut before its index names the box the file ends in).
 - Failures are ``MediaError("<path>: <reason>")`` chained to PyAV's own exception.
@@ -34,6 +42,9 @@ from PIL import Image
 from vl3cli.errors import MediaError
 
 PROBE_DECODE_PACKETS = 32  # packets fed to the decoder while waiting for the first frame
+# FFmpeg's demuxers that render a text file as a picture (tty: .nfo, .ans, .asc, .diz, by the name alone)
+TEXT_DEMUXERS = {"tty"}
+AVFMT_NOTIMESTAMPS = 0x0080  # FFmpeg's flag of demuxers whose packets carry no times (raw .h264, .hevc...)
 # Containers whose headers state the duration: ending much earlier means the file was cut.
 HEADER_DURATION_FORMATS = {"mov", "mp4", "matroska", "webm", "avi", "flv", "asf"}
 TRUNCATION_SLACK_S = 0.1  # a readable end this close to the announced one is not a cut...
@@ -83,6 +94,10 @@ class VideoMeta:
     header_duration: float | None = None  # what the headers announce, when they do
     format: str = ""  # FFmpeg's demuxer names, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "mpegts"
     start_pts: int = 0  # the presentation timestamp (stream time base) that is time 0
+    # The frames carry no usable times (raw streams; AVI, whose B-frames get made-up ones): the
+    # k-th frame decoded from the start of the file is shown at frame_times[k].
+    timed_by_order: bool = False
+    video_streams: int = 1  # video streams that are not cover pictures (a second camera angle...)
 
 
 def orientation(matrix) -> Image.Transpose | None:
@@ -102,6 +117,19 @@ def mp4_layout_problem(path) -> str | None:
     Reads box headers only. A file cut short ends inside a box; without its 'moov' box (the
     index, written last unless the file was made for streaming) nothing can be decoded.
     """
+    names, problem, _ = _mp4_boxes(path)
+    return problem or (None if "moov" in names else "it has no index ('moov' box)")
+
+
+def mp4_cut(path) -> bool:
+    """Whether an MP4 / MOV file ends inside one of its top-level boxes: it was cut short. The only
+    sign of a cut a fragmented MP4 gives (its index, written first, announces nothing)."""
+    return _mp4_boxes(path)[2]
+
+
+def _mp4_boxes(path) -> tuple[list[str], str | None, bool]:
+    """(names of the top-level boxes read, what is wrong with them or None, whether the file ends
+    inside the last one); box headers only."""
     size = os.path.getsize(path)
     pos, names = 0, []
     with open(path, "rb") as f:
@@ -114,13 +142,14 @@ def mp4_layout_problem(path) -> str | None:
             elif length == 0:
                 length = size - pos
             if length < 8 or not name.isprintable():
-                return f"its box structure is corrupt at byte {pos:,}"
+                return names, f"its box structure is corrupt at byte {pos:,}", False
             names.append(name)
             if pos + length > size:
                 missing = "" if "moov" in names else " and its index ('moov' box) is missing"
-                return f"the file ends inside its '{name}' box ({size - pos:,} of {length:,} bytes){missing}"
+                where = f"the file ends inside its '{name}' box ({size - pos:,} of {length:,} bytes){missing}"
+                return names, where, True
             pos += length
-    return None if "moov" in names else "it has no index ('moov' box)"
+    return names, None, False
 
 
 def signature(path) -> str | None:
@@ -207,8 +236,11 @@ def main_video_stream(c) -> int | None:
 def probe(path) -> VideoMeta:
     """A container video's metadata from its packets (demuxed, not decoded); see the module doc."""
     import av
+    import av.stream
 
     with av_open(path) as c:
+        if c.format.name in TEXT_DEMUXERS:
+            raise fail(path, "not an image or video file (a text file)")
         main = main_video_stream(c)
         if main is None:
             raise fail(path, "no video stream (audio-only or not a video)")
@@ -220,7 +252,13 @@ def probe(path) -> VideoMeta:
             raise fail(path, "video stream has no frame size (corrupt header)")
         tb = s.time_base
         rates = {st.index: (st.time_base.numerator, st.time_base.denominator) for st in c.streams if st.time_base}
+        formats = set(c.format.name.split(","))
+        # AVI stores no presentation times, only each frame's slot (its dts); with B-frames FFmpeg makes up
+        # pts in decode order (x264: dts + 1), so the slots are the times, shown in the order frames decode.
+        avi = "avi" in formats
+        reordered = bool(cc.has_b_frames)
         pts: list[int] = []
+        untimed: list[int] = []  # durations of the packets without any time (raw streams)
         packets = 0  # video packets read whole
         last_pts = last_duration = None
         stream_end = 0.0  # latest end of any packet of any stream, in seconds
@@ -229,6 +267,9 @@ def probe(path) -> VideoMeta:
         try:
             for p in c.demux():
                 t = p.pts if p.pts is not None else p.dts
+                if avi and p.dts is not None:
+                    reordered |= p.pts is not None and p.pts != p.dts
+                    t = p.dts
                 if p.size == 0:
                     continue
                 if p.is_corrupt:  # a packet cut by the end of the file
@@ -243,6 +284,8 @@ def probe(path) -> VideoMeta:
                 if matrix is None and fed < PROBE_DECODE_PACKETS:
                     fed += 1
                     matrix = _first_frame_matrix(s, p)
+                if t is None and not p.is_discard:
+                    untimed.append(p.duration or 0)
                 if t is None or p.is_discard:
                     continue
                 pts.append(t)
@@ -250,7 +293,11 @@ def probe(path) -> VideoMeta:
                     last_pts, last_duration = t, p.duration
         except av.FFmpegError:
             damaged = True  # a read error: keep what was read
-        header_fps = float(s.average_rate or s.guessed_rate or 0) or None
+        if c.format.flags & AVFMT_NOTIMESTAMPS:
+            # A raw stream's average_rate is FFmpeg's default (25); the rate its headers state is guessed_rate's
+            header_fps = float(s.guessed_rate or cc.framerate or s.average_rate or 0) or None
+        else:
+            header_fps = float(s.average_rate or s.guessed_rate or 0) or None
         start = s.start_time if s.start_time is not None else (min(pts) if pts else 0)
         num, den = (tb.numerator, tb.denominator) if tb else (1, 1)
         if c.start_time is not None and tb:
@@ -259,8 +306,13 @@ def probe(path) -> VideoMeta:
             # with stream copy) has its first frame at that later time.
             start = min(start, round(c.start_time * den / (num * av.time_base)))
         times = sorted({(p - start) * num / den for p in pts if p >= start})  # exact ints, one rounding
-        if not times and packets and header_fps:  # no timestamps at all (raw streams)
-            times = [i / header_fps for i in range(packets)]
+        timed_by_order = avi and reordered
+        if not times and untimed and tb and all(untimed):  # no timestamps at all (raw streams): the durations
+            ends = np.cumsum([0, *untimed])
+            times, timed_by_order = [int(e) * num / den for e in ends[:-1]], True
+            last_pts, last_duration, start = int(ends[-2]), untimed[-1], 0
+        elif not times and packets and header_fps:  # nor durations
+            times, timed_by_order = [i / header_fps for i in range(packets)], True
         if not times:
             raise fail(path, _unreadable_video(path, signature(path), "truncated or corrupt video: no frame could be read"))
         if last_duration and tb and last_pts is not None and last_pts >= start:
@@ -270,21 +322,29 @@ def probe(path) -> VideoMeta:
         else:
             tail = 1 / header_fps if header_fps else 0.1
         duration = times[-1] + tail
-        formats = set(c.format.name.split(","))
         first = (c.start_time or 0) / av.time_base
         header_duration = c.duration / av.time_base if c.duration else None
         if header_duration and "matroska" in formats and header_duration > first:
             # Matroska's Duration is where the last frame ends, counted from timestamp 0 (FFmpeg writes
             # 3603 s for 3 s of a recording whose times start at 3600 s); the others' is the length.
             header_duration -= first
-        truncated = damaged or (s.frames or 0) > packets
+        announced = s.frames or 0
+        if "mov" in formats:  # an edit list that trims the start (a lossless trim) takes samples out of the index
+            try:
+                announced = min(announced, len(s.index_entries)) if s.index_entries else announced
+            except Exception:  # noqa: BLE001 - a PyAV without index_entries: the sample count
+                pass
+        truncated = damaged or announced > packets
+        if signature(path) == "mp4" and mp4_cut(path):  # a fragmented MP4 announces nothing else
+            truncated = True
         if header_duration and HEADER_DURATION_FORMATS & formats:
             span = stream_end - first
             if header_duration - span > max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRAMES * duration / len(times)):
                 truncated = True
         op = orientation(matrix) if matrix else None
         width, height = (cc.height, cc.width) if op in SWAPS_AXES else (cc.width, cc.height)
+        streams = sum(1 for st in c.streams.video if not st.disposition & av.stream.Disposition.attached_pic)
         return VideoMeta(
             width, height, duration, len(times) / duration, len(times), tuple(times), cc.name, op, truncated,
-            header_duration, c.format.name, start,
+            header_duration, c.format.name, start, timed_by_order, streams,
         )  # fmt: skip

@@ -9,7 +9,8 @@ Contract:
   other MP4/MOV brands and Matroska/WebM are videos), then Pillow (animated GIF / WebP / PNG /
   AVIF are videos; so are an MPEG-1/2 stream and JPEGs one after another, a raw Motion-JPEG
   stream, which Pillow would take for one picture), then PyAV (a cover picture of an audio file
-  is not a video; a format FFmpeg demuxes but cannot decode, such as SVG, is an error).
+  is not a video; a format FFmpeg demuxes but cannot decode, such as SVG, is an error, and so is
+  a text file FFmpeg's ``tty`` demuxer would draw as a picture because it is named .nfo / .ans).
 - ``load_image(path)`` returns an RGB ``PIL.Image`` with EXIF orientation applied. HEIC/HEIF
   pictures go through pillow-heif (registered on first use), AVIF through Pillow's own plugin.
   Transparency is composited onto white (as transformers' ``convert_to_rgb`` does); 16-bit
@@ -23,7 +24,8 @@ Contract:
   images), asks ``plan(meta)`` for the timestamps to use and the output size, then decodes
   only those frames, upright, resizing each one as soon as it is decoded (``video.decode``).
   A file cut short or damaged gives what decodes: the timestamps and the duration are cut to
-  what was really read and ``DecodedVideo.warnings`` holds one line saying so.
+  what was really read and ``DecodedVideo.warnings`` holds one line saying so; an animated
+  GIF / PNG / WebP cut short is its frames before the first that does not decode.
 - ``native_logging(debug)`` silences the native libraries' own log lines (or, with debug,
   lets them through to stderr).
 - Every failure is a ``MediaError("<path>: <reason>")``, chained to the exception behind it;
@@ -217,6 +219,8 @@ def detect_kind(path) -> str:
         # than one it does not know (UnidentifiedImageError): a broken picture if FFmpeg sees one too.
         broken = e if isinstance(e, OSError) and not isinstance(e, UnidentifiedImageError) else None
     with container.av_open(path) as c:  # raises MediaError "not an image or video" when PyAV cannot open it
+        if c.format.name in container.TEXT_DEMUXERS:  # FFmpeg draws a text file named .nfo as a picture
+            raise _fail(path, "not an image or video file (a text file)")
         main = container.main_video_stream(c)
         if main is None:
             raise _fail(path, "no video stream (audio-only or not a video)")
@@ -282,11 +286,20 @@ def _another_jpeg(data) -> bool:
 
 
 def _animated_meta(path) -> VideoMeta:
+    """An animated picture's frames and their times, each frame decoded once. A file cut short
+    (a GIF / APNG whose download stopped) is what decodes before the first frame that does not:
+    ``truncated`` says so; only a file whose first frame does not decode is an error."""
     with _open_pil(path) as im:
-        durations = []
+        durations, truncated = [], False
         for i in range(im.n_frames):
-            im.seek(i)
-            im.load()  # WebP fills in the frame's duration on load
+            try:
+                im.seek(i)
+                im.load()  # WebP fills in the frame's duration on load
+            except (OSError, EOFError, ValueError, SyntaxError):
+                if not durations:
+                    raise
+                truncated = True  # Pillow: "image file is truncated", "Truncated File Read"
+                break
             ms = im.info.get("duration") or 0
             durations.append(100 if ms <= GIF_MIN_DURATION_MS else int(ms))
         times, acc = [], 0
@@ -294,7 +307,8 @@ def _animated_meta(path) -> VideoMeta:
             times.append(acc / 1000.0)
             acc += ms
         duration = acc / 1000.0
-        return VideoMeta(im.width, im.height, duration, len(times) / duration, len(times), tuple(times), im.format.lower())
+        return VideoMeta(im.width, im.height, duration, len(times) / duration, len(times), tuple(times),
+                         im.format.lower(), truncated=truncated)  # fmt: skip
 
 
 def _read_animated(path, meta: VideoMeta, timestamps, size) -> np.ndarray:
@@ -351,7 +365,9 @@ def read_video(path, plan: Plan, backend: str = "auto") -> DecodedVideo:
         if is_animated_image(path):
             meta = _animated_meta(path)
             timestamps, size = plan(meta)
-            return DecodedVideo(meta, timestamps, _read_animated(path, meta, timestamps, size), "pillow")
+            frames = _read_animated(path, meta, timestamps, size)
+            notes = [truncation_note(meta, len(frames))] if meta.truncated else []
+            return DecodedVideo(meta, timestamps, frames, "pillow", notes)
         meta = container.probe(path)
         timestamps, size = plan(meta)
         frames, backend, end = video.decode(path, meta, timestamps, size, backend)

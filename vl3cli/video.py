@@ -5,10 +5,15 @@ returns the frame shown at each timestamp (the last frame starting at or before 
 and resized to ``size`` (PIL bicubic), as (t, h, w, 3) uint8, and how far decoding got.
 decord (``get_batch`` on small chunks) is used only for files it reads correctly: a container
 with an index (MP4 / MOV, Matroska / WebM, AVI, as FFmpeg names the format; not MPEG-TS / PS),
-a known codec, no display matrix (decord 0.6 rotates by itself and gets 90/270 degrees wrong)
+a known codec (not HEVC: after a seek to an open-GOP keyframe decord 0.6 miscounts frames), one
+video stream (decord picks its own among several), frames timed by the container (not an AVI
+with B-frames), no display matrix (decord 0.6 rotates by itself and gets 90/270 degrees wrong)
 and nothing cut; PyAV reads everything else, seeking to the keyframe before a wanted frame when
 that skips decoding (a seek that lands after it is retried further back, then replaced by
-reading on from the start), skipping damaged packets. When decoding ends before the last timestamp,
+reading on from the start, as is a seek the demuxer refuses: raw .h264 / .hevc streams), skipping
+damaged packets. Frames without usable times (``meta.timed_by_order``: raw streams, AVI with
+B-frames) are timed by their order from the start of the file, which is therefore read from its
+start, never seeked in. When decoding ends before the last timestamp,
 only the frames before that point come back: frames are never repeated past the real end.
 """
 
@@ -23,8 +28,9 @@ from PIL import Image
 from vl3cli.container import VideoMeta, av_open, main_video_stream
 from vl3cli.sampling import EPS, frame_index
 
-# Codecs decord 0.6 decodes reliably; anything else (AV1 above all) goes to PyAV.
-DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg"}
+# Codecs decord 0.6 decodes reliably; anything else (AV1 above all) goes to PyAV. Not HEVC: after a
+# seek to a CRA keyframe (x265's default open GOPs) decord drops the leading pictures and miscounts.
+DECORD_CODECS = {"h264", "vp8", "vp9", "mpeg4", "mpeg2video", "mpeg1video", "mjpeg"}
 # Containers with an index (FFmpeg's demuxer names), where decord's seeks land on the frame asked
 # for; in MPEG-TS / M2TS / MPEG-PS and raw streams they land a keyframe interval off.
 DECORD_FORMATS = {"mov", "mp4", "matroska", "webm", "avi"}
@@ -50,6 +56,12 @@ def _read_decord(path, meta: VideoMeta, timestamps, size, vr=None) -> np.ndarray
         raise RuntimeError("decord 0.6 mis-decodes videos with a display matrix (rotated videos); use PyAV")
     if not indexed(meta):
         raise RuntimeError(f"decord seeks to the wrong frames in {meta.format} files (no index); use PyAV")
+    if meta.timed_by_order:
+        raise RuntimeError(f"decord seeks to the wrong frames in {meta.format} files with B-frames; use PyAV")
+    if meta.codec == "hevc":
+        raise RuntimeError("decord 0.6 seeks to the wrong frames in HEVC with open GOPs; use PyAV")
+    if meta.video_streams != 1:
+        raise RuntimeError(f"decord may read another of the file's {meta.video_streams} video streams; use PyAV")
     vr = vr if vr is not None else decord.VideoReader(os.fspath(path), ctx=decord.cpu(0))
     n = len(vr)
     if n != meta.frame_count:
@@ -86,6 +98,7 @@ class _Cursor:
         self.tb = float(self.s.time_base)
         self.start_pts = meta.start_pts  # as probe counts times (a raw stream has no start time)
         self.fps = meta.fps or 1.0
+        self.by_order = meta.frame_times if meta.timed_by_order else None  # frame k decoded from the start
         self.frames = None  # decode iterator
         self.cur = self.cur_t = None  # last frame at or before the target, and its time
         self.nxt = self.nxt_t = None  # a frame decoded past the target, kept for the next one
@@ -119,7 +132,8 @@ class _Cursor:
 
     def restart(self, t: float | None) -> None:
         """Seek to the keyframe at or before ``t``; None: back to the very start of the file
-        (reopened: in MPEG-TS / PS a seek to the start time lands on a later keyframe)."""
+        (reopened: in MPEG-TS / PS a seek to the start time lands on a later keyframe; after a
+        seek the demuxer refused, it starts afresh)."""
         if t is None:
             if self.frames is not None:
                 self.close()
@@ -127,6 +141,7 @@ class _Cursor:
             self.count = 0
         else:
             target = int(max(t, 0.0) / self.tb) + self.start_pts
+            self.frames = self.frames or iter(())  # moved or not, the file is reopened for the start
             self.c.seek(target, stream=self.s, backward=True, any_frame=False)
         self.frames = self._decode()
         self.cur = self.cur_t = self.nxt = self.nxt_t = None
@@ -147,8 +162,12 @@ class _Cursor:
                 if self.nxt is None:
                     self.exhausted = True
                     return
-                pts = self.nxt.pts
-                self.nxt_t = (pts - self.start_pts) * self.tb if pts is not None else self.count / self.fps
+                pts, k = self.nxt.pts, self.count
+                if self.by_order is not None:  # only ever decoded from the start (see _PyAVReader.can_seek)
+                    last = len(self.by_order) - 1
+                    self.nxt_t = self.by_order[k] if k <= last else self.by_order[last] + (k - last) / self.fps
+                else:
+                    self.nxt_t = (pts - self.start_pts) * self.tb if pts is not None else k / self.fps
                 self.count += 1
             if self.nxt_t > t + EPS:
                 return
@@ -170,7 +189,7 @@ class _PyAVReader:
         self.cur = _Cursor(path, meta)
         self.keys = _keyframe_times(self.cur.s, self.cur.start_pts)
         self.gop = 0.0  # largest keyframe gap inferred so far when the file has no index
-        self.can_seek = True
+        self.can_seek = not meta.timed_by_order  # frames timed by their order: counted from the start
         self.back = 0  # index in SEEK_BACKOFF of the first distance to try
         self.last = self.last_t = None  # the last frame converted, and its time
 
@@ -180,14 +199,21 @@ class _PyAVReader:
     def _seek(self, t: float, pos: float | None) -> None:
         """Decode from a keyframe before ``t`` up to ``t``. A seek that lands after ``t`` (files
         without an index: MPEG-TS / PS) is retried further back; one whose frames carry times the
-        file's packets do not (MPEG-PS guesses them after a seek) gives seeking up for reading on
-        from the start of the file."""
+        file's packets do not (MPEG-PS guesses them after a seek), or that the demuxer refuses (raw
+        streams: FFmpeg's EPERM), gives seeking up for reading on from the start of the file."""
+        import av
+
         cur, times = self.cur, self.meta.frame_times
         for k in range(self.back, len(SEEK_BACKOFF)):
             if t - SEEK_BACKOFF[k] <= 0:
                 cur.restart(None)
                 return
-            cur.restart(t - SEEK_BACKOFF[k])
+            try:
+                cur.restart(t - SEEK_BACKOFF[k])
+            except MemoryError:
+                raise
+            except av.FFmpegError:  # the demuxer cannot seek
+                break
             cur.advance(t)
             if cur.cur is None:
                 continue
@@ -255,7 +281,10 @@ def uses_decord(meta: VideoMeta, backend: str) -> bool:
     """Whether ``decode`` tries decord first for this video."""
     if backend != "auto":
         return backend == "decord"
-    return indexed(meta) and meta.codec in DECORD_CODECS and meta.orientation is None and not meta.truncated
+    return (
+        indexed(meta) and meta.codec in DECORD_CODECS and meta.orientation is None and not meta.truncated
+        and meta.video_streams == 1 and not meta.timed_by_order
+    )  # fmt: skip
 
 
 def decode(
@@ -315,6 +344,7 @@ def detect_cuts(path, meta: VideoMeta, threshold: float = 10.0, scale: int = 4) 
         stream.thread_type = "AUTO"
         start_pts = meta.start_pts
         tb = float(stream.time_base)
+        pulled = [0]  # frames out of the graph: their times when they carry none (meta.timed_by_order)
         graph = av.filter.Graph()
         chain = [graph.add_buffer(template=stream), graph.add("scale", f"max(2\\,iw/{scale}):max(2\\,ih/{scale})"),
                  graph.add("format", "gbrp"), graph.add("scdet", f"threshold={threshold}:sc_pass=0"), graph.add("buffersink")]  # fmt: skip
@@ -328,8 +358,11 @@ def detect_cuts(path, meta: VideoMeta, threshold: float = 10.0, scale: int = 4) 
                     frame = graph.pull()
                 except (av.BlockingIOError, av.EOFError):
                     return
+                k, pulled[0] = pulled[0], pulled[0] + 1
                 score = float(frame.metadata.get("lavfi.scd.score", 0.0))
-                if score >= threshold and frame.pts is not None:
+                if score >= threshold and meta.timed_by_order and k < len(meta.frame_times):
+                    cuts.append(meta.frame_times[k])
+                elif score >= threshold and frame.pts is not None and not meta.timed_by_order:
                     cuts.append((frame.pts - start_pts) * tb)
 
         for packet in container.demux(stream):
