@@ -156,7 +156,7 @@ def line(path, error=None, prompt=None, model="m", **options):
 
 
 def keyed(paths, prompt=None, model="m", **options):
-    return {record_key({"path": p, "model": model, "options": {"prompt": prompt, "max_new_tokens": 512, **options}}): p for p in paths}
+    return [(record_key({"path": p, "model": model, "options": {"prompt": prompt, "max_new_tokens": 512, **options}}), p) for p in paths]
 
 
 def test_plan_modes(tmp_path):
@@ -225,7 +225,7 @@ def test_a_video_whose_segments_all_have_records_is_not_read_again(tmp_path):
         + "".join(segment_line("thirds", s, 10.0) for s in thirds)
     )  # fmt: skip
     names = ["whole", "part", "gap", "failed", "cut", "thirds", "new"]
-    items = keyed(names) | keyed(["clip"], start=5.0, end=25.0)
+    items = keyed(names) + keyed(["clip"], start=5.0, end=25.0)
     p = plan_segments(items, out, "resume")
     assert {item: skip for item, skip in p.todo} == {
         "part": {(0.0, 10.0)}, "gap": {(0.0, 10.0), (20.0, 25.0)}, "new": set(),
@@ -378,3 +378,129 @@ def test_an_unreadable_folder_is_an_error_record_and_the_rest_goes_on(hf_checkpo
     by_path = {x["path"]: x for x in records(out.read_text())}
     assert by_path[str(top / "a.png")]["error"] is None
     assert by_path[str(top / "locked")]["error"] == f"cannot read the folder {top / 'locked'}: Permission denied"
+
+
+def test_a_list_is_split_at_newlines_only(tree):
+    """U+0085, U+2028 and U+2029 are characters a file name may hold: `--files-from` splits at "\\n"
+    alone (a "\\r" before it dropped), from a file as from stdin."""
+    names = ["a\x85b.png", "c\u2028d.png", "e\u2029f.png"]
+    for name in names:
+        Path(name).write_bytes(b"x")
+    Path("list.txt").write_bytes(f"{names[0]}\n{names[1]}\r\n{names[2]}\n".encode())
+    assert expand_inputs([], "list.txt", parse_exts(None)) == sorted(names)
+    stdin = io.TextIOWrapper(io.BytesIO(Path("list.txt").read_bytes()))
+    assert expand_inputs([], "-", parse_exts(None), stdin=stdin) == sorted(names)
+
+
+def test_a_list_that_is_not_utf8_is_read_like_stdin(tree):
+    """A file name that is not UTF-8 listed in a --files-from file is read as Python reads file
+    names (surrogateescape), so it is the name os.listdir gives, as when listed on stdin."""
+    os.close(os.open(b"caf\xe9.png", os.O_CREAT | os.O_WRONLY))
+    (odd,) = [n for n in os.listdir(".") if n.startswith("caf")]
+    Path("list.txt").write_bytes(b"caf\xe9.png\ne.webm\n")
+    assert expand_inputs([], "list.txt", parse_exts(None)) == sorted([odd, "e.webm"])
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9.png\ne.webm\n"), errors="strict")  # a locale that is not C.UTF-8
+    assert expand_inputs([], "-", parse_exts(None), stdin=stdin) == sorted([odd, "e.webm"])
+
+
+def test_dotdot_after_a_link_is_resolved_as_the_os_does(tree):
+    """`np/link/../x.png` with np/link -> real/sub opens np/real/x.png (the parent of the link's
+    target), not np/x.png: the item is the file the OS opens, spelled as given."""
+    Path("np/real/sub").mkdir(parents=True)
+    os.symlink("real/sub", "np/link")
+    Path("np/real/x.png").write_bytes(b"the real one")
+    Path("np/x.png").write_bytes(b"another file")
+    (item,) = expand_inputs(["np/link/../x.png"], None, parse_exts(None))
+    assert Path(item).read_bytes() == b"the real one" and item == "np/link/../x.png"
+    assert expand_inputs(["np/link/../x.png", "np/x.png"], None, parse_exts(None)) == ["np/link/../x.png", "np/x.png"]
+    assert expand_inputs(["np/real/sub/../x.png", "np/real/x.png"], None, parse_exts(None)) == ["np/real/x.png"]
+
+
+class _Listing:
+    """What os.scandir returns (an iterator and a context manager), over entries in a fixed order."""
+
+    def __init__(self, entries):
+        self.entries = iter(entries)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.entries)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def close(self):
+        return None
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_file_reached_by_several_routes_is_spelled_the_way_that_sorts_first(tree, monkeypatch, reverse):
+    """Whatever order the file system lists a folder in: tree2/c/toa -> ../a and tree2/a-b ->
+    a/x, so a/i.png is also c/toa/i.png, and a/x/j.png also a-b/j.png ("a-b/" sorts before
+    "a/x/": "-" is before "/"). The shard hash takes that spelling too."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        with real_scandir(path) as entries:
+            return _Listing(sorted(entries, key=lambda e: e.name, reverse=reverse))
+
+    Path("tree2/a/x").mkdir(parents=True)
+    Path("tree2/c").mkdir()
+    Path("tree2/a/i.png").write_bytes(b"x")
+    Path("tree2/a/x/j.png").write_bytes(b"x")
+    os.symlink("../a", "tree2/c/toa")
+    os.symlink("a/x", "tree2/a-b")
+    monkeypatch.setattr(os, "scandir", scandir)
+    found = expand_inputs(["tree2"], None, parse_exts(None))
+    assert found == ["tree2/a-b/j.png", "tree2/a/i.png"]
+    assert expand_inputs(["tree2/a/i.png", "tree2/c/toa/i.png", "tree2/a/x/j.png", "tree2/a-b/j.png"], None, parse_exts(None)) == found
+
+
+@pytest.mark.parametrize("bad", ["²/4", "1/²", "٣/4", "4/٥", "1/" + "9" * 5000])
+def test_shard_takes_ascii_digits_only(bad):
+    """`str.isdigit` is true for "²" (which int() refuses) and "٣" (which int() reads as 3)."""
+    with pytest.raises(UsageError, match="expected K/N"):
+        parse_shard(bad)
+    assert parse_shard("3/4") == (3, 4) and parse_shard("007/8") == (7, 8)
+
+
+@pytest.mark.parametrize("option", ["--prompt", "--system"])
+def test_a_prompt_that_is_not_utf8_is_a_usage_error_before_the_model_loads(image, tmp_path, option):
+    """A byte that is not UTF-8 on the command line arrives as a lone surrogate, which no tokenizer
+    takes: one usage error (the model path does not even exist), not an error record per item."""
+    out = tmp_path / "r.jsonl"
+    r = CliRunner().invoke(app, ["batch", image, option, "caf\udce9?", "-m", str(tmp_path / "no-model"), "--out", str(out)])
+    assert isinstance(r.exception, UsageError) and str(r.exception).startswith(f"{option}: the text is not valid UTF-8"), r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_second_run_on_an_output_in_use_is_refused_and_changes_nothing(hf_checkpoint, image, tmp_path, suffix):
+    """While a run holds its --out (here this process holds the lock, as a run does from reading
+    what is done to its last record), another `vl3 batch` on that file is one error line naming
+    the holder, before the model loads, and leaves the file byte-identical; once free, it runs."""
+    import subprocess
+    import sys
+
+    from vl3cli.outfile import exclusive
+
+    out = tmp_path / f"r.{suffix}"
+    args = [sys.executable, "-m", "vl3cli", "batch", str(image), "--out", str(out), "--max-new-tokens", "3",
+            "-m", str(hf_checkpoint)]  # fmt: skip
+    first = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes()
+    with exclusive(Target.of(out)):
+        p = subprocess.run([*args, "--retry-failed"], capture_output=True, text=True, timeout=120)
+        assert out.read_bytes() == before
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        f"Error: {out} is being written by another vl3 run (process {os.getpid()}); wait for it to end, "
+        "or write to another file"], p.stderr  # fmt: skip
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "1 already done" in again.stderr, again.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".vl3-lock")]

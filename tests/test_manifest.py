@@ -156,3 +156,85 @@ def test_ask_several_media_and_none(model, ckpt, folder):
     assert isinstance(r.exception, MediaError) and "typo.png: no such file" in str(r.exception)
     r, _ = invoke("ask", a, *args)
     assert isinstance(r.exception, UsageError) and "give a question" in str(r.exception)
+
+
+def test_lines_are_split_at_newlines_only(tmp_path):
+    """JSONL strings may hold U+2028, U+2029 and U+0085 raw: each "\\n" ends one line (a "\\r"
+    before it is dropped), and lines are numbered the same way."""
+    prompts = ["line one\u2028line two", "x\x85y", "a\u2029b\x1cc"]
+    lines = [json.dumps({"id": i, "prompt": p}, ensure_ascii=False) for i, p in zip("abc", prompts)]
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_bytes(("\n".join(lines[:2]) + "\r\n" + lines[2] + "\n{not json\n").encode())
+    entries = read_manifest(str(manifest))
+    assert [(e.id, e.prompt, e.error) for e in entries[:3]] == [(i, p, None) for i, p in zip("abc", prompts)]
+    assert len(entries) == 4 and entries[3].id == f"{manifest}:4" and entries[3].error.startswith(f"{manifest}:4: ")
+
+
+def test_a_repeat_without_an_id_is_found_however_its_media_are_spelled(folder, tmp_path):
+    """`a.png`, a link to it and its absolute path are one file for resume, so lines naming it
+    each way with the same prompt repeat line 1: each later one is an error record of its own."""
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "a.png").symlink_to(folder / "a.png")
+    (d / "link.png").symlink_to("a.png")
+    manifest = d / "dup.jsonl"
+    lines = [{"media": "a.png"}, {"media": "link.png"}, {"media": str(folder / "a.png")}, {"media": "a.png", "prompt": "Why?"},
+             {"media": ["./a.png"], "prompt": "Why?"}, {"media": str(folder / "b.jpg")}]  # fmt: skip
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    entries = read_manifest(str(manifest))
+    assert [e.error for e in entries] == [
+        None,
+        f"{manifest}:2: the same item as line 1 (give each line an id to ask twice)",
+        f"{manifest}:3: the same item as line 1 (give each line an id to ask twice)",
+        None,
+        f"{manifest}:5: the same item as line 4 (give each line an id to ask twice)",
+        None,
+    ]
+    assert [e.id for e in entries] == [None, f"{manifest}:2", f"{manifest}:3", None, f"{manifest}:5", None]
+
+
+def test_two_items_with_one_key_both_get_a_record(ckpt, folder, tmp_path):
+    """An id that happens to be another line's `file:LINE` name gives two items one key: both
+    are answered and kept (the run has as many records as items), none is dropped."""
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text(json.dumps({"id": f"{manifest}:2", "media": str(folder / "a.png")}) + "\n{not json\n")
+    out = tmp_path / "r.jsonl"
+    r, _ = invoke("batch", "--manifest", manifest, "--out", out, "-m", ckpt, "--max-new-tokens", 2)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "Done: 2 items: 1 ok, 1 failed" in r.stderr and len(recs) == 2, r.output
+    assert sorted(rec["error"] is None for rec in recs) == [False, True]
+
+
+def test_media_through_a_link_and_dotdot_are_the_file_the_os_opens(tmp_path):
+    d = tmp_path / "np"
+    (d / "real" / "sub").mkdir(parents=True)
+    (d / "link").symlink_to("real/sub")
+    (d / "real" / "x.png").write_bytes(b"the real one")
+    (d / "x.png").write_bytes(b"another file")
+    manifest = d / "items.jsonl"
+    manifest.write_text(json.dumps({"media": "link/../x.png"}) + "\n" + json.dumps({"media": "x.png"}) + "\n")
+    first, second = read_manifest(str(manifest))
+    assert Path(first.media[0]).read_bytes() == b"the real one" and first.media == (f"{d}/link/../x.png",)
+    assert second.error is None and Path(second.media[0]).read_bytes() == b"another file"
+
+
+def test_a_line_that_is_not_utf8_is_an_error_record_and_the_rest_goes_on(tmp_path):
+    manifest = tmp_path / "latin1.jsonl"
+    text = b'{"id":"a","media":"a.png"}\n{"id":"b","media":"b.png","prompt":"caf\xe9"}\n{"id":"c","media":"c.mp4"}\n'
+    manifest.write_bytes(text)
+    entries = read_manifest(str(manifest))
+    assert [(e.id, e.error is None) for e in entries] == [("a", True), (f"{manifest}:2", False), ("c", True)]
+    assert entries[1].error == f"{manifest}:2: the line is not valid UTF-8 (byte 0xe9): save the manifest as UTF-8"
+    stdin = io.TextIOWrapper(io.BytesIO(text), errors="strict")  # stdin in a locale that is not C.UTF-8
+    assert [(e.id, e.error) for e in read_manifest("-", stdin=stdin)][1] == ("-:2", entries[1].error.replace(str(manifest), "-"))
+
+
+def test_a_prompt_with_a_lone_surrogate_is_that_lines_error_record(tmp_path):
+    """JSON may write "\\ud800", which is no Unicode text: the tokenizer would refuse it with a
+    TypeError, so the line is an error record that says what is wrong."""
+    manifest = tmp_path / "items.jsonl"
+    manifest.write_text('{"id": "s", "media": "a.png", "prompt": "caf\\ud800"}\n{"id": "t", "prompt": "Hi?"}\n')
+    bad, good = read_manifest(str(manifest))
+    assert bad.id == f"{manifest}:1" and bad.prompt is None and "lone surrogate" in bad.error
+    assert bad.error.startswith(f"{manifest}:1: prompt is not valid Unicode text")
+    assert (good.id, good.error) == ("t", None)

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from media_factory import make_image
 from typer.testing import CliRunner
 
@@ -17,7 +19,7 @@ from vl3cli.cli import app
 from vl3cli.errors import UsageError
 from vl3cli.outfile import Target, opened, read_records
 from vl3cli.output import SCHEMA, Result
-from vl3cli.parquet import ParquetSink, schema
+from vl3cli.parquet import ParquetSink, escape, schema, unescape
 
 pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow is not installed (pip install 'vl3cli[parquet]')")
 
@@ -199,3 +201,35 @@ def test_a_name_as_long_as_the_system_allows_is_written(tmp_path):
     with ParquetSink(out, keep=False) as sink:
         sink.write_record(Result(path="a.png", text="t"))
     assert [r["path"] for r in read_records(out)] == ["a.png"] and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+_TRICKY = st.text(alphabet=st.sampled_from(["\\", "u", "d", "c", "8", "f", "0", "a", "\udc80", "\udcff", "\ud800", "\U0001f600"]))
+
+
+@given(value=st.one_of(st.text(), _TRICKY))
+def test_escape_is_undone_by_unescape_for_any_string(value):
+    """Whatever the string -- a lone surrogate, the text of its escape, backslashes before
+    either -- it is stored as UTF-8 and reads back as it was."""
+    stored = escape(value)
+    stored.encode("utf-8")  # no lone surrogate left
+    assert unescape(stored) == value
+
+
+def test_strings_stored_before_backslashes_were_doubled_read_back_as_before():
+    """Files written by earlier versions (escape: a lone surrogate as `\\udcXX`, nothing else
+    changed): strings with no backslash, and the escapes of names that are not UTF-8, read back
+    as they did."""
+    assert unescape("caf\\udce9.png") == "caf\udce9.png"
+    for plain in ("What is it?", "café ☕", "udc80", "C:\\photos\\a.png"):
+        assert unescape(plain) == plain and escape(plain) == plain
+
+
+def test_text_that_looks_like_an_escape_is_resumed(tmp_path):
+    """A prompt holding the text `\\udc80` (a question about JSON escapes) is stored so that it
+    reads back as that text, so resume finds its record."""
+    out = tmp_path / "r.parquet"
+    prompt = "What does the JSON escape \\udc80 mean? And \\\udcff?"
+    with ParquetSink(out, keep=False) as sink:
+        sink.write_record(Result(path="a.png", text="t", prompt=prompt, options={"prompt": prompt}))
+    (record,) = read_records(out)
+    assert record["prompt"] == prompt and record["options"]["prompt"] == prompt

@@ -3,8 +3,13 @@
 - Inputs: folders (walked recursively, following links but never entering a directory twice,
   filtered by extension), files (always taken), glob patterns (filtered by extension), URLs,
   and `--files-from` lists (one path or URL per line, taken as is; `-` reads stdin). An input
-  that yields nothing is a usage error. The list is de-duplicated (by real path: `a.png`,
-  `./a.png` and `/abs/a.png` are one item) and sorted, so every run and machine sees the same order.
+  that yields nothing is a usage error. The list is de-duplicated (by real path, resolved as the
+  OS opens the file: `a.png`, `./a.png`, `/abs/a.png` and a link to it are one item, spelled
+  the way that sorts first) and sorted, so every run and machine sees the same order.
+- Lists (`--files-from`, `--manifest`) are split at "\n" only (a "\r" before it dropped), never
+  at U+2028, U+0085 and the other separators `str.splitlines` knows, which JSON strings and file
+  names may hold; bytes that are not UTF-8 are read with surrogateescape, as Python reads file
+  names and stdin (a manifest line holding some is that line's error record).
 - `--shard K/N` (0 <= K < N) keeps the paths whose stable hash (BLAKE2b of the path string)
   is K modulo N: N machines given the same inputs split them without overlap or gaps, and a
   file keeps its shard when the dataset grows.
@@ -25,9 +30,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -47,6 +54,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic",
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
 DEFAULT_EXTS = IMAGE_EXTS + VIDEO_EXTS
 MODES = ("resume", "retry-failed", "overwrite")
+SPACE = " \t\r\v\f"  # what is stripped around a listed path: ASCII blanks only (a name may end in U+0085)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # no Unicode text: a byte that is not UTF-8, or a JSON "\ud800"
 
 
 def parse_exts(values: Iterable[str] | None) -> frozenset[str]:
@@ -60,17 +69,48 @@ def _has_ext(name: str, exts: frozenset[str]) -> bool:
 
 
 def _walk(folder: str, exts: frozenset[str], onerror: Callable[[OSError], None]) -> Iterable[str]:
-    """Files under `folder`, following links but never entering a real directory twice; a folder
-    that cannot be read is passed to `onerror` (its OSError names it)."""
-    seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, onerror=onerror, followlinks=True):
+    """Files under `folder`, following links but entering each real directory once, by the route
+    whose spelling sorts first (whatever order the file system lists entries in), so a file
+    reached by several routes is found under its sorted-first spelling; a folder that cannot be
+    read is passed to `onerror` (its OSError names it).
+
+    Routes are taken in the order of their spelling with a "/" after it (a heap): a longer route
+    sorts after the route it extends, so when a directory is first taken from the heap, no route
+    to it that sorts before can turn up later (as in a shortest-path search). Comparing "a/" and
+    "a-b/" rather than "a" and "a-b" makes the files' spellings sort the way the routes do."""
+    heap = [(os.path.join(folder, ""), folder)]
+    walked: set[str] = set()  # real directories entered (this also ends link loops)
+    while heap:
+        _, root = heapq.heappop(heap)
         real = os.path.realpath(root)
-        if real in seen:  # a link back to a directory already walked (a loop, or a second route in)
-            dirs[:] = []
+        if real in walked:  # reached before by a route that sorts first
             continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (os.path.join(root, f) for f in files if not f.startswith(".") and _has_ext(f, exts))
+        walked.add(real)
+        for name, is_dir in _listing(root, onerror):
+            path = os.path.join(root, name)
+            if is_dir:
+                heapq.heappush(heap, (os.path.join(path, ""), path))
+            elif _has_ext(name, exts):
+                yield path
+
+
+def _listing(folder: str, onerror: Callable[[OSError], None]) -> list[tuple[str, bool]]:
+    """(name, whether it is a directory once links are followed) for the entries of `folder` that
+    are not hidden, sorted into folders and files as os.walk does; [] after passing a listing
+    error to `onerror`."""
+    try:
+        with os.scandir(folder) as entries:
+            return [(e.name, _is_dir(e)) for e in entries if not e.name.startswith(".")]
+    except OSError as e:
+        onerror(e)
+        return []
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # as os.walk: an entry that cannot be examined is taken for a file
+        return False
 
 
 def _note(errors: dict[str, str], top: str, error: OSError) -> None:
@@ -90,7 +130,7 @@ def expand_inputs(
     UsageError; so is a folder INPUT that cannot be read. A folder inside one that cannot be read
     goes into `unreadable` ({folder: why}, for the caller's error records; None: a UsageError).
     Files are one item however they are spelled (`a.png`, `./a.png`, `/abs/a.png`, a link to
-    it): the first spelling in sorted order stands for them.
+    it): the first spelling in sorted order stands for them (`local_path` tidies each first).
     """
     found: set[str] = set()
     ext_list = "/".join(sorted(exts))
@@ -118,18 +158,51 @@ def expand_inputs(
         else:
             raise UsageError(f"no such file or folder: {item}")
     if files_from is not None:
-        try:
-            lines = (stdin or sys.stdin).read().splitlines() if files_from == "-" else Path(files_from).read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read --files-from {files_from}: {getattr(e, 'strerror', None) or e}") from e
-        listed = {line.strip() for line in lines if line.strip()}
+        listed = {line.strip(SPACE) for line in read_lines(files_from, "--files-from", stdin) if line.strip(SPACE)}
         if not listed:
             raise UsageError(f"--files-from {files_from} lists no files")
         found.update(listed)
     unique: dict[str, str] = {}  # real path (or URL) -> the spelling kept
-    for path in sorted(p if is_url(p) else os.path.normpath(p) for p in found):
-        unique.setdefault(path if is_url(path) else os.path.realpath(path), path)
+    for path in sorted(p if is_url(p) else local_path(p) for p in found):
+        unique.setdefault(path if is_url(path) else file_key(path), path)
     return sorted(unique.values())
+
+
+def read_lines(name: str, option: str, stdin: IO[str] | None = None) -> list[str]:
+    """The lines of list file `name` (`-`: stdin), split at "\n" only (a "\r" before it dropped),
+    so that U+2028, U+0085 and the like stay inside their line (`str.splitlines` splits there).
+    Bytes that are not UTF-8 become lone surrogates (surrogateescape), as in file names."""
+    try:
+        if name == "-":
+            stream = stdin or sys.stdin
+            raw = getattr(stream, "buffer", None)  # bytes: no newline translation, no strict decoding
+            text = raw.read().decode("utf-8", "surrogateescape") if raw is not None else stream.read()
+        else:
+            text = Path(name).read_bytes().decode("utf-8", "surrogateescape")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {option} {name}: {getattr(e, 'strerror', None) or e}") from e
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def local_path(path: str) -> str:
+    """`path` tidied (`./a.png` -> `a.png`, `d/sub/../a.png` -> `d/a.png`) when the tidy spelling
+    opens the same file, else as given. `os.path.normpath` drops `..` as text, which is wrong
+    after a link: the OS takes `link/..` to the parent of the link's target."""
+    tidy = os.path.normpath(path)
+    if tidy == path:
+        return path
+    there = os.path.exists(path)
+    if there != os.path.exists(tidy) or (there and os.path.realpath(path) != os.path.realpath(tidy)):
+        return path
+    return tidy
+
+
+def file_key(path: str) -> str:
+    """What makes two spellings one file: its real path (`os.path.realpath` resolves links first
+    and `..` after them, as the OS does); a path that opens nothing, as given, made absolute."""
+    if os.path.exists(path):
+        return os.path.realpath(path)
+    return os.path.join(os.getcwd(), path)
 
 
 @dataclass(frozen=True)
@@ -159,21 +232,22 @@ def read_manifest(manifest: str, default_prompt: str | None = None, stdin: IO[st
     """The entries of a JSONL manifest: `{"id": ..., "media": "a.jpg" | ["a.jpg", "b.mp4"] | [], "prompt": ...}`.
 
     `id` is optional; media paths are relative to the manifest's folder (or URLs); a line
-    without `prompt` gets `default_prompt` (None: describe its media).
+    without `prompt` gets `default_prompt` (None: describe its media). Lines are numbered as
+    `read_lines` splits them; one that is not UTF-8 is that line's error record.
     """
-    try:
-        text = (stdin or sys.stdin).read() if manifest == "-" else Path(manifest).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --manifest {manifest}: {getattr(e, 'strerror', None) or e}") from e
-    text = text.removeprefix("\ufeff")  # a UTF-8 BOM (stdin)
+    lines = read_lines(manifest, "--manifest", stdin)
+    lines[0] = lines[0].removeprefix("\ufeff")  # a UTF-8 BOM
     folder = "." if manifest == "-" else os.path.dirname(manifest) or "."
     entries: list[Entry] = []
     ids: dict[str, int] = {}
-    unnamed: dict[tuple, int] = {}  # (media, prompt) of lines without an id -> line
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    unnamed: dict[tuple, int] = {}  # what resume keys a line without an id by (real media, prompt) -> line
+    for n, line in enumerate(lines, 1):
+        if not line.strip(SPACE):
             continue
         where = f"{manifest}:{n}"
+        if bad := _not_utf8(line):
+            entries.append(Entry((), id=where, error=f"{where}: {bad}"))
+            continue
         try:
             data = json.loads(line)
         except ValueError as e:  # json.JSONDecodeError
@@ -189,11 +263,11 @@ def read_manifest(manifest: str, default_prompt: str | None = None, stdin: IO[st
                 entry = Entry(entry.media, entry.prompt, where, f"{where}: id {entry.id!r} is already used on line {ids[entry.id]}")
             else:
                 ids[entry.id] = n
-        elif (entry.media, entry.prompt) in unnamed:
-            first = unnamed[entry.media, entry.prompt]
-            entry = Entry(entry.media, entry.prompt, where, f"{where}: the same item as line {first} (give each line an id to ask twice)")
+        elif (same := (tuple(media_key(m) for m in entry.media), entry.prompt)) in unnamed:
+            why = f"{where}: the same item as line {unnamed[same]} (give each line an id to ask twice)"
+            entry = Entry(entry.media, entry.prompt, where, why)
         else:
-            unnamed[entry.media, entry.prompt] = n
+            unnamed[same] = n
         entries.append(entry)
     if not entries:
         raise UsageError(f"--manifest {manifest} lists no items")
@@ -216,6 +290,8 @@ def _entry(data, folder: str, default_prompt: str | None) -> Entry:
         raise ValueError("media must be a path or URL, or a list of them")
     if prompt is not None and not isinstance(prompt, str):
         raise ValueError("prompt must be a string")
+    if prompt is not None and not is_text(prompt):
+        raise ValueError("prompt is not valid Unicode text (it holds a lone surrogate, such as the JSON escape \\ud800)")
     if not media and not (prompt or "").strip():
         raise ValueError("an item without media needs a prompt")
     # A number id is written back as a string, the way Python writes the number (1.5 -> "1.5",
@@ -230,7 +306,21 @@ def _valid_id(item_id) -> bool:
 
 
 def _paths(media: list[str], folder: str) -> tuple[str, ...]:
-    return tuple(m if is_url(m) or os.path.isabs(m) else os.path.normpath(os.path.join(folder, m)) for m in media)
+    return tuple(m if is_url(m) or os.path.isabs(m) else local_path(os.path.join(folder, m)) for m in media)
+
+
+def _not_utf8(line: str) -> str | None:
+    """Why a manifest line (read with surrogateescape) is not UTF-8 text, or None if it is."""
+    if not (bad := _SURROGATE.search(line)):
+        return None
+    byte = f" (byte 0x{ord(bad.group()) - 0xDC00:02x})" if "\udc80" <= bad.group() <= "\udcff" else ""
+    return f"the line is not valid UTF-8{byte}: save the manifest as UTF-8"
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` is Unicode text, which a tokenizer takes: no lone surrogate (a byte that is
+    not UTF-8 on the command line, or a JSON escape such as "\\ud800")."""
+    return _SURROGATE.search(value) is None
 
 
 def _named_media(data, folder: str) -> tuple[str, ...]:
@@ -246,10 +336,14 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     """"K/N" -> (K, N) with 0 <= K < N."""
     if text is None:
         return None
-    k, sep, n = text.partition("/")
-    if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n)):
+    match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)  # ASCII digits only: `str.isdigit` takes "²", int() does not
+    try:
+        k, n = (int(g) for g in match.groups()) if match else (0, 0)
+    except ValueError:  # more digits than int() reads
+        k, n = 0, 0
+    if not 0 <= k < n:
         raise UsageError(f"--shard {text}: expected K/N with 0 <= K < N, e.g. 0/4 ... 3/4 (Slurm: $SLURM_ARRAY_TASK_ID/N)")
-    return int(k), int(n)
+    return k, n
 
 
 def in_shard(path: str, shard: tuple[int, int] | None) -> bool:
@@ -296,32 +390,33 @@ class Plan:
     failed_before: int = 0  # skipped: have an error record (not retried)
 
 
-def plan(items: dict[str, object], target: Target, mode: str) -> Plan:
-    """Which of `items` ({key: item}) to run given `target`'s records and the mode.
+def plan(items: list[tuple[str, object]], target: Target, mode: str) -> Plan:
+    """Which of `items` ((key, item) pairs) to run given `target`'s records and the mode.
 
     Only a regular file can be resumed; a stream (stdout, FIFO, device) gets every item. A file
     that is not ours is refused (unless `overwrite`). `retry-failed` drops the old error records
-    of the items it redoes, so each item keeps one record.
+    of the items it redoes, so each item keeps one record. Items are pairs, not a dict, so that
+    two items with one key are both run (a dict would keep one of them silently).
     """
     if not target.regular:
-        return Plan(list(items.values()))
+        return Plan([item for _, item in items])
     if mode == "overwrite" or not target.path.exists():
-        return Plan(list(items.values()))
+        return Plan([item for _, item in items])
     status: dict[str, bool] = {}  # key -> has a successful record
     for record in read_records(target.path):
         key = record_key(record)
         status[key] = status.get(key, False) or record.get("error") is None
-    done = [k for k in items if status.get(k)]
-    failed = [k for k in items if status.get(k) is False]
+    done = [k for k, _ in items if status.get(k)]
+    failed = [k for k, _ in items if status.get(k) is False]
     if mode == "retry-failed":
         if failed:
             redo = set(failed)
             rewrite_without(target.path, lambda record: record.get("error") is not None and record_key(record) in redo)
-        return Plan([item for k, item in items.items() if not status.get(k)], done=len(done))
-    return Plan([item for k, item in items.items() if k not in status], done=len(done), failed_before=len(failed))
+        return Plan([item for k, item in items if not status.get(k)], done=len(done))
+    return Plan([item for k, item in items if k not in status], done=len(done), failed_before=len(failed))
 
 
-def plan_segments(items: dict[str, object], target: Target, mode: str) -> Plan:
+def plan_segments(items: list[tuple[str, object]], target: Target, mode: str) -> Plan:
     """`plan` for a run that cuts videos into segments: records are per segment. An item is done
     as a whole when its records (with `retry-failed`, its successful ones) reach from --start to
     --end or the video's end without a gap (`_tiled`): it is skipped without reading its file
@@ -330,13 +425,13 @@ def plan_segments(items: dict[str, object], target: Target, mode: str) -> Plan:
     dropped), and its file is read to find the rest. An item whose file failed as a whole (a
     record without a segment) counts as failed earlier, unless `retry-failed`."""
     if not target.regular or mode == "overwrite" or not target.path.exists():
-        return Plan([(item, frozenset()) for item in items.values()])
-    done: dict[str, set] = {k: set() for k in items}
-    failed: dict[str, set] = {k: set() for k in items}
+        return Plan([(item, frozenset()) for _, item in items])
+    done: dict[str, set] = {k: set() for k, _ in items}
+    failed: dict[str, set] = {k: set() for k, _ in items}
     reach: dict[str, tuple[float, float]] = {}  # where each item's segments must run: (start, end) in seconds
     for record in read_records(target.path):
         key = record_key({**record, "segment_start": None, "segment_end": None})
-        if key in items:
+        if key in done:
             span = (record.get("segment_start"), record.get("segment_end"))
             (done if record.get("error") is None else failed)[key].add(span)
             if span[0] is not None and isinstance(record.get("duration"), (int, float)):
@@ -347,10 +442,10 @@ def plan_segments(items: dict[str, object], target: Target, mode: str) -> Plan:
         if retried:
             rewrite_without(target.path, lambda r: r.get("error") is not None
                             and record_key({**r, "segment_start": None, "segment_end": None}) in retried)  # fmt: skip
-        todo = [(item, frozenset(done[k] - {whole})) for k, item in items.items()
+        todo = [(item, frozenset(done[k] - {whole})) for k, item in items
                 if whole not in done[k] and not _tiled(done[k], reach.get(k))]  # fmt: skip
         return Plan(todo, done=sum(len(v) for v in done.values()))
-    todo = [(item, frozenset((done[k] | failed[k]) - {whole})) for k, item in items.items()
+    todo = [(item, frozenset((done[k] | failed[k]) - {whole})) for k, item in items
             if whole not in done[k] | failed[k] and not _tiled(done[k] | failed[k], reach.get(k))]  # fmt: skip
     return Plan(todo, done=sum(len(v) for v in done.values()), failed_before=sum(len(v) for v in failed.values()))
 

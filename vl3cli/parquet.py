@@ -9,8 +9,10 @@
   `text` and `error` columns too -- is refused (UsageError) and never opened for writing.
 - Strings are UTF-8 in Parquet: a lone surrogate (a file name that is not UTF-8, read with
   surrogateescape) is stored as the text `\\udcff` of its JSON escape (`escape`) and turned back
-  when vl3 reads the file (`unescape`), so resume matches it; only U+DC80..U+DCFF, the
-  surrogateescape range, are turned back.
+  when vl3 reads the file (`unescape`), so resume matches it. Backslashes are doubled only
+  where they come before such an escape or before text that looks like one (`\\udc80` typed
+  as text is stored `\\\\udc80`), so every string reads back as it was written, and any
+  other string is stored as it is.
 - Writing (`ParquetSink`): a hidden temporary file beside the target's real path (a link is
   followed, and kept; `outfile.temp_name`: a short name) gets the target's records so far (unless the run replaces them), then the
   new ones in row groups, each record converted on its own first (one that cannot be becomes
@@ -94,15 +96,23 @@ def _columns(arrow_schema) -> dict:
     return {f.name: f.type for f in arrow_schema}
 
 
-_ESCAPED = re.compile(r"\\u(dc[89a-f][0-9a-f])")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# A run of backslashes before a lone surrogate, or before the text of a surrogate's escape; and
+# when reading back, a run of backslashes before such an escape's text.
+_TO_ESCAPE = re.compile(r"(\\*)([\ud800-\udfff])|(\\+)(ud[89a-f][0-9a-f]{2})")
+_ESCAPED = re.compile(r"(\\+)u(d[89a-f][0-9a-f]{2})")
 
 
 def escape(value):
     """`value` (a record, or anything in one) with every lone surrogate in its strings written as
-    the text of its JSON escape (`\\udcff`): Parquet strings must be UTF-8."""
+    the text of its JSON escape (`\\udcff`): Parquet strings must be UTF-8.
+
+    So that `unescape` can tell an escape from text that looks like one, the backslashes before
+    either are doubled (as a C string doubles them): after a run of backslashes, `\\udcff`
+    is an escape when the run is odd, text when it is even. A string without such a run (any
+    string with no backslash) is stored as it is, as vl3 stored it before it doubled any, so
+    files written then resume as they did."""
     if isinstance(value, str):
-        return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", value)
+        return _TO_ESCAPE.sub(_escape_run, value)
     if isinstance(value, dict):
         return {k: escape(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -110,15 +120,29 @@ def escape(value):
     return value
 
 
+def _escape_run(match: re.Match) -> str:
+    backslashes, surrogate, before_text, text = match.groups()
+    if surrogate:
+        return 2 * backslashes + f"\\u{ord(surrogate):04x}"
+    return 2 * before_text + text
+
+
 def unescape(value):
-    """The inverse of `escape` for the surrogateescape range (U+DC80..U+DCFF)."""
+    """The inverse of `escape`: an odd run of backslashes before `udXXX` (XXX: a surrogate's
+    hex digits) is half of them and the surrogate, an even one half of them and the text."""
     if isinstance(value, str):
-        return _ESCAPED.sub(lambda m: chr(int(m.group(1), 16)), value) if "\\u" in value else value
+        return _ESCAPED.sub(_unescape_run, value) if "\\u" in value else value
     if isinstance(value, dict):
         return {k: unescape(v) for k, v in value.items()}
     if isinstance(value, list):
         return [unescape(v) for v in value]
     return value
+
+
+def _unescape_run(match: re.Match) -> str:
+    backslashes, digits = match.groups()
+    half = "\\" * (len(backslashes) // 2)
+    return half + (chr(int(digits, 16)) if len(backslashes) % 2 else "u" + digits)
 
 
 def read_records(path: Path) -> list[dict]:

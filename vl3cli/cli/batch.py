@@ -61,7 +61,7 @@ def batch(
 ) -> None:
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from .. import batch as b
-    from ..outfile import Target, check_writable, create_empty, opened
+    from ..outfile import Target, check_writable, create_empty, exclusive, opened
 
     params = _params(locals())
 
@@ -96,6 +96,9 @@ def batch(
     shard_kn = b.parse_shard(shard)
     if prompt is not None and not prompt.strip():
         raise UsageError(f"--prompt: {EMPTY_QUESTION}")
+    for name, text in (("--prompt", prompt), ("--system", request.system)):
+        if text is not None and not b.is_text(text):  # a byte that is not UTF-8: no tokenizer takes it
+            raise UsageError(f"{name}: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)")
     if manifest is not None:
         entries = b.read_manifest(manifest, prompt)
     else:
@@ -104,18 +107,21 @@ def batch(
         entries += [b.Entry((d,), prompt, error=f"cannot read the folder {d}: {why}") for d, why in sorted(unreadable.items())]
     entries = [e for e in entries if b.in_shard(e.shard_key, shard_kn)]
     base = {"system": request.system, "model": model_label(params["model"], params["revision"]), "quantize": params["quantize"]}
-    keys = {b.record_key({"id": e.id, "media": list(e.media), "options": request.record(e.prompt), **base}): e for e in entries}
+    # (key, entry) pairs, not a dict: two entries with one key (read_manifest makes a repeated line an
+    # error entry of its own name) would otherwise lose one of them without a trace
+    keyed = [(b.record_key({"id": e.id, "media": list(e.media), "options": request.record(e.prompt), **base}), e) for e in entries]
     segmented = request.segments is not None
-    plan = b.plan_segments(keys, target, mode) if segmented else b.plan(keys, target, mode)
-    if not segmented:
-        plan.todo = [(e, frozenset()) for e in plan.todo]
-    summary = b.Summary(total=len(keys), done_before=plan.done, failed_before=plan.failed_before, segments=segmented)
-    create_empty(target)  # an empty shard still leaves its (empty) file
-    if plan.todo:
-        _run_batch(plan.todo, request, params, target, mode, summary)
-    elif mode == "overwrite" and target.regular:
-        with opened(target, replace=True):  # nothing to run: --overwrite still starts the file afresh
-            pass
+    with exclusive(target):  # from reading what is done to the last record: one run per file at a time
+        plan = b.plan_segments(keyed, target, mode) if segmented else b.plan(keyed, target, mode)
+        if not segmented:
+            plan.todo = [(e, frozenset()) for e in plan.todo]
+        summary = b.Summary(total=len(keyed), done_before=plan.done, failed_before=plan.failed_before, segments=segmented)
+        create_empty(target)  # an empty shard still leaves its (empty) file
+        if plan.todo:
+            _run_batch(plan.todo, request, params, target, mode, summary)
+        elif mode == "overwrite" and target.regular:
+            with opened(target, replace=True):  # nothing to run: --overwrite still starts the file afresh
+                pass
     print(summary.line(), file=sys.stderr)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
