@@ -148,3 +148,18 @@ def test_a_one_frame_video_is_shown_from_the_window_start():
     with pytest.raises(UsageError, match="at or past the end"):
         sample_timestamps(0.2, [0.0], start=0.5)
     assert sample_timestamps(0.0, [0.0], start=0.5) == [0.0]  # no duration known: nothing to place it in
+
+
+def test_an_enormous_fps_ends_and_takes_every_frame_once():
+    """--fps far above the frame rate takes each of the clip's frames once (the candidates past
+    a frame are searched, not stepped through: at 1e30 fps stepping would never end); above
+    MAX_FPS it is a usage error, not an overflow deep in decoding."""
+    from vl3cli.sampling import MAX_FPS
+
+    times = [i / 30 for i in range(90)]
+    for fps in (1e4, 123456.7, MAX_FPS):
+        got = sample_timestamps(3.0, times, fps=fps, min_frames=1, max_frames=1000)
+        assert got == pytest.approx(times), fps
+    for fps in (1e30, 1e308):
+        with pytest.raises(UsageError, match="--fps must be at most"):
+            sample_timestamps(3.0, times, fps=fps)

@@ -35,12 +35,15 @@ from vl3cli.errors import UsageError
 
 # Float slack when comparing timestamps: frame times come from rational time bases.
 EPS = 1e-6
+MAX_FPS = 1e6  # frames per second to sample at most: beyond any camera (slow motion is 240-1000 fps)
 
 
 def check_bounds(fps: float, min_frames: int, max_frames: int) -> None:
     """Raise UsageError for sampling options that cannot be satisfied."""
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
         raise UsageError(f"--fps must be a positive number, got {fps!r}")
+    if fps > MAX_FPS:
+        raise UsageError(f"--fps must be at most {MAX_FPS:g} (got {fps:g}): more than any video's frame rate")
     if min_frames < 1:
         raise UsageError(f"--min-frames must be at least 1, got {min_frames}")
     if max_frames < 1:
@@ -153,8 +156,12 @@ def _distinct_frames(frame_times: Sequence[float], s: float, fps: float, count: 
             break
         # the first candidate showing a later frame: s + k / fps >= frame_times[i + 1] - EPS
         nxt = max(k + 1, math.ceil((frame_times[i + 1] - EPS - s) * fps) - 1)
-        while nxt < count and frame_index(frame_times, s + nxt / fps) <= i:  # float rounding: step on
-            nxt += 1
+        if nxt < count and frame_index(frame_times, s + nxt / fps) <= i:  # float rounding: search on
+            lo, hi = nxt + 1, count  # the first candidate past frame i (binary: at 1e30 fps, steps never end)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if frame_index(frame_times, s + mid / fps) <= i else (lo, mid)
+            nxt = lo
         k = nxt
     return times
 
