@@ -176,6 +176,10 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["batch", ".", "--engine", "ray", "--gpus-per-actor", "-1"], "--gpus-per-actor must be 0 or more"),
         (["batch", ".", "--engine", "spark"], "--engine"),
         (["describe", "a.png", "--out", "r.parquet"], "Parquet output is for `vl3 batch`"),
+        (["serve", "--max-video-seconds", "nan"], "--max-video-seconds must be at least 1 and finite"),
+        (["serve", "--max-video-seconds", "inf"], "--max-video-seconds must be at least 1 and finite"),
+        (["serve", "--api-key", ""], "--api-key is empty"),
+        (["serve", "--api-key", "key "], "--api-key is empty or starts or ends with spaces"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, fragment):

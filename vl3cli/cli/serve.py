@@ -47,8 +47,11 @@ def serve(
     """Serve the model over HTTP with OpenAI's chat-completions API (images and videos in messages)."""
     for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--workers", workers),
                         ("--max-body-mb", max_body_mb), ("--max-download-mb", max_download_mb), ("--max-video-seconds", max_video_seconds)):  # fmt: skip
-        if value < (0 if name == "--max-queue" else 1):
-            raise UsageError(f"{name} must be at least {0 if name == '--max-queue' else 1} (got {value})")
+        if not value >= (0 if name == "--max-queue" else 1) or value == float("inf"):  # nan and inf too
+            raise UsageError(f"{name} must be at least {0 if name == '--max-queue' else 1} and finite (got {value})")
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        # `--api-key "$VL3_API_KEY"` with the variable unset: no client could ever be let in
+        raise UsageError("--api-key is empty or starts or ends with spaces; give the key itself")
     if not 0 < port < 65536:
         raise UsageError(f"--port must be between 1 and 65535 (got {port})")
     try:
