@@ -176,6 +176,8 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["batch", ".", "--engine", "ray", "--gpus-per-actor", "-1"], "--gpus-per-actor must be 0 or more"),
         (["batch", ".", "--engine", "spark"], "--engine"),
         (["describe", "a.png", "--out", "r.parquet"], "Parquet output is for `vl3 batch`"),
+        (["describe", "a.png", "--system", "caf\udce9"], "--system: the text is not valid UTF-8"),
+        (["ask", "a.png", "Why?", "--fps", "1e30"], "--fps must be at most 1e+06"),
         (["serve", "--max-video-seconds", "nan"], "--max-video-seconds must be at least 1 and finite"),
         (["serve", "--max-video-seconds", "inf"], "--max-video-seconds must be at least 1 and finite"),
         (["serve", "--api-key", ""], "--api-key is empty"),

@@ -97,7 +97,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """huggingface_hub's download functions replaced by fakes that record their calls: (folder,
-    calls, plan, block): `plan` lists the (name, size) a dry run reports; with `block` set the
+    calls, plan, block): `plan` lists the (name, size) a dry run reports (size 0: cached); with `block` set the
     download hangs until the test ends."""
     import threading
 
@@ -118,7 +118,7 @@ def fake_hub(tmp_path, monkeypatch):
                           tqdm_class=None):
         if dry_run:  # the plan: what a download would add (the test sets `plan`)
             calls.append(("plan", repo_id, revision, allow_patterns))
-            return [DryRunFileInfo(revision, size, name, str(repo / name), False, True) for name, size in plan]
+            return [DryRunFileInfo(revision, size, name, str(repo / name), size == 0, size != 0) for name, size in plan]
         calls.append(("snapshot", repo_id, revision, allow_patterns))
         if block.is_set():
             release.wait(30)
@@ -454,3 +454,27 @@ def test_model_download_limits_end_to_end(checkpoints, tmp_path):
     assert slow.returncode == 1 and slow.stdout == "" and "Traceback" not in slow.stderr and took < 30
     error = slow.stderr.strip().splitlines()[-1]
     assert error.startswith("Error: the download of acme/tiny-vl3 did not finish within 2 s"), slow.stderr
+
+
+def test_a_model_the_cache_holds_whole_costs_one_listing(fake_hub, monkeypatch):
+    """Online, with every file cached (the dry run would download nothing): the snapshot is taken
+    from the cache (local_files_only), not listed a second time on the Hub; with one file to
+    fetch, it downloads."""
+    from vl3cli import hub
+
+    repo, calls, plan, _ = fake_hub
+    (repo / "config.json").write_text(CONFIG)
+    local = []
+    waited = hub._waited
+
+    def spy(call, *args, **kwargs):
+        if not kwargs.get("dry_run") and "allow_patterns" in kwargs:
+            local.append(kwargs["local_files_only"])
+        return waited(call, *args, **kwargs)
+
+    monkeypatch.setattr(hub, "_waited", spy)
+    plan += [("model.safetensors", 0), ("config.json", 0)]
+    resolve_model("acme/vl3")
+    plan.append(("tokenizer.json", 5000))
+    resolve_model("acme/vl3")
+    assert local == [True, False]

@@ -151,9 +151,9 @@ def test_a_one_frame_video_is_shown_from_the_window_start():
 
 
 def test_an_enormous_fps_ends_and_takes_every_frame_once():
-    """--fps far above the frame rate takes each of the clip's frames once (the candidates past
-    a frame are searched, not stepped through: at 1e30 fps stepping would never end); above
-    MAX_FPS it is a usage error, not an overflow deep in decoding."""
+    """--fps far above the frame rate, up to MAX_FPS, takes each of the clip's frames once; above
+    it is a usage error (at 1e30 fps, s + k / fps stops moving and the sampler never ended; at
+    1e308 it overflowed deep in decoding)."""
     from vl3cli.sampling import MAX_FPS
 
     times = [i / 30 for i in range(90)]

@@ -26,7 +26,6 @@ line, the server and the Ray engine are thin callers of this module: `Model.run`
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,7 +35,7 @@ from .chat import Chat
 from .errors import EMPTY_QUESTION, UsageError
 from .hub import DEFAULT_MODEL, model_label, resolve_model
 from .options import Options
-from .output import Result, charge_shared_work
+from .output import Result, charge_shared_work, is_text
 from .pipeline import Check, Item, Key, Label, OnText, Runner
 
 __all__ = ["Chat", "Item", "Model", "Options", "Result", "load"]
@@ -276,12 +275,9 @@ def checked_question(value, name: str = "question", *, none: bool = True) -> str
         raise UsageError(f"{name}: a question must be text (str), not {type(value).__name__}")
     if not value.strip():
         raise UsageError(EMPTY_QUESTION)
-    if _SURROGATE.search(value):  # bytes that are not UTF-8, as a command line or stdin hands them over
+    if not is_text(value):  # bytes that are not UTF-8, as a command line or stdin hands them over
         raise UsageError(f"{name}: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)")
     return value
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def question_list(value, name: str = "questions") -> tuple[str | None, ...]:

@@ -48,14 +48,13 @@ from typing import IO
 from .errors import UsageError
 from .fetch import is_url
 from .outfile import Sink, Target, read_records, rewrite_without
-from .output import Result
+from .output import Result, is_text
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "heic", "heif", "avif")
 VIDEO_EXTS = ("mp4", "mov", "mkv", "avi", "webm", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp", "ts")
 DEFAULT_EXTS = IMAGE_EXTS + VIDEO_EXTS
 MODES = ("resume", "retry-failed", "overwrite")
 SPACE = " \t\r\v\f"  # what is stripped around a listed path: ASCII blanks only (a name may end in U+0085)
-_SURROGATE = re.compile("[\ud800-\udfff]")  # no Unicode text: a byte that is not UTF-8, or a JSON "\ud800"
 
 
 def parse_exts(values: Iterable[str] | None) -> frozenset[str]:
@@ -311,16 +310,11 @@ def _paths(media: list[str], folder: str) -> tuple[str, ...]:
 
 def _not_utf8(line: str) -> str | None:
     """Why a manifest line (read with surrogateescape) is not UTF-8 text, or None if it is."""
-    if not (bad := _SURROGATE.search(line)):
+    if is_text(line):
         return None
-    byte = f" (byte 0x{ord(bad.group()) - 0xDC00:02x})" if "\udc80" <= bad.group() <= "\udcff" else ""
+    bad = next(c for c in line if "\ud800" <= c <= "\udfff")
+    byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if "\udc80" <= bad <= "\udcff" else ""
     return f"the line is not valid UTF-8{byte}: save the manifest as UTF-8"
-
-
-def is_text(value: str) -> bool:
-    """Whether `value` is Unicode text, which a tokenizer takes: no lone surrogate (a byte that is
-    not UTF-8 on the command line, or a JSON escape such as "\\ud800")."""
-    return _SURROGATE.search(value) is None
 
 
 def _named_media(data, folder: str) -> tuple[str, ...]:

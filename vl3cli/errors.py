@@ -48,9 +48,8 @@ def out_of_memory(error: BaseException) -> str | None:
     """For an allocation that failed (Python's MemoryError, PyTorch's CPU allocator, a GPU out of
     memory), a one-line message saying so; None for any other error."""
     text = str(error)
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        pass
-    elif not (isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())):
+    allocator = isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    if not (allocator or isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"):
         return None
     tried = re.search(r"(?i)tried to allocate ([\d.]+ ?[KMGTP]i?B|\d+ bytes)", text)
     if tried and tried.group(1).endswith("bytes"):

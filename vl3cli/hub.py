@@ -149,17 +149,18 @@ def _download(repo_id: str, revision: str | None, on_config: Callable[[Path], No
         # the cache keeps a file under snapshots/<commit>/.
         commit = Path(config).parent.name
         pinned = commit if _COMMIT.fullmatch(commit) else revision
-        limit, needed = None, 0
+        limit, needed, cached = None, 0, offline
         if not offline:
             plan = _waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
                            dry_run=True, tqdm_class=_bars(None))
             needed = sum(f.file_size or 0 for f in plan if f.will_download)
             _check_room(repo_id, needed, max_bytes, blobs.parent.parent)
             limit = timeout if math.isfinite(timeout) else BASE_TIMEOUT_S + needed / MIN_RATE
+            cached = not any(f.will_download for f in plan)  # then the snapshot asks the Hub nothing more
         shown: list = []
         try:
             snapshot = Path(_waited(snapshot_download, repo_id, revision=pinned, allow_patterns=ALLOW_PATTERNS,
-                                    local_files_only=offline, timeout=limit, tqdm_class=_bars(shown)))
+                                    local_files_only=cached, timeout=limit, tqdm_class=_bars(shown)))
         except BaseException as e:
             for bar in shown:  # end the progress lines (and their updates from the abandoned threads)
                 bar.close()

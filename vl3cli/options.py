@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, fields
 
 from .decoding import INT64_MAX, INT64_MIN, DecodingParams
 from .errors import UsageError
+from .output import is_text
+from .sampling import check_bounds
 
 _KIND_NAMES = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
 
@@ -65,6 +67,10 @@ class Options:
             raise UsageError(f"--seed must be between {INT64_MIN} and {INT64_MAX} (got {self.seed})")
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise UsageError(f"--fps must be a positive number (got {self.fps:g})")
+        if self.fps is not None:
+            check_bounds(self.fps, 1, 1)  # at most MAX_FPS, refused before a model loads
+        if self.system is not None and not is_text(self.system):
+            raise UsageError("--system: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)")
         for name in ("min_frames", "max_frames", "max_visual_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:

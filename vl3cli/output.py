@@ -94,6 +94,12 @@ SCHEMA = tuple(f.name for f in fields(Result) if f.name not in ("exception", "st
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+def is_text(value: str) -> bool:
+    """Whether `value` is Unicode text, which a tokenizer takes: no lone surrogate (a byte that is
+    not UTF-8 on a command line or stdin, read with surrogateescape; a JSON escape such as "\\ud800")."""
+    return _SURROGATE.search(value) is None
+
+
 def charge_shared_work(first: Result, others) -> None:
     """Work several records shared (loading the model) goes on the one written first: a record
     among `others` that finished earlier and paid for it hands it over (total_s moves with it)."""

@@ -156,17 +156,8 @@ def _distinct_frames(frame_times: Sequence[float], s: float, fps: float, count: 
             break
         # the first candidate showing a later frame: s + k / fps >= frame_times[i + 1] - EPS
         nxt = max(k + 1, math.ceil((frame_times[i + 1] - EPS - s) * fps) - 1)
-        if nxt < count and frame_index(frame_times, s + nxt / fps) <= i:  # float rounding: search on
-            # the first candidate past frame i: galloping (mostly the next one), then halving; one
-            # step at a time would never end at 1e30 fps, where s + k / fps stops moving
-            below, hi, step = nxt, nxt + 1, 1  # candidate `below` still shows frame i
-            while hi < count and frame_index(frame_times, s + hi / fps) <= i:
-                below, hi, step = hi, min(hi + 2 * step, count), step * 2
-            lo = below + 1
-            while lo < hi:  # the first past frame i lies in (below, hi]
-                mid = (lo + hi) // 2
-                lo, hi = (mid + 1, hi) if frame_index(frame_times, s + mid / fps) <= i else (lo, mid)
-            nxt = lo
+        while nxt < count and frame_index(frame_times, s + nxt / fps) <= i:  # float rounding: step on
+            nxt += 1  # a few steps at most: MAX_FPS keeps 1 / fps far above the times' rounding
         k = nxt
     return times
 

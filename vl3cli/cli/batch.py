@@ -61,6 +61,7 @@ def batch(
 ) -> None:
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from .. import batch as b
+    from ..api import checked_question
     from ..outfile import Target, check_writable, create_empty, exclusive, opened
 
     params = _params(locals())
@@ -96,9 +97,7 @@ def batch(
     shard_kn = b.parse_shard(shard)
     if prompt is not None and not prompt.strip():
         raise UsageError(f"--prompt: {EMPTY_QUESTION}")
-    for name, text in (("--prompt", prompt), ("--system", request.system)):
-        if text is not None and not b.is_text(text):  # a byte that is not UTF-8: no tokenizer takes it
-            raise UsageError(f"{name}: the text is not valid UTF-8 (set the terminal to UTF-8, or retype it)")
+    checked_question(prompt, "--prompt")  # a byte that is not UTF-8: no tokenizer takes it (--system: Options)
     if manifest is not None:
         entries = b.read_manifest(manifest, prompt)
     else:
