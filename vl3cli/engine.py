@@ -31,7 +31,8 @@ from .attention import BACKENDS, choose_vision_backend
 from .config import ModelConfig
 from .errors import UsageError, Vl3Error
 from .model import KVCache, VideoLlama3
-from .quantize import MODES, check_int4, packs
+from .products import float32_faster, packs, wide_language, widen
+from .quantize import MODES, check_int4
 from .tokenizer import Tokenizer
 from .weights import MappedPages, load_into, open_files, stored_dtype
 
@@ -150,6 +151,7 @@ class Engine:
     vision_dtype: torch.dtype | None = None  # fp32 when the model runs in fp16 (no overflow in the tower)
     prefill_chunk: int | None = None  # prompts longer than this are prefilled in chunks (MPS)
     graphs: CudaGraphs | None = field(default=None, repr=False)
+    float32_products: str = ""  # where bf16 products of many rows run in float32 (products.py)
 
     @classmethod
     def load(
@@ -183,17 +185,26 @@ class Engine:
                 raise UsageError(str(exc)) from None
             with torch.device("meta"):
                 model = VideoLlama3(config)
+            file_bytes = sum(info.nbytes for f in files for info in f.tensors.values())
+            wide = wide_language(dev, dt, quantize, file_bytes)
             pages = load_into(model, path, config.format, dev, dt, tie_lm_head=config.tie_word_embeddings,
-                              quantize=quantize, vision_dtype=vision_dt, pack=packs(dev, dt, quantize), files=files)
+                              quantize=quantize, vision_dtype=vision_dt, pack=packs(dev, dt, quantize), files=files,
+                              wide=wide)  # fmt: skip
         finally:
             for f in files:
                 f.close()
         release_vision_layers(model, pages)
+        products = ""
+        if float32_faster(dev, vision_dt):  # the tower's bf16 products of many rows, in float32
+            widen(model.vision)
+            widen(model.projector)
+            products = "vision and language" if wide else "vision"
         model.language.init_rope(dev, dt)
         model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls
         chunk = MPS_PREFILL_CHUNK if dev.type == "mps" else None
         graphs = CudaGraphs() if dev.type == "cuda" else None
-        return cls(path, config, processor, tokenizer, model, dev, dt, quantize, backend, vision_dt, chunk, graphs)
+        return cls(path, config, processor, tokenizer, model, dev, dt, quantize, backend, vision_dt, chunk, graphs,
+                   products)  # fmt: skip
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -41,7 +41,6 @@ Kernels (`kernel`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -54,7 +53,6 @@ MODES = ("int8", "int4")
 INT4_GROUPS = (128, 64, 32)
 INT4_BLOCK = 64  # rows of one block of the CPU int4 kernel's layout: each block is laid out on its own
 PACK_ROWS = 4096  # rows repacked at a time by finish() (a multiple of INT4_BLOCK)
-PACK_BLOCK_BYTES = 64 << 20  # a larger weight is packed a block of rows at a time (PackedLinear)
 QUANTIZE_ELEMENTS = 1 << 18  # weights quantized at a time: their float32 temporaries stay in the CPU's cache
 # (3x faster than whole 32 MB blocks on a 2-core Xeon, the same values)
 
@@ -307,67 +305,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, mode={self.mode}, kernel={self.kernel}"
-
-
-class PackedLinear(nn.Module):
-    """y = x W^T + b in bf16 with W reordered once, at load, for oneDNN (`torch.ops.mkldnn`).
-
-    On a CPU with native bf16, PyTorch's plain bf16 matrix-vector product streams weights at about
-    half the speed of oneDNN's with prepacked weights (2-core AVX512-BF16 Xeon: 11.5 against 18.7
-    GB/s over 28 matrices of 17920x1536), and decoding reads every weight per token. The same
-    arithmetic (bf16 products, fp32 accumulation); only the kernel and the weight's layout differ.
-    The plain weight is not kept.
-
-    A weight read from the mapped file (`release` given) of more than `PACK_BLOCK_BYTES` (the
-    output head: 467 MB at the 2B geometry, 1.1 GB at the 7B) is packed as several blocks of rows,
-    and `release(first, stop)` is called once rows first..stop-1 are packed: the loader hands
-    their mapped pages back, so loading holds one block of the plain weight, not all of it, next
-    to the packed one (2B, bf16: the load's peak 0.4 GB lower). The blocks' products are
-    concatenated: at the 2B geometry the same values as one block, 0.6 ms more per decode step
-    (the head's product 17.2 against 16.6 ms, fastest of 40 steps; a step takes 130-140).
-    """
-
-    def __init__(self, linear: nn.Linear, release: Callable[[int, int], None] | None = None):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        step = self.out_features  # one block, unless its rows come from the mapped file
-        if release is not None:
-            step = max(1, PACK_BLOCK_BYTES // (self.in_features * weight.element_size()))
-        bounds = [*range(0, self.out_features, step), self.out_features]
-        self.spans = list(zip(bounds, bounds[1:]))  # rows of each block
-        for i, (first, stop) in enumerate(self.spans):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight[first:stop], 1)
-            self.register_buffer(f"packed{i}", packed, persistent=False)
-            if release is not None:
-                release(first, stop)
-        self.bias = linear.bias
-        if hasattr(linear, "parts"):
-            self.parts = linear.parts
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if len(self.spans) == 1:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed0, self.bias, "none", [], "")
-        else:
-            bias = [None if self.bias is None else self.bias[a:b] for a, b in self.spans]
-            y = torch.cat([torch.ops.mkldnn._linear_pointwise(x2, getattr(self, f"packed{i}"), bias[i], "none", [], "")
-                           for i in range(len(self.spans))], dim=-1)  # fmt: skip
-        return y.view(*shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, kernel=oneDNN packed bf16, blocks={len(self.spans)}"
-
-
-def packs(device: torch.device, dtype: torch.dtype, quantize: str | None) -> bool:
-    """Whether the language model's linears run as PackedLinear: bf16 on a CPU with native bf16."""
-    if quantize or device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def quantizable(name: str, module: nn.Module) -> bool:

@@ -44,7 +44,8 @@ from torch import nn
 from .config import read_json
 from .errors import WeightsError
 from .heap import return_freed_memory
-from .quantize import INT4_BLOCK, PackedLinear, QuantizedLinear, quantizable
+from .products import PackedLinear
+from .quantize import INT4_BLOCK, QuantizedLinear, quantizable
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -405,7 +406,7 @@ def _quantize_modules(model: nn.Module, mode: str, device: torch.device, dtype: 
 def load_into(
     model: nn.Module, path: Path, fmt: str, device: torch.device, dtype: torch.dtype, tie_lm_head: bool,
     quantize: str | None = None, vision_dtype: torch.dtype | None = None, pack: bool = False,
-    files: list[SafetensorsFile] | None = None,
+    files: list[SafetensorsFile] | None = None, wide: bool = False,
 ) -> MappedPages:
     """Fill a meta-device `model` with the checkpoint's weights (assign, no second copy).
 
@@ -413,7 +414,8 @@ def load_into(
     (default: `dtype`). With `pack` (bf16 on a CPU that computes in it natively) the language
     model's linears and the head become `quantize.PackedLinear`s: each weight is reordered for
     oneDNN straight from the mapping (a block of rows at a time, see `PackedLinear`) or, when fused
-    or converted, from a staging buffer, one weight at a time. Raises WeightsError naming every missing,
+    or converted, from a staging buffer, one weight at a time; with `wide` too, those stored in
+    `dtype` keep their mapped rows for products of many rows (see `products.wide_product`). Raises WeightsError naming every missing,
     unexpected or wrongly shaped key, any tensor stored twice (in two files, or under both spellings
     of a prefix) and any weight that is not floating-point, before reading any. `files`: the
     checkpoint's files already opened with `open_files` (their headers read once), which the
@@ -422,7 +424,7 @@ def load_into(
     """
     opened = open_files(path) if files is None else []
     try:
-        pages = _load(model, files or opened, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack)
+        pages = _load(model, files or opened, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack, wide)
     finally:
         for f in opened:
             f.close()
@@ -430,7 +432,8 @@ def load_into(
     return pages
 
 
-def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack=False) -> MappedPages:
+def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_dtype, pack=False,
+          wide=False) -> MappedPages:  # fmt: skip
     if quantize:
         _quantize_modules(model, quantize, device, dtype)
     parts = _parts(model)
@@ -506,7 +509,10 @@ def _load(model, files, path, fmt, device, dtype, tie_lm_head, quantize, vision_
             module.weight = nn.Parameter(tensor, requires_grad=False)
             first = group[0]
             release = partial(first.file.release_rows, first.key) if _maps(group, target, device) else None
-            _swap(model, module_name, PackedLinear(module, release))
+            plain = None
+            if wide and all(p.file.tensors[p.key].dtype == dtype for p in group):
+                plain = [(p.row, p.file.view(p.key), partial(p.file.release_rows, p.key)) for p in group]
+            _swap(model, module_name, PackedLinear(module, release, plain))
             for p in group:  # also the pages that straddle two blocks (copies were handed back as read)
                 p.file.release(p.key)
         else:

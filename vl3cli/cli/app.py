@@ -208,8 +208,10 @@ def _load(params: dict, options):
         model = load(**{k: params[k] for k in LOAD_KEYS}, **_as_kwargs(options))
     keep_freed_memory()  # this process is vl3's: activations reuse freed heap (after loading, whose buffers are gone)
     label = model.label
+    wide = model.engine.float32_products
     _debug_line(f"model: {label.model} -> {model.engine.path} (device {label.device}, dtype {label.dtype}, "
-                f"quantize {label.quantize or 'none'})")  # fmt: skip
+                f"quantize {label.quantize or 'none'}"
+                + (f", float32 products of many rows: {wide}" if wide else "") + ")")  # fmt: skip
     return model
 
 
