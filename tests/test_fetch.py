@@ -80,8 +80,9 @@ def test_url_that_is_not_media_names_the_url(server, temp_root):
     [
         ("/missing", {}, "HTTP 404 Not Found"),
         ("/page", {}, "not media: the server sent a web page (text/html)"),
-        ("/big", {"max_bytes": 1000}, "too large: 931.3 GiB"),
-        ("/chunked", {"max_bytes": 64 * 1024}, "too large: more than 64.0 KiB"),
+        # the command line's wording: its setting is VL3_MAX_DOWNLOAD_MB (the server names its own)
+        ("/big", {"max_bytes": 1000}, "too large: 931.3 GiB (the limit is 1,000 bytes; raise VL3_MAX_DOWNLOAD_MB)"),
+        ("/chunked", {"max_bytes": 64 * 1024}, "too large: more than 64.0 KiB (the limit is 64.0 KiB; raise VL3_MAX_DOWNLOAD_MB)"),
         ("/stall", {"timeout": 0.2}, "timed out: no data for 0.2 s"),
         ("/trickle", {"total_timeout": 0.3}, "timed out: the download took more than 0.3 s"),
         ("/short", {}, "closed the connection after 100 bytes"),
@@ -122,6 +123,50 @@ def test_a_non_ascii_path_is_sent_percent_encoded(media_files, tmp_path):
     data = media_files["cat.png"].read_bytes()
     with serve({"/caf%C3%A9.png": ("image/png", data)}) as base:  # what a browser requests for /café.png
         assert fetch.download(base + "/café.png", tmp_path).read_bytes() == data
+
+
+def test_an_internationalised_host_name_goes_out_in_idna(media_files, tmp_path, monkeypatch):
+    """例え.jp is asked for as Python's IDNA codec writes it (xn--...), both the name resolved and the
+    Host header, as browsers do: the same download as its ASCII spelling."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from http_server import PROXY_VARIABLES
+
+    data, hosts, resolved = media_files["cat.png"].read_bytes(), [], []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            hosts.append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    real_resolve = socket.getaddrinfo
+
+    def resolve(host, port, *args, **kwargs):  # every IDNA name is this machine
+        resolved.append(host)
+        return real_resolve("127.0.0.1" if host.startswith("xn--") else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(fetch.socket, "getaddrinfo", resolve)
+    for var in PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    with ThreadingHTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            for name in ("例え.jp", "bücher.example"):
+                idna = name.encode("idna").decode("ascii")
+                got = fetch.download(f"http://{name}:{httpd.server_port}/cat.png", tmp_path)
+                assert got.read_bytes() == data and (resolved[-1], hosts[-1]) == (idna, f"{idna}:{httpd.server_port}")
+                got.unlink()
+        finally:
+            httpd.shutdown()
+    assert [n.encode("idna") for n in ("例え.jp", "bücher.example")] == [b"xn--r8jz45g.jp", b"xn--bcher-kva.example"]
 
 
 def test_unreachable_host(tmp_path):
@@ -187,7 +232,8 @@ def test_an_exit_that_does_not_wait_for_a_download_removes_its_folder(server, te
     "text,fragment",
     [("s3://bucket/cat.jpg", "s3:// URLs are not supported"), ("ftp://host/cat.jpg", "ftp:// URLs"),
      ("https:///cat.jpg", "no host name"), ("http://host:99999/cat.jpg", "malformed URL"),
-     ("http://[::1/cat.jpg", "malformed URL")],
+     ("http://[::1/cat.jpg", "malformed URL"), ("http://a..例え.jp/cat.jpg", r"host name 'a\.\.例え\.jp' has no IDNA form"),
+     ("http://" + "é" * 64 + ".fr/cat.jpg", "has no IDNA form")],
 )  # fmt: skip
 def test_check_url(text, fragment):
     assert fetch.is_url(text)

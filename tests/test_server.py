@@ -189,7 +189,9 @@ def test_errors_in_openais_format(server, ckpt, files, tmp_path):
 
     with serve({"/huge.png": ("image/png", b"\x89PNG" + b"0" * (2 * 1024 * 1024))}) as base:
         got, answer = post(server, {"messages": [user("Hi", ("image_url", base + "/huge.png"))], "max_tokens": 2})
-    assert got == 413 and "too large" in answer["error"]["message"]
+    # the server's own setting (--max-download-mb 1), not the command line's VL3_MAX_DOWNLOAD_MB
+    assert got == 413 and answer["error"]["message"] == (
+        f"{base}/huge.png: too large: 2.0 MiB (the limit is 1.0 MiB on this server, set by its --max-download-mb)")
 
 
 def post_large(url: str, size: int, chunked: bool):
@@ -373,14 +375,17 @@ def test_malformed_bodies_answer_400_in_openais_format(server):
 
 
 def test_unknown_paths_and_methods_answer_in_openais_format(server):
-    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/chat/completions", 405), ("DELETE", "/health", 405)):
+    # a trailing slash is an unknown path too, not a redirect built from the client's Host header
+    for method, path, status in (("GET", "/nope", 404), ("GET", "/v1/chat/completions", 405), ("DELETE", "/health", 405),
+                                 ("POST", "/v1/chat/completions/", 404), ("GET", "/v1/models/", 404)):  # fmt: skip
         request = urllib.request.Request(f"{server}{path}", method=method, headers={"Authorization": f"Bearer {KEY}"})
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request, timeout=10)
         body = json.loads(info.value.read())
         assert info.value.code == status and set(body["error"]) == {"message", "type", "param", "code"}
         assert f"{method} {path}" in body["error"]["message"]
-    assert info.value.headers["Allow"] == "GET"
+        if method == "DELETE":
+            assert info.value.headers["Allow"] == "GET"
 
 
 def test_a_data_url_is_named_in_errors_not_its_temporary_file(server):
@@ -406,32 +411,42 @@ def fake_app():
     return TestClient(create_app(model, Limits()), raise_server_exceptions=False)  # no lifespan: no engine
 
 
-def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
-    """ASGI servers hand headers over as the bytes sent (TestClient re-encodes them, so the guard is
-    called directly): `--api-key clé` matches a client that sends the key as UTF-8, as curl does."""
+def guard_status(authorization: bytes, api_key: str) -> int:
+    """The status the API-key guard answers /v1/models with, called directly: ASGI servers hand headers
+    over as the bytes sent (TestClient re-encodes them)."""
     import asyncio
 
     from vl3cli.server import Guard
+
+    sent = []
 
     async def app(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    def status(authorization: bytes) -> int:
-        sent = []
+    async def send(message):
+        sent.append(message)
 
-        async def send(message):
-            sent.append(message)
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
 
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
+    scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [(b"authorization", authorization)]}
+    asyncio.run(Guard(app, api_key=api_key, max_body_bytes=1000)(scope, receive, send))
+    return sent[0]["status"]
 
-        scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": [(b"authorization", authorization)]}
-        asyncio.run(Guard(app, api_key="clé", max_body_bytes=1000)(scope, receive, send))
-        return sent[0]["status"]
 
-    assert status(b"Bearer cl\xc3\xa9") == 200  # UTF-8
-    assert status(b"Bearer cl\xe9") == status(b"Bearer cle") == status(b"") == 401
+def test_a_non_ascii_api_key_sent_as_utf8_is_accepted():
+    """`--api-key clé` matches a client that sends the key as UTF-8, as curl does."""
+    assert guard_status(b"Bearer cl\xc3\xa9", "clé") == 200  # UTF-8
+    assert guard_status(b"Bearer cl\xe9", "clé") == guard_status(b"Bearer cle", "clé") == guard_status(b"", "clé") == 401
+
+
+def test_the_bearer_scheme_is_case_insensitive():
+    """RFC 7235: the scheme's case does not matter (some clients and proxies lowercase it); the key's does."""
+    for header in (b"Bearer sekret", b"bearer sekret", b"BEARER sekret"):
+        assert guard_status(header, "sekret") == 200, header
+    for header in (b"Bearer Sekret", b"Bearer sekret2", b"Basic sekret", b"sekret", b"Bearersekret", b"bearer", b""):
+        assert guard_status(header, "sekret") == 401, header
 
 
 def test_an_unexpected_exception_answers_500_json_without_details():

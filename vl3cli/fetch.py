@@ -58,6 +58,9 @@ TOTAL_TIMEOUT_S = 600.0
 MAX_REDIRECTS = 5
 CHUNK = 1 << 20
 WEB_PAGE_TYPES = {"text/html", "application/xhtml+xml"}
+# How the command line raises the size limit, ending every "too large" message (a caller with its
+# own setting, such as the server's --max-download-mb, names that one instead).
+SIZE_HINT = "; raise VL3_MAX_DOWNLOAD_MB"
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -80,6 +83,7 @@ def check_url(url: str) -> None:
         raise MediaError(f"{url}: malformed URL ({e})") from e
     if not parts.hostname:
         raise MediaError(f"{url}: malformed URL (no host name)")
+    _idna(url, parts.hostname)
 
 
 def env_number(name: str, default: float) -> float:
@@ -231,14 +235,30 @@ def _opener(max_redirects: int, public_only: bool = False):
     return urllib.request.build_opener(Redirects, *(_public_handlers() if public_only else []))
 
 
+def _idna(url: str, host: str) -> str:
+    """``host`` as it goes out: a non-ASCII (internationalised) name in IDNA, ``xn--...``."""
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise MediaError(f"{url}: malformed URL (the host name {host!r} has no IDNA form: {e})") from e
+
+
 def _ascii_url(url: str) -> str:
-    """``url`` with non-ASCII characters in its path and query percent-encoded as UTF-8, as browsers
-    send them (http.client sends ASCII only; a non-ASCII host name goes out as IDNA by itself)."""
+    """``url`` as browsers send it: a non-ASCII host name in IDNA, non-ASCII characters in its path
+    and query percent-encoded as UTF-8 (http.client sends ASCII only: it would send the host name
+    as Latin-1 bytes in the Host header, or fail)."""
     parts = urlsplit(url)
     # Printable ASCII stays as written (so `%41` stays `%41`); spaces, control characters and
     # non-ASCII are percent-encoded: http.client refuses them.
     safe = "".join(map(chr, range(0x21, 0x7F)))
-    return urlunsplit(parts._replace(path=quote(parts.path, safe=safe), query=quote(parts.query, safe=safe)))
+    netloc = parts.netloc
+    if not netloc.isascii():
+        user, at, _ = netloc.rpartition("@")
+        port = "" if parts.port is None else f":{parts.port}"
+        netloc = f"{quote(user, safe=safe)}{at}{_idna(url, parts.hostname)}{port}"
+    return urlunsplit(parts._replace(netloc=netloc, path=quote(parts.path, safe=safe), query=quote(parts.query, safe=safe)))
 
 
 def _file_name(url: str) -> str:
@@ -292,9 +312,7 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
             length = response.headers.get("Content-Length", "")
             length = int(length) if length.isdigit() else None
             if length is not None and length > max_bytes:
-                raise MediaError(
-                    f"{url}: too large: {_size(length)} (the limit is {_size(max_bytes)}; raise VL3_MAX_DOWNLOAD_MB)"
-                )
+                raise MediaError(f"{url}: too large: {_size(length)} (the limit is {_size(max_bytes)}{SIZE_HINT})")
             encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
             if encoding not in ("", "identity"):  # vl3 asks for none; a server that sends it anyway
                 raise MediaError(f"{url}: the server sent the file {encoding}-encoded (Content-Encoding), "
@@ -305,7 +323,7 @@ def _stream(url: str, request, target: Path, *, max_bytes: int, timeout: float, 
                         raise DownloadCancelled(f"{url}: cancelled ({_size(got)} received)")
                     got += len(chunk)
                     if got > max_bytes:
-                        raise MediaError(f"{url}: too large: more than {_size(max_bytes)} (raise VL3_MAX_DOWNLOAD_MB)")
+                        raise MediaError(f"{url}: too large: more than {_size(max_bytes)} (the limit is {_size(max_bytes)}{SIZE_HINT})")
                     if time.monotonic() > deadline:
                         raise MediaError(
                             f"{url}: timed out: the download took more than {total_timeout:g} s "

@@ -292,6 +292,7 @@ def _animated_meta(path) -> VideoMeta:
     with _open_pil(path) as im:
         durations, truncated = [], False
         for i in range(im.n_frames):
+            video.check_cancelled()
             try:
                 im.seek(i)
                 im.load()  # WebP fills in the frame's duration on load
@@ -320,6 +321,7 @@ def _read_animated(path, meta: VideoMeta, timestamps, size) -> np.ndarray:
             if idx == last_idx:
                 out[j] = out[j - 1]
                 continue
+            video.check_cancelled()
             im.seek(idx)
             out[j] = video.resize(to_rgb(im), size)
             last_idx = idx

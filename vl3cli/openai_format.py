@@ -27,11 +27,12 @@ import math
 import time
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlparse
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from .prompt import Turn
 
 MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
+MAX_STOP_CHARS = 400  # characters per stop string: what one request's stop strings may cost the engine thread
 OPTION_FIELDS = ("fps", "min_frames", "max_frames", "start", "end", "max_visual_tokens", "prune", "prune_threshold",
                  "ignore_eos")  # fmt: skip
 
@@ -149,6 +150,8 @@ def parse_request(body, *, allow_local_files: bool = False, max_stop: int = 4) -
         raise ApiError(400, f"'stop' must be a string or a list of at most {max_stop} non-empty strings", "stop")
     for s in stop:
         _unicode(s, "stop")
+        if len(s) > MAX_STOP_CHARS:
+            raise ApiError(400, f"'stop' strings may be at most {MAX_STOP_CHARS} characters long (got {len(s)})", "stop")
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
@@ -241,7 +244,7 @@ def media_ref(url: str, kind: str, where: str, allow_local_files: bool) -> Media
     _unicode(url, where)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme in ("http", "https"):
-        if not urlparse(url).netloc:
+        if not _split(url, where).hostname:
             raise ApiError(400, f"{where}: {url!r} has no host", where)
         return Media(kind, url=url, where=where)
     if scheme == "data":
@@ -249,7 +252,7 @@ def media_ref(url: str, kind: str, where: str, allow_local_files: bool) -> Media
         if not sep or not head.endswith(";base64"):
             raise ApiError(400, f"{where}: data URLs must be base64 (data:<type>;base64,...)", where)
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = _b64decode(payload)
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: the data URL is not valid base64", where) from None
         if not data:
@@ -258,11 +261,31 @@ def media_ref(url: str, kind: str, where: str, allow_local_files: bool) -> Media
     if scheme == "file":
         if not allow_local_files:
             raise ApiError(400, f"{where}: file:// URLs are refused (start the server with --allow-local-files)", where)
-        parsed = urlparse(url)
+        parsed = _split(url, where)
         if parsed.netloc not in ("", "localhost"):
             raise ApiError(400, f"{where}: file URLs must name a local path", where)
         return Media(kind, path=unquote(parsed.path), where=where)
     raise ApiError(400, f"{where}: media URLs must be http(s)://, data: or file:// (got {url[:40]!r})", where)
+
+
+def _b64decode(payload: str, piece: int = 1 << 22) -> bytes:
+    """Strict base64 (`validate=True`), decoded `piece` characters (a multiple of 4) at a time: one call
+    holds the GIL throughout, and a server's event loop would wait for a 45 MB payload's whole
+    decoding. The last slice holds all the padding, so that it is judged as in one call."""
+    padding = payload.find("=")
+    starts = list(range(0, max(1, len(payload) if padding < 0 else padding), piece))
+    ends = [*starts[1:], len(payload)]
+    return b"".join(base64.b64decode(payload[a:b], validate=True) for a, b in zip(starts, ends))
+
+
+def _split(url: str, where: str) -> SplitResult:
+    """`url`'s parts; a malformed host or port (`http://[::1/a.png`, `http://h:x/`) is the client's error."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in range
+    except ValueError as e:
+        raise ApiError(400, f"{where}: malformed URL {url[:100]!r} ({e})", where) from None
+    return parts
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -293,10 +316,16 @@ def chunk(request_id: str, model: str, created: int, delta: dict | None = None, 
 class StopText:
     """Applies stop strings to an answer as it grows: `push(piece)` returns the text that is safe
     to show (never the start of a stop string that may still complete); `stopped` turns true when
-    a stop string appears, and the answer ends before it."""
+    a stop string appears, and the answer ends before it.
+
+    Each stop string is followed as a Knuth-Morris-Pratt automaton: its state is the longest
+    start of the stop string the text ends with, so a piece costs its own length per stop string,
+    whatever their lengths (comparing every start of every stop string would cost their squares)."""
 
     def __init__(self, stops: list[str]):
         self.stops = stops
+        self.fallback = [_prefix_function(s) for s in stops]
+        self.matched = [0] * len(stops)  # per stop string: how much of its start the text ends with
         self.text = ""  # everything generated
         self.shown = 0  # characters of `text` handed out
         self.stopped = False
@@ -304,13 +333,23 @@ class StopText:
     def push(self, piece: str) -> str:
         if self.stopped:
             return ""
+        start = len(self.text)
         self.text += piece
-        cut = min((i for s in self.stops if (i := self.text.find(s)) >= 0), default=None)
-        if cut is not None:
+        cut = None
+        for n, (stop, fallback) in enumerate(zip(self.stops, self.fallback)):
+            k = self.matched[n]
+            for i, c in enumerate(piece, start):
+                while k and stop[k] != c:
+                    k = fallback[k - 1]
+                k += stop[k] == c
+                if k == len(stop):  # this stop string's first match: the earliest of this stop string
+                    cut = min(cut, i + 1 - k) if cut is not None else i + 1 - k
+                    break
+            self.matched[n] = k
+        if cut is not None:  # the earliest match of any stop string ends the answer
             self.stopped = True
             return self._take(cut)
-        hold = max((k for s in self.stops for k in range(len(s) - 1, 0, -1) if self.text.endswith(s[:k])), default=0)
-        return self._take(len(self.text) - hold)
+        return self._take(len(self.text) - max(self.matched, default=0))
 
     def finish(self) -> str:
         """The rest of the answer once generation ended without a stop string."""
@@ -323,3 +362,14 @@ class StopText:
     def _take(self, end: int) -> str:
         piece, self.shown = self.text[self.shown : end], max(self.shown, end)
         return piece
+
+
+def _prefix_function(s: str) -> list[int]:
+    """For each i, the length of the longest proper start of `s[: i + 1]` that also ends it (KMP's table)."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table

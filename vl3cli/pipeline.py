@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 
@@ -33,7 +34,7 @@ from .output import Result, StreamDecoder, error_message
 from .preprocess import VisualInput, prepare_segments, prepare_visual
 from .prompt import Turn, conversation_ids, default_prompt
 from .segments import MAX_SEGMENT, MIN_SEGMENT, scene_spans, windows
-from .video import detect_cuts
+from .video import cancellable, detect_cuts
 
 Key = tuple  # (the item's key: its number in a run, prompt number)
 WAIT_S = 0.2  # how long the loop waits for media before it checks for Ctrl-C again
@@ -321,9 +322,11 @@ class Loop:
                 check_text_length(self.engine.tokenizer, [options.system or "", *(u.text for u in t)], context)
             ids = [conversation_ids(self.engine.tokenizer, self.engine.config, t, options.system) for t in turns]
             kept = sum(v.visual_tokens_kept for v in visuals)
-            for input_ids in ids:
+            for t, input_ids in zip(turns, ids):
                 check_placeholders(_count_placeholders(input_ids, self.engine.config), kept)
-                check_context(len(input_ids), kept, options.max_new_tokens, context)
+                check_context(len(input_ids), kept, options.max_new_tokens, context,
+                              partial(self._length_without_media, t, options.system),
+                              [max(1, len(v.timestamps)) for v in visuals])  # fmt: skip
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 -- one bad file must not end the run
@@ -395,6 +398,10 @@ class Loop:
                 continue
             self.answers[(a.key, a.first + i)] = answer
         return failed
+
+    def _length_without_media(self, turns: list[Turn], system: str | None) -> int:
+        """A prompt's length without its media: its texts and the chat layout (for check_context's advice)."""
+        return len(conversation_ids(self.engine.tokenizer, self.engine.config, [replace(u, visuals=()) for u in turns], system))
 
     def _failed(self, key, item: Item, options: Options, error: BaseException, visuals=None, first: int = 0):
         records = []
@@ -554,7 +561,8 @@ class _Reading:
 
 def _read(reading: _Reading, processor, media, arrived: threading.Event) -> None:
     """Worker thread: put each part of the item (its visuals and seconds, or the error reading
-    raised), then _END; stops when the item is cancelled (a download too, between its reads)."""
+    raised), then _END; stops when the item is cancelled (a download between its reads, a video's
+    decoding between its packets and frames)."""
     media = replace(media, cancelled=reading.cancel.is_set)
 
     def put(value) -> bool:
@@ -568,9 +576,10 @@ def _read(reading: _Reading, processor, media, arrived: threading.Event) -> None
         return False
 
     try:
-        for part in read_parts(reading.item, processor, media, reading.options):
-            if not put(part):
-                return
+        with cancellable(reading.cancel.is_set):
+            for part in read_parts(reading.item, processor, media, reading.options):
+                if not put(part):
+                    return
     except Exception as e:  # noqa: BLE001 -- becomes the item's error record
         if not put(e):
             return
@@ -627,17 +636,31 @@ def check_placeholders(found: int, expected: int) -> None:
                        "a text (or an earlier answer) contains the model's image or video placeholder token")  # fmt: skip
 
 
-def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int) -> None:
-    """Raise when a prompt plus its answer needs more positions than the model has, saying what helps."""
+def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, context: int,
+                  text_tokens: Callable[[], int], frames: list[int]) -> None:  # fmt: skip
+    """Raise when a prompt plus its answer needs more positions than the model has, saying what helps.
+    `text_tokens()` (asked only then) is the length of the prompt without its media: the texts and
+    the chat layout. The other tokens besides the visual ones are the media's own: a video's frame
+    times, which fewer frames shorten, and no shorter text could. `frames`: each media input's
+    frames (1 for a picture); a --max-visual-tokens cap (per input) is suggested only where it
+    leaves every input one token per frame, as the cap requires."""
     need = prompt_tokens + max_new_tokens
     if need <= context:
         return
-    text = prompt_tokens - visual_tokens
-    room = context - text - max_new_tokens
-    advice = "lower --max-new-tokens" if text < context else "shorten the text"
-    if visual_tokens and room > 0:
-        advice = (f"pass --max-visual-tokens {room} (frames are made smaller; fewer frames would make each "
+    not_visual = prompt_tokens - visual_tokens
+    room = context - not_visual - max_new_tokens  # for visual tokens
+    cap = room // len(frames) if frames else 0  # each input's share of the room
+    if visual_tokens and cap >= max(frames, default=1):
+        advice = (f"pass --max-visual-tokens {cap} (frames are made smaller; fewer frames would make each "
                   "one larger), or a shorter --start/--end clip, or lower --max-new-tokens")  # fmt: skip
+    elif visual_tokens and room > 0 and text_tokens() < context:  # no cap leaves a token per frame
+        advice = "lower --max-new-tokens or --max-frames"
+    elif text_tokens() >= context:
+        advice = "shorten the text"
+    elif not_visual >= context:  # the frames' times fill the context: fewer frames have fewer
+        advice = "use fewer frames (lower --max-frames or --fps) or a shorter --start/--end clip"
+    else:
+        advice = "lower --max-new-tokens"
     raise ContextError(
         f"the prompt ({prompt_tokens} tokens, {visual_tokens} of them visual) and --max-new-tokens {max_new_tokens} "
         f"need {need} positions, more than the model's {context}: {advice}"

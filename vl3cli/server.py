@@ -7,12 +7,15 @@
 
 One engine thread owns the model (`Service`): requests from every client become items of one
 continuous batch (`pipeline.Loop`, the road every vl3 command takes); media is read by the
-loop's worker threads, never on the event loop. A client that disconnects, or an answer that
-reaches a `stop` string, is cancelled at once and frees its row. At most `max_batch` answers
-decode together and `max_queue` more wait; beyond that the server answers 503.
+loop's worker threads and request bodies are parsed in another, never on the event loop. A
+client that disconnects (its video's decoding included), or an answer that reaches a `stop`
+string, is cancelled at once and frees its row. At most `max_batch` answers decode together and
+`max_queue` more wait; beyond that the server answers 503, as it answers every request, uploads
+still arriving included, when it shuts down (Ctrl-C, SIGTERM).
 
-Safety: binds to 127.0.0.1 unless told otherwise; with an API key every /v1 request needs
-`Authorization: Bearer KEY` (401 otherwise); request bodies, media downloads and video lengths
+Safety: binds to 127.0.0.1 unless told otherwise (`bind`, before the model loads: an address in
+use is an error at once); with an API key every /v1 request needs `Authorization: Bearer KEY`
+(the scheme in any case; 401 otherwise); request bodies, media downloads and video lengths
 are limited (413 / 400 with OpenAI's error body); `file://` media only with `allow_local_files`;
 http(s) media only from public addresses unless `allow_private_urls` (fetch's `public_only`).
 Every refusal is OpenAI's error body, unknown paths (404), wrong methods (405) and unexpected
@@ -31,17 +34,21 @@ import os
 import queue
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .errors import ContextError, MediaError, UsageError, Vl3Error
+from .fetch import SIZE_HINT
 from .openai_format import (
     ApiError,
     ChatRequest,
@@ -87,10 +94,6 @@ class Ticket:
     done: bool = False
 
 
-class Busy(Exception):
-    """The queue is full."""
-
-
 class Service:
     """The engine thread: submissions and cancellations in, text pieces and endings out."""
 
@@ -103,6 +106,7 @@ class Service:
         self.in_flight = 0  # submitted and not finished (any thread; guarded by the lock)
         self.served = self.cancelled = 0  # finished requests; requests dropped because their client left
         self.closing = False  # shutting down: no new requests
+        self.uploading: set[asyncio.Future] = set()  # requests whose body still arrives: resolved by `shut_down`
         self.lock = threading.Lock()
         self.ids = itertools.count()
         self.thread = threading.Thread(target=self._run, name="vl3-engine", daemon=True)
@@ -119,7 +123,7 @@ class Service:
             if self.closing:
                 raise ApiError(503, SHUTTING_DOWN, kind="server_shutting_down")
             if self.in_flight >= self.limits.max_batch + self.limits.max_queue:
-                raise Busy
+                raise ApiError(503, "the server is busy: too many requests in flight; retry later", kind="server_busy")
             self.in_flight += 1
         ticket = Ticket(next(self.ids), item, asyncio.get_running_loop(), asyncio.Queue(), stops, tmpdir=tmpdir,
                         uploads=uploads or {})  # fmt: skip
@@ -136,7 +140,19 @@ class Service:
         so a request is either in before the command or refused)."""
         with self.lock:
             self.closing = True
+        for waiter in self.uploading:
+            if not waiter.done():
+                waiter.set_result(None)
         self.inbox.put(("shut down", None))
+
+    def closed(self) -> asyncio.Future:
+        """A future resolved when the server shuts down (at once if it has); on the event loop."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self.closing:
+            waiter.set_result(None)
+        self.uploading.add(waiter)
+        waiter.add_done_callback(self.uploading.discard)
+        return waiter
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -252,11 +268,21 @@ def api_error(exception: BaseException | None, message: str) -> ApiError:
     message = request_terms(message)[0]
     if isinstance(exception, ContextError):
         return ApiError(400, message, "messages", code="context_length_exceeded")
-    if isinstance(exception, MediaError) and "too large" in message:
-        return ApiError(413, message, "messages")
+    if isinstance(exception, MediaError) and "too large" in message:  # the server's limit, not the command line's
+        return ApiError(413, message.replace(SIZE_HINT, " on this server, set by its --max-download-mb"), "messages")
     if isinstance(exception, Vl3Error):
         return ApiError(400, message, "messages")
     return ApiError(500, message, kind="server_error")
+
+
+def _request(data: bytes, model, limits: Limits) -> tuple[ChatRequest, Item, str | None, dict[str, str]]:
+    """A request body as the request and its item (with `_item`'s folder and file names); run in a
+    worker thread."""
+    body = decode_body(data)
+    parsed = parse_request(body, allow_local_files=limits.allow_local_files)
+    if body.get("model") not in (None, model.name):
+        raise ApiError(404, f"model {body.get('model')!r} is not served here (this server serves {model.name!r})", "model", "model_not_found")
+    return parsed, *_item(parsed, model)
 
 
 def _item(request: ChatRequest, model) -> tuple[Item, str | None, dict[str, str]]:
@@ -299,7 +325,9 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
         yield
         service.stop()
 
-    app = FastAPI(title="vl3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # No redirect of `/v1/models/` to `/v1/models`: an unknown path is a 404 in OpenAI's body, and a
+    # redirect would be built from the client's own Host header.
+    app = FastAPI(title="vl3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.service = service
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
@@ -325,29 +353,30 @@ def create_app(model, limits: Limits, api_key: str | None = None, workers: int =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            body = await _read_body(request, limits.max_body_bytes)
-            parsed = parse_request(body, allow_local_files=limits.allow_local_files)
-            if body.get("model") not in (None, model_id):
-                raise ApiError(404, f"model {body.get('model')!r} is not served here (this server serves {model_id!r})", "model", "model_not_found")
-            item, tmpdir, uploads = _item(parsed, model)
+            data = await _read_body(request, limits.max_body_bytes, service.closed())
+            # Off the event loop: the JSON, the base64 of data: URLs and their files can be tens of
+            # MB, and every other client's stream would wait for them.
+            parsed, item, tmpdir, uploads = await asyncio.to_thread(_request, data, model, limits)
             try:
                 ticket = service.submit(item, parsed.stop, tmpdir, uploads)
-            except Busy:
+            except ApiError:  # busy or shutting down: the files are nobody's now
                 if tmpdir:
                     shutil.rmtree(tmpdir, ignore_errors=True)
-                raise ApiError(503, "the server is busy: too many requests in flight; retry later", kind="server_busy") from None
+                raise
         except ApiError as e:
             return error(e)
+        except ClientDisconnect:  # the client left during its upload
+            return _gone()
         request_id = new_id()
         if parsed.stream:  # what fails before the first token (media, context) answers with its status
             first = await _last_event(request, service, ticket, first=True)
             if first is None or first[0] == "error":
-                return JSONResponse({}, status_code=499) if first is None else error(first[1])
+                return _gone() if first is None else error(first[1])
             return StreamingResponse(_stream(service, ticket, request_id, model_id, parsed.include_usage, first),
                                      media_type="text/event-stream")  # fmt: skip
         event = await _last_event(request, service, ticket)
         if event is None:  # the client left: nobody reads this
-            return JSONResponse({}, status_code=499)
+            return _gone()
         if event[0] == "error":
             return error(event[1])
         return completion(request_id, model_id, event[1], event[2], event[3])
@@ -416,6 +445,11 @@ def error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+def _gone() -> JSONResponse:
+    """The answer to a client that left: nobody reads it (499, nginx's "client closed request")."""
+    return JSONResponse({}, status_code=499)
+
+
 class Guard:
     """ASGI middleware: the API key on /v1 (401) and an announced body over the limit (413), before any
     route runs. Plain ASGI: it reads the headers as the bytes sent, and hands `receive` to the
@@ -424,7 +458,7 @@ class Guard:
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
         # ASGI headers are the bytes as sent: a client sends a non-ASCII key as UTF-8
-        self.expected = None if api_key is None else b"Bearer " + api_key.encode()
+        self.key = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope, receive, send):
         refusal = self.refusal(scope) if scope["type"] == "http" else None
@@ -435,37 +469,83 @@ class Guard:
 
     def refusal(self, scope) -> ApiError | None:
         headers = dict(scope["headers"])
-        if (self.expected is not None and scope["path"].startswith("/v1/")
-                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):  # fmt: skip
+        if self.key is not None and scope["path"].startswith("/v1/") and not self.authorized(headers.get(b"authorization", b"")):
             return ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", kind="authentication_error")
         length = headers.get(b"content-length", b"")
         if length.isdigit() and (len(length) > 18 or int(length) > self.max_body_bytes):
             return _too_large(self.max_body_bytes)
         return None
 
+    def authorized(self, header: bytes) -> bool:
+        """`Bearer KEY`, the scheme in any case (RFC 7235: `bearer` too); the key compared in constant time."""
+        scheme, _, key = header.partition(b" ")
+        return hmac.compare_digest(key, self.key) and scheme.lower() == b"bearer"
+
 
 def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the request body is larger than the server's limit of {limit // (1024 * 1024)} MB", kind="request_too_large")
 
 
-async def _read_body(request, limit: int):
-    """The JSON body, read in pieces and refused (413) as soon as it passes `limit` bytes."""
+async def _read_body(request, limit: int, closed: asyncio.Future) -> bytes:
+    """The body, read in pieces and refused (413) as soon as it passes `limit` bytes. When the server
+    shuts down (`closed`) while it still arrives (a slow upload), 503 at once, as for the requests in
+    flight; uvicorn would otherwise cancel the request after its grace period, a plain-text 500."""
+    reading = asyncio.ensure_future(_body(request, limit))
+    try:
+        done, _ = await asyncio.wait((reading, closed), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reading.cancel()  # no-ops once done
+        closed.cancel()
+    if reading not in done:
+        raise ApiError(503, SHUTTING_DOWN, kind="server_shutting_down")
+    return reading.result()
+
+
+async def _body(request, limit: int) -> bytes:
     data = bytearray()
-    async for piece in request.stream():
+    async for piece in request.stream():  # raises ClientDisconnect when the client leaves
         data += piece
         if len(data) > limit:
             raise _too_large(limit)
-    return decode_body(bytes(data))
+    return bytes(data)
 
 
-def serve(model, host: str, port: int, limits: Limits, api_key: str | None, workers: int, log_level: str = "warning") -> None:
-    """Run the server until interrupted (the caller loaded `model`)."""
+def address(host: str, port: int) -> str:
+    """host:port as a URL writes it ([::1]:8000)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a Vl3Error saying why not (in use, not this machine's address,
+    a name that does not resolve). Bound before the model loads, so that such an error comes at
+    once; it listens only once the server runs (until then a client is refused, not kept waiting)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: no wait for the last run's connections
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = e.strerror or str(e)
+        raise Vl3Error(f"cannot listen on {address(host, port)}: {reason[:1].lower()}{reason[1:]} "
+                       "(choose another --port, or a --host of this machine)") from None  # fmt: skip
+    return sock
+
+
+def serve(model, sock: socket.socket, limits: Limits, api_key: str | None, workers: int, log_level: str = "warning",
+          ready: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    """Run the server on `sock` (from `bind`) until interrupted (the caller loaded `model`); `ready`
+    is called once it listens."""
     import uvicorn
 
     app = create_app(model, limits, api_key, workers)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
 
     class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                ready()
+
         def handle_exit(self, sig, frame) -> None:  # SIGINT / SIGTERM: answer the requests in flight first
             # A signal handler may run in the middle of `submit` on this thread: the shutdown goes
             # onto the event loop (a self-pipe write, safe here) instead of taking locks now.
@@ -474,5 +554,5 @@ def serve(model, host: str, port: int, limits: Limits, api_key: str | None, work
                 loop.call_soon_threadsafe(app.state.service.shut_down)
             super().handle_exit(sig, frame)
 
-    Server(config).run()
+    Server(config).run(sockets=[sock])
 

@@ -15,17 +15,24 @@ damaged packets. Frames without usable times (``meta.timed_by_order``: raw strea
 B-frames) are timed by their order from the start of the file, which is therefore read from its
 start, never seeked in. When decoding ends before the last timestamp,
 only the frames before that point come back: frames are never repeated past the real end.
+
+Decoding inside ``with cancellable(cancelled):`` (a reader thread of the server, whose client may
+leave) asks ``cancelled()`` between packets and frames and stops with ``DecodeCancelled`` once it
+answers True: an abandoned video frees its thread at once.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 from PIL import Image
 
 from vl3cli.container import VideoMeta, av_open, main_video_stream
+from vl3cli.errors import MediaError
 from vl3cli.sampling import EPS, frame_index
 
 # Codecs decord 0.6 decodes reliably; anything else (AV1 above all) goes to PyAV. Not HEVC: after a
@@ -37,6 +44,30 @@ DECORD_FORMATS = {"mov", "mp4", "matroska", "webm", "avi"}
 DECORD_CHUNK = 4  # full-size frames fetched per get_batch call (4 x 1080p RGB = 25 MB)
 SEEK_MIN_GAP = 2.0  # seconds: closer targets are reached by decoding on, not seeking
 SEEK_BACKOFF = (0.0, 1.0, 5.0, 20.0)  # seconds before t to seek to, in turn, until one lands before t
+# A context variable, not an argument: the reader sets it around its whole item, and the layers in
+# between (preprocess, media) need not pass it on.
+_CANCELLED: ContextVar[Callable[[], bool] | None] = ContextVar("vl3_decode_cancelled", default=None)
+
+
+class DecodeCancelled(MediaError):
+    """Nobody wants the frames any more (``cancellable``'s ``cancelled()`` answered True)."""
+
+
+@contextmanager
+def cancellable(cancelled: Callable[[], bool]):
+    """Decoding in this thread, inside the block, stops (``DecodeCancelled``) once ``cancelled()`` is True."""
+    token = _CANCELLED.set(cancelled)
+    try:
+        yield
+    finally:
+        _CANCELLED.reset(token)
+
+
+def check_cancelled() -> None:
+    """Called between packets and frames: raises ``DecodeCancelled`` when the frames are no longer wanted."""
+    cancelled = _CANCELLED.get()
+    if cancelled is not None and cancelled():
+        raise DecodeCancelled("decoding cancelled: nobody wants the frames any more")
 
 
 def upright(im: Image.Image, op: Image.Transpose | None) -> Image.Image:
@@ -72,6 +103,7 @@ def _read_decord(path, meta: VideoMeta, timestamps, size, vr=None) -> np.ndarray
     unique = sorted(wanted)
     out = np.empty((len(timestamps), size[1], size[0], 3), np.uint8)  # (t, h, w, 3)
     for i in range(0, len(unique), DECORD_CHUNK):
+        check_cancelled()
         chunk = unique[i : i + DECORD_CHUNK]
         batch = vr.get_batch(chunk).asnumpy()  # (len(chunk), H, W, 3) full size
         for idx, frame in zip(chunk, batch):
@@ -118,6 +150,7 @@ class _Cursor:
         import av
 
         for packet in self.c.demux(self.s):
+            check_cancelled()
             if packet.is_corrupt:  # cut by the end of the file: the decoder would choke on it
                 continue
             try:
@@ -295,8 +328,8 @@ def decode(
     if uses_decord(meta, backend):
         try:
             return _read_decord(path, meta, timestamps, size), "decord", None
-        except Exception:  # noqa: BLE001 - ImportError, DECORDError, crashes in reading
-            if backend == "decord":
+        except Exception as e:  # noqa: BLE001 - ImportError, DECORDError, crashes in reading
+            if backend == "decord" or isinstance(e, DecodeCancelled):
                 raise
     frames, end = _read_pyav(path, meta, timestamps, size)
     return frames, "pyav", end
@@ -317,8 +350,8 @@ def decode_windows(path, meta: VideoMeta, windows, backend: str) -> Iterator[tup
                 pending.pop(0)
                 yield frames, "decord", None
             return
-        except Exception:  # noqa: BLE001 - ImportError, DECORDError, crashes in reading: PyAV reads the rest
-            if backend == "decord":
+        except Exception as e:  # noqa: BLE001 - ImportError, DECORDError, crashes in reading: PyAV reads the rest
+            if backend == "decord" or isinstance(e, DecodeCancelled):
                 raise
     reader = _PyAVReader(path, meta)
     try:
@@ -366,6 +399,7 @@ def detect_cuts(path, meta: VideoMeta, threshold: float = 10.0, scale: int = 4) 
                     cuts.append((frame.pts - start_pts) * tb)
 
         for packet in container.demux(stream):
+            check_cancelled()
             if packet.is_corrupt:
                 continue
             try:

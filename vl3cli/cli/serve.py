@@ -59,16 +59,20 @@ def serve(
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("vl3 serve needs FastAPI and uvicorn: pip install 'vl3cli[serve]'") from None
-    from ..server import Limits
+    from ..server import Limits, address, bind
     from ..server import serve as run_server
 
     params = _params(locals())
-    loaded = _load(params, _options(params))
-    loaded.runner.max_duration = max_video_seconds
-    loaded.runner.max_download_bytes = max_download_mb * 1024 * 1024
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
-    limits = Limits(max_body_bytes=max_body_mb * 1024 * 1024, max_batch=max_batch, max_queue=max_queue, allow_local_files=allow_local_files,
-                    allow_private_urls=allow_private_urls)  # fmt: skip
-    print(f"Serving {loaded.name} on http://{host}:{port}/v1 (OpenAI chat completions); Ctrl-C stops.", file=sys.stderr)
-    run_server(loaded, host, port, limits, api_key, workers, log_level="info" if _env_debug() else "warning")
+    with bind(host, port) as sock:  # a port in use is an error before the model loads
+        loaded = _load(params, _options(params))
+        loaded.runner.max_duration = max_video_seconds
+        loaded.runner.max_download_bytes = max_download_mb * 1024 * 1024
+        if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+            print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model", file=sys.stderr)
+        limits = Limits(max_body_bytes=max_body_mb * 1024 * 1024, max_batch=max_batch, max_queue=max_queue, allow_local_files=allow_local_files,
+                        allow_private_urls=allow_private_urls)  # fmt: skip
+
+        def ready() -> None:
+            print(f"Serving {loaded.name} on http://{address(host, port)}/v1 (OpenAI chat completions); Ctrl-C stops.", file=sys.stderr)
+
+        run_server(loaded, sock, limits, api_key, workers, log_level="info" if _env_debug() else "warning", ready=ready)
