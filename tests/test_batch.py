@@ -1,4 +1,4 @@
-"""batch.py: input expansion, sharding, resume / retry / overwrite planning, the item loop."""
+"""inputs.py: input expansion and sharding; batch.py: resume / retry / overwrite planning, the item loop."""
 
 from __future__ import annotations
 
@@ -17,14 +17,9 @@ from media_factory import make_image
 from typer.testing import CliRunner
 
 from vl3cli.batch import (
-    DEFAULT_EXTS,
     StopSignal,
     Summary,
-    expand_inputs,
-    in_shard,
     model_key,
-    parse_exts,
-    parse_shard,
     plan,
     plan_segments,
     record_key,
@@ -33,6 +28,7 @@ from vl3cli.batch import (
 from vl3cli.cli import app
 from vl3cli.errors import UsageError
 from vl3cli.hub import model_label
+from vl3cli.inputs import DEFAULT_EXTS, expand_inputs, in_shard, parse_exts, parse_shard
 from vl3cli.outfile import Sink, Target
 from vl3cli.output import Result
 
@@ -185,6 +181,16 @@ def test_resume_is_keyed_by_prompt_options_and_model(tmp_path):
     before = out.path.read_bytes()
     assert plan(keyed(["a"], prompt="Is it red?"), out, "retry-failed").todo == ["a"]
     assert out.path.read_bytes() == before  # nothing of that key to drop
+
+
+def test_the_scene_threshold_of_a_run_without_scenes_is_not_compared(tmp_path):
+    """Older vl3 stored any --scene-threshold given without --segments scenes, where it changed
+    nothing: such a record is done; with scenes the threshold is part of the request."""
+    out = Target(tmp_path / "r.jsonl", True)
+    out.path.write_text(line("a", scene_threshold=50.0) + line("b", scene_threshold=10.0, segments="2.0")
+                        + line("c", scene_threshold=50.0, segments="scenes"))  # fmt: skip
+    assert plan(keyed(["a"], scene_threshold=10.0) + keyed(["b"], scene_threshold=10.0, segments="2.0"), out, "resume").todo == []
+    assert plan(keyed(["c"], scene_threshold=10.0, segments="scenes"), out, "resume").todo == ["c"]
 
 
 def test_one_file_however_it_is_spelled_across_runs(tmp_path, monkeypatch):

@@ -182,6 +182,13 @@ def test_missing_media_fails_before_loading_anything(tmp_path):
         (["serve", "--max-video-seconds", "inf"], "--max-video-seconds must be at least 1 and finite"),
         (["serve", "--api-key", ""], "--api-key is empty"),
         (["serve", "--api-key", "key "], "--api-key is empty or starts or ends with spaces"),
+        (["describe", "a.png", "--segments", "scenes", "--max-segment", "0.05"], "--max-segment must be at least 0.1 seconds (got 0.05)"),
+        (["batch", "a.png", "--segments", "scenes", "--max-segment", "0.05"], "--max-segment must be at least 0.1 seconds (got 0.05)"),
+        (["batch", "a.png", "--scene-threshold", "50"], "--scene-threshold is for --segments scenes"),
+        (["describe", "a.png", "--segments", "2", "--scene-threshold", "50"], "--scene-threshold is for --segments scenes"),
+        (["describe", "a.png", "-o", ""], "--out is empty: give a file name or -"),
+        (["ask", "a.png", "Why?", "--out", ""], "--out is empty: give a file name or -"),
+        (["batch", "a.png", "-o", ""], "--out is empty: give a file name or -"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(tmp_path, args, fragment):
@@ -218,6 +225,37 @@ def test_debug_shows_the_traceback(tmp_path):
     assert p.returncode == 1 and "Traceback" in p.stderr and p.stderr.strip().endswith("Error: no such folder: ./nope")
     p = vl3("describe", "a.png", "-m", "./nope", cwd=tmp_path, env={"VL3_DEBUG": "1"})
     assert "Traceback" in p.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["describe", "nope.png", "-p", "--debug"],
+        ["describe", "nope.png", "--system", "--debug"],
+        ["ask", "nope.png", "-q", "--debug"],
+        ["ask", "nope.png", "--", "--debug"],
+    ],
+)
+def test_the_text_debug_given_as_a_value_is_not_the_flag(tmp_path, args):
+    """A prompt, system prompt or question that reads "--debug" is text: the error stays one line."""
+    p = vl3(args[0], "-m", "./nope", *args[1:], cwd=tmp_path, env={"VL3_DEBUG": "0"})
+    one_line_error(p, 1, "nope.png: no such file")
+
+
+def test_debug_before_a_value_that_is_refused_shows_the_traceback(tmp_path):
+    """The real flag, wherever it stands, for an error raised while the options are checked."""
+    (tmp_path / "a.png").write_bytes(b"x")
+    for args in (["--debug", "--temperature", "-1"], ["--temperature", "-1", "--debug"]):
+        p = vl3("describe", "a.png", *args, "-m", "./nope", cwd=tmp_path, env={"VL3_DEBUG": "0"})
+        assert p.returncode == 2 and "Traceback" in p.stderr and p.stderr.splitlines()[-1].startswith("Error: --temperature")
+
+
+def test_vl3_alone_prints_the_help_without_an_error_line():
+    """Like Typer's and click's own `no_args_is_help` (and git with no arguments): the help, and a
+    non-zero status, 2 as for a usage error; no empty `Error:` line."""
+    p = vl3()
+    assert p.returncode == 2 and p.stderr == "", p.stderr
+    assert "Usage: vl3 [OPTIONS] COMMAND [ARGS]..." in p.stdout and "batch" in p.stdout
 
 
 def vl3_closed(*args: str, close: int, cwd=None) -> subprocess.CompletedProcess:

@@ -182,7 +182,8 @@ def test_leaving_the_engine_ends_a_run_the_caller_stopped_reading(cluster, ckpt,
     that run before Ray is shut down; ended later, its clean-up would start a new local Ray."""
     import inspect
 
-    from vl3cli.batch import Entry, StopSignal
+    from vl3cli.batch import StopSignal
+    from vl3cli.inputs import Entry
     from vl3cli.distributed import RayEngine, RaySettings
     from vl3cli.options import Options
 
@@ -247,7 +248,7 @@ def test_the_reader_streams_parts_and_keeps_those_read_before_a_failure(monkeypa
     import numpy as np
 
     from vl3cli import distributed, pipeline
-    from vl3cli.batch import Entry
+    from vl3cli.inputs import Entry
     from vl3cli.errors import MediaError
 
     read = []
@@ -294,7 +295,7 @@ def test_a_lost_item_is_an_error_record_with_the_runs_dtype_and_device(monkeypat
     from types import SimpleNamespace
 
     from vl3cli import distributed
-    from vl3cli.batch import Entry
+    from vl3cli.inputs import Entry
     from vl3cli.options import Options
     from vl3cli.output import Result, to_json
 

@@ -13,7 +13,7 @@ from media_factory import make_image, make_video
 from typer.testing import CliRunner
 
 import vl3cli
-from vl3cli.batch import read_manifest
+from vl3cli.inputs import read_manifest
 from vl3cli.cli import app
 from vl3cli.errors import MediaError, UsageError
 

@@ -16,7 +16,7 @@ from media_factory import cut, faststart_copy, make_image, make_video
 from typer.testing import CliRunner
 
 from vl3cli import media
-from vl3cli.batch import expand_inputs, parse_exts
+from vl3cli.inputs import expand_inputs, parse_exts
 from vl3cli.cli import app, main
 from vl3cli.errors import UsageError
 

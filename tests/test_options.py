@@ -44,6 +44,9 @@ from vl3cli.preprocess import ProcessorConfig
         ({"top_k": 2**63}, "--top-k"),
         ({"seed": 2**63}, "--seed must be between"),
         ({"seed": -(2**63) - 1}, "--seed must be between"),
+        ({"segments": "scenes", "max_segment": 0.05}, "--max-segment must be at least 0.1 seconds (got 0.05)"),
+        ({"scene_threshold": 50}, "--scene-threshold is for --segments scenes"),
+        ({"segments": 2, "scene_threshold": 50}, "--scene-threshold is for --segments scenes"),
     ],
 )
 def test_bad_options_name_the_command_line_option(kwargs, message):
@@ -71,6 +74,14 @@ def test_frame_bounds_follow_each_other():
     assert (m.min_frames, m.max_frames) == (200, 200)
     m = Options(fps=2.5, min_frames=2, max_frames=8).media(processor)
     assert (m.fps, m.min_frames, m.max_frames) == (2.5, 2, 8)
+
+
+def test_the_scene_threshold_is_for_scenes_only():
+    """Refused with another value elsewhere (it would change nothing but what resume compares); its
+    default is accepted anywhere and stored as vl3 always stored it, so older files still resume."""
+    assert Options(segments="scenes", scene_threshold=50).scene_threshold == 50.0
+    assert Options(scene_threshold=10).record(None)["scene_threshold"] == 10.0
+    assert Options(segments="scenes", max_segment=0.1).max_segment == 0.1
 
 
 def test_one_spelling_per_value():

@@ -158,6 +158,8 @@ def test_targets(tmp_path):
         Target.of(str(tmp_path))
     with pytest.raises(UsageError, match="does not exist"):
         Target.of(str(tmp_path / "no" / "r.jsonl"))
+    with pytest.raises(UsageError, match=r"^--out is empty: give a file name or -$"):  # not Path("") = "."
+        Target.of("")
 
 
 def test_describe_outputs_replace_only_with_overwrite(tmp_path):

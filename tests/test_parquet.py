@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from media_factory import make_image
 from typer.testing import CliRunner
 
-from vl3cli.batch import in_shard
 from vl3cli.cli import app
 from vl3cli.errors import UsageError
+from vl3cli.inputs import in_shard
 from vl3cli.outfile import Target, opened, read_records
 from vl3cli.output import SCHEMA, Result
 from vl3cli.parquet import ParquetSink, escape, schema, unescape
@@ -167,6 +167,21 @@ def test_names_that_are_not_utf8_are_kept_and_resumed(hf_checkpoint, tmp_path):
     assert odd in [json.loads(x)["path"] for x in jsonl.splitlines()]
     paths = [x["path"] for x in rows(tmp_path / "r.parquet")]  # pyarrow's own reading: UTF-8 text
     assert str(d / "ok.png") in paths and str(d / "\\udcff\\udcfe.png") in paths
+
+
+def test_an_out_file_whose_name_is_not_utf8_is_written_and_resumed(hf_checkpoint, folder, tmp_path):
+    """`--out $'q\\xe9.parquet'`: pyarrow encodes a path as strict UTF-8, which this name is not.
+    The file is written (pyarrow reads it back from an open file), resumed, and no temporary file is left."""
+    out = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"q\xe9.parquet")))
+    assert batch(hf_checkpoint, folder / "a.png", "--out", out).exit_code == 0
+    with open(out, "rb") as f:
+        (row,) = pq.read_table(f).to_pylist()
+    assert (row["path"], row["error"]) == (str(folder / "a.png"), None)
+    r = batch(hf_checkpoint, folder / "a.png", folder / "b.jpg", "--out", out)
+    assert r.exit_code == 0 and "1 ok, 0 failed, 1 already done" in r.stderr, r.output
+    with open(out, "rb") as f:
+        assert [x["path"] for x in pq.read_table(f).to_pylist()] == [str(folder / "a.png"), str(folder / "b.jpg")]
+    assert sorted(os.listdir(os.fsencode(tmp_path))) == [b"photos", b"q\xe9.parquet"]  # no temporary file left
 
 
 def test_a_record_that_does_not_fit_the_schema_becomes_an_error_row(tmp_path):

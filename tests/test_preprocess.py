@@ -164,6 +164,21 @@ def test_context_check_counts_every_token_when_the_checkpoint_does_not_prune(tmp
         prepare_visual(clip, ProcessorConfig(use_token_compression=False), base)
 
 
+def test_the_context_advice_names_a_value_that_is_taken(tmp_path):
+    """4 frames of 20 tokens (80 unpruned) over a budget: the suggested --max-visual-tokens is the
+    budget less 64 for the prompt's text, when that is one token per frame at least, and taken:
+    budget 70 -> 6, 1 token (28x28) per frame, 4 in all. Budget 67 -> 3, under one per frame for
+    4 frames, which resized_size refuses: fewer frames or a shorter answer instead."""
+    clip = make_video(tmp_path / "c.mp4", seconds=4.0, fps=5, size=(64, 48))
+    with pytest.raises(ContextError, match=r"context leaves 70 after the answer: pass --max-visual-tokens 6 \("):
+        prepare_visual(clip, ProcessorConfig(), MediaOptions(token_budget=70, prune=False))
+    v = prepare_visual(clip, ProcessorConfig(), MediaOptions(token_budget=70, prune=False, max_visual_tokens=6))
+    assert (v.visual_tokens, tuple(v.grid_thw)) == (4, (4, 2, 2))  # 2x2 patches of 14: one merged token a frame
+    with pytest.raises(ContextError) as e:
+        prepare_visual(clip, ProcessorConfig(), MediaOptions(token_budget=67, prune=False))
+    assert str(e.value).endswith("context leaves 67 after the answer: lower --max-new-tokens or --max-frames"), e.value
+
+
 def test_patchify_matches_transformers_layout():
     p, m = 14, 2
     frames = np.random.default_rng(0).integers(0, 256, (3, 56, 84, 3), dtype=np.uint8)  # (t, H, W, 3)

@@ -7,7 +7,7 @@ answer comes from `Model.run` inside an actor (api.py), every file is read by `p
 
 One Ray Data dataset per run:
 
-    the todo items (batch.Entry: media, prompt, id): their media made absolute
+    the todo items (inputs.Entry: media, prompt, id): their media made absolute
       -> map_batches(_read): CPU tasks, one item each: `Runner`'s media reading (every medium of
          the item, `prepare_visual`) -> (visuals, seconds), or the error reading raised, as a
          Python object Ray carries to the actors
@@ -47,7 +47,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .batch import Entry, StopSignal
+from .batch import StopSignal
+from .inputs import Entry
 from .errors import UsageError, Vl3Error
 from .fetch import is_url
 from .options import Options

@@ -22,6 +22,7 @@ from .decoding import INT64_MAX, INT64_MIN, DecodingParams
 from .errors import UsageError
 from .output import is_text
 from .sampling import check_bounds
+from .segments import SCENE_THRESHOLD, check_max_segment, parse_segments
 
 _KIND_NAMES = {float: "a number", int: "a whole number", bool: "true or false", str: "text"}
 
@@ -47,11 +48,9 @@ class Options:
     segments: str | None = None  # "30.0" (seconds per window) or "scenes"; None: the whole clip at once
     min_segment: float | None = None  # scenes: shorter shots merge (default MIN_SEGMENT)
     max_segment: float | None = None  # scenes: longer shots split (default MAX_SEGMENT)
-    scene_threshold: float = 10.0  # scenes: FFmpeg scdet's score (0-100) that makes a cut
+    scene_threshold: float = SCENE_THRESHOLD  # scenes: FFmpeg scdet's score (0-100) that makes a cut
 
     def __post_init__(self):
-        from .segments import parse_segments
-
         if self.segments is not None and not isinstance(self.segments, bool):  # 30, "30", "30.0" -> "30.0"
             object.__setattr__(self, "segments", str(parse_segments(str(self.segments))))
         for f in fields(self):  # one spelling per value (2 and 2.0 are one fps), so records and resume agree
@@ -91,10 +90,15 @@ class Options:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive number of seconds (got {value:g})")
             if value is not None and self.segments != "scenes":
                 raise UsageError(f"--{name.replace('_', '-')} is for --segments scenes")
+        if self.max_segment is not None:
+            check_max_segment(self.max_segment)  # no video can take it: refused before a model loads
         if self.min_segment is not None and self.max_segment is not None and self.min_segment > self.max_segment:
             raise UsageError(f"--min-segment ({self.min_segment:g}s) is above --max-segment ({self.max_segment:g}s)")
         if not 0 < self.scene_threshold <= 100:
             raise UsageError(f"--scene-threshold must be above 0 and at most 100 (got {self.scene_threshold:g})")
+        if self.scene_threshold != SCENE_THRESHOLD and self.segments != "scenes":
+            # unused otherwise; refused rather than stored, so that it never changes what resume compares
+            raise UsageError("--scene-threshold is for --segments scenes")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> Options:

@@ -69,6 +69,8 @@ class Target:
     def of(cls, out: str | os.PathLike | None) -> Target:
         if out is None or str(out) == "-":
             return cls(None, False)
+        if str(out) == "":  # Path("") is "." (the current folder)
+            raise UsageError("--out is empty: give a file name or -")
         path = Path(out)
         if _is_parquet(path):
             from .parquet import require_pyarrow

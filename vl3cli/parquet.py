@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
@@ -80,16 +82,18 @@ def schema():
     return pa.schema([pa.field(name, structs.get(name) or _arrow_type(types[name])) for name in SCHEMA])
 
 
-def _open(path: Path):
-    """The `pyarrow.parquet.ParquetFile` of a vl3 Parquet file; refuses anything else."""
+@contextmanager
+def _opened(path: Path) -> Iterator:
+    """The `pyarrow.parquet.ParquetFile` of a vl3 Parquet file, open for the block; refuses anything else."""
     pa, pq = _pyarrow()
-    try:
-        file = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError):
-        raise not_ours(path) from None
-    if _columns(file.schema_arrow) != _columns(schema()):
-        raise not_ours(path)
-    return file
+    with open(path, "rb") as f:  # a file object: pyarrow encodes a path as strict UTF-8, as a name may not be
+        try:
+            file = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError):
+            raise not_ours(path) from None
+        if _columns(file.schema_arrow) != _columns(schema()):
+            raise not_ours(path)
+        yield file
 
 
 def _columns(arrow_schema) -> dict:
@@ -149,7 +153,8 @@ def read_records(path: Path) -> list[dict]:
     """The records of a vl3 Parquet file (an empty file has none); refuses (UsageError) anything else."""
     if path.stat().st_size == 0:
         return []
-    return [unescape(r) for r in _open(path).read().to_pylist()]
+    with _opened(path) as file:
+        return [unescape(r) for r in file.read().to_pylist()]
 
 
 def rewrite_without(path: Path, drop) -> None:
@@ -168,16 +173,20 @@ class ParquetSink:
         self.path = Path(os.path.realpath(path))  # a link's target is replaced; the link stays
         self.tmp = temp_name(self.path)
         self.tables: list = []  # converted records not yet written (one table each)
-        old = _open(path) if keep and path.exists() and path.stat().st_size > 0 else None
-        try:
-            self.writer = pq.ParquetWriter(claim(self.tmp), schema())
-        except OSError as e:
-            raise Vl3Error(f"cannot write {path}: cannot create its temporary file {self.tmp.name} in {self.tmp.parent}: {e}") from e
-        if old is not None:
-            names = schema().names
-            for batch in old.iter_batches():
-                self.tables.append(pa.Table.from_batches([batch]).select(names).cast(schema()))
-                self._flush_full()
+        with ExitStack() as reading:
+            old = reading.enter_context(_opened(path)) if keep and path.exists() and path.stat().st_size > 0 else None
+            try:
+                self.file = open(claim(self.tmp), "wb")  # noqa: SIM115 -- closed by close(); a file object, as in _opened
+            except OSError as e:
+                raise Vl3Error(f"cannot write {path}: cannot create its temporary file {self.tmp.name} in {self.tmp.parent}: {e}") from e
+            try:
+                self.writer = pq.ParquetWriter(self.file, schema())
+                for batch in old.iter_batches() if old is not None else ():
+                    self.tables.append(pa.Table.from_batches([batch]).select(schema().names).cast(schema()))
+                    self._flush_full()
+            except BaseException:
+                self._discard()
+                raise
 
     def __enter__(self) -> ParquetSink:
         return self
@@ -223,7 +232,12 @@ class ParquetSink:
         try:
             self._flush()
             self.writer.close()
+            self.file.close()
         except BaseException:
-            self.tmp.unlink(missing_ok=True)
+            self._discard()
             raise
         replace_file(self.tmp, self.path)
+
+    def _discard(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)

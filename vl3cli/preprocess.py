@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from vl3cli.sampling import check_bounds, resolve_window, sample_timestamps
 from vl3cli.segments import span_key
 
 MAX_ASPECT_RATIO = 200
+PROMPT_ROOM = 64  # positions a suggested --max-visual-tokens leaves for the prompt's text (chat layout, question)
 
 
 @dataclass(frozen=True)
@@ -361,12 +363,12 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
             )  # fmt: skip
         except UsageError as e:  # e.g. --start past the end: name the file
             raise UsageError(f"{path}: {e}") from None
+        size = partial(
+            resized_size, meta.height, meta.width, patch_size=config.patch_size, merge_size=m,
+            min_pixels=config.video_min_pixels, max_pixels=config.video_max_pixels, frames=len(timestamps),
+        )  # fmt: skip
         try:
-            h, w = resized_size(
-                meta.height, meta.width, patch_size=config.patch_size, merge_size=m,
-                min_pixels=config.video_min_pixels, max_pixels=config.video_max_pixels,
-                frames=len(timestamps), max_tokens=options.max_visual_tokens,
-            )  # fmt: skip
+            h, w = size(max_tokens=options.max_visual_tokens)
         except MediaError as e:
             raise _with_path(path, e) from None
         if options.token_budget is not None:
@@ -377,13 +379,23 @@ def plan_video(path, config: ProcessorConfig, options: MediaOptions) -> media.Pl
             if fewest > options.token_budget:
                 raise ContextError(
                     f"{path}: {len(timestamps)} frames of {w}x{h} need at least {fewest} visual tokens; the model's "
-                    f"context leaves {options.token_budget} after the answer: pass --max-visual-tokens "
-                    f"{max(1, options.token_budget - 64)} (frames are made smaller), or a shorter --start/--end clip, "
-                    "or lower --max-new-tokens"
+                    f"context leaves {options.token_budget} after the answer: {_to_fit(size, options.token_budget)}"
                 )
         return timestamps, (w, h)
 
     return plan
+
+
+def _to_fit(size: Callable[..., tuple[int, int]], budget: int) -> str:
+    """Advice for frames over the context's `budget`: a --max-visual-tokens cap that leaves the
+    prompt's text `PROMPT_ROOM` positions, when `size` (the frames' `resized_size`) takes it (at
+    least one token per frame); else fewer frames or a shorter answer."""
+    cap = budget - PROMPT_ROOM
+    try:
+        size(max_tokens=cap)
+    except UsageError:  # no cap fits that many frames
+        return "lower --max-new-tokens or --max-frames"
+    return f"pass --max-visual-tokens {cap} (frames are made smaller), or a shorter --start/--end clip, or lower --max-new-tokens"
 
 
 def prepare_visual(

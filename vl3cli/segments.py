@@ -31,6 +31,7 @@ MIN_WINDOW = 0.1  # seconds: the shortest --segments / --max-segment (a frame or
 MAX_WINDOWS = 100_000  # segments of one video (a 2.8-hour video in 0.1 s windows); more is refused
 MIN_SEGMENT = 2.0  # scenes: default --min-segment (seconds); shorter shots merge with a neighbour
 MAX_SEGMENT = 60.0  # scenes: default --max-segment (seconds); longer shots are split
+SCENE_THRESHOLD = 10.0  # scenes: default --scene-threshold (FFmpeg scdet's score, 0-100) that makes a cut
 PLACES = 9  # decimals kept of an inner bound: float noise goes, frame times stay within 1e-9 s
 
 
@@ -57,6 +58,12 @@ def parse_segments(text: str | None) -> float | str | None:
     return seconds
 
 
+def check_max_segment(seconds: float) -> None:
+    """A --max-segment shorter than `MIN_WINDOW` is refused (as a --segments window would be)."""
+    if seconds < MIN_WINDOW:
+        raise UsageError(f"--max-segment must be at least {MIN_WINDOW:g} seconds (got {seconds:g})")
+
+
 def _check_count(count: int, option: str) -> None:
     if count > MAX_WINDOWS:
         raise UsageError(f"{option} would cut this video into {count:,} segments, more than {MAX_WINDOWS:,}: use longer ones")
@@ -80,9 +87,8 @@ def scene_spans(
 ) -> list[tuple[float, float]]:  # fmt: skip
     """Shots between `cuts` (times where a new shot starts) within `[start, end)`, merged and split."""
     start, end = resolve_window(duration, start, end)
-    if max_segment is not None and max_segment < MIN_WINDOW:
-        raise UsageError(f"--max-segment must be at least {MIN_WINDOW:g} seconds (got {max_segment:g})")
     if max_segment is not None:
+        check_max_segment(max_segment)
         min_segment = min(min_segment, max_segment)
     inner = sorted({round(c, PLACES) for c in cuts if start + EPS < c < end - EPS})
     spans = _merge_short(list(zip([start, *inner], [*inner, end])), min_segment)

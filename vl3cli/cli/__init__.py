@@ -1,9 +1,9 @@
 """The `vl3` command line: describe, ask, chat, batch, serve.
 
 Thin Typer commands over the Python API (api.py: `load()` once, then `Model.run`), with
-batch.py (inputs, resume, progress) and outfile.py (where results may be written). Options
-shared by the commands are defined once as `Annotated` aliases below; they are the API's
-keyword options under the same names (`Options`). Importing this module imports no
+inputs.py (inputs), batch.py (resume, progress) and outfile.py (where results may be
+written). Options shared by the commands are defined once as `Annotated` aliases below; they are
+the API's keyword options under the same names (`Options`). Importing this module imports no
 torch / transformers / media / hub libraries, so `vl3 --help` and shell completion stay fast
 (tests check it); those are imported inside the command bodies.
 

@@ -95,13 +95,24 @@ PruneOpt = Annotated[bool, typer.Option("--prune/--no-prune", help="Drop video t
 PruneThresholdOpt = Annotated[float, typer.Option(help="Pruning threshold: mean absolute change x 255 of a token.", rich_help_panel=MEDIA)]
 SegmentsOpt = Annotated[str | None, typer.Option(help="Cut videos into segments and answer each: SECONDS per window (at least 0.1), or 'scenes' (shot boundaries).", show_default=False, rich_help_panel=SEGMENTS)]
 MinSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: shorter shots merge with a neighbour (default 2 s).", show_default=False, rich_help_panel=SEGMENTS)]
-MaxSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: longer shots are split into equal parts (default 60 s).", show_default=False, rich_help_panel=SEGMENTS)]
+MaxSegmentOpt = Annotated[float | None, typer.Option(help="Scenes: longer shots are split into equal parts (default 60 s; at least 0.1).", show_default=False, rich_help_panel=SEGMENTS)]
 SceneThresholdOpt = Annotated[float, typer.Option(help="Scenes: how different two frames must be to make a cut (FFmpeg scdet score, 0-100).", rich_help_panel=SEGMENTS)]
 FormatOpt = Annotated[Literal["text", "json", "jsonl", "srt", "vtt"], typer.Option("--format", "-f", help="text, json (one object; an array for several answers), jsonl (one object per line), srt or vtt (subtitles, one cue per answer).", rich_help_panel=OUTPUT)]
 OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Write results to this file (- = stdout).", rich_help_panel=OUTPUT)]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists (jsonl otherwise appends to a vl3 file).", rich_help_panel=OUTPUT)]
 StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", help="Print text token by token (default: when stdout is a terminal).", show_default=False, rich_help_panel=OUTPUT)]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Tracebacks, timings, the resolved model and native decoder logs on stderr (also VL3_DEBUG=1).", rich_help_panel=OUTPUT)]
+
+
+def _debug_flag(value: bool) -> bool:
+    """`--debug` as parsed (not the text "--debug" given as a prompt): VL3_DEBUG=1, which main()
+    reads for tracebacks (and restores at the end) and the library's quiet parts (Hub retries,
+    decoder logs) read too. Eager: set before any other option's check can fail."""
+    if value:
+        os.environ["VL3_DEBUG"] = "1"
+    return value
+
+
+DebugOpt = Annotated[bool, typer.Option("--debug", callback=_debug_flag, is_eager=True, help="Tracebacks, timings, the resolved model and native decoder logs on stderr (also VL3_DEBUG=1).", rich_help_panel=OUTPUT)]
 
 # The option groups commands share, as (parameter, annotation, default); `with_options` adds them.
 OPTION_GROUPS = {
@@ -245,23 +256,19 @@ def _timings(result) -> str:
 def main() -> None:
     """Console entry point: one-line errors, exit codes, tracebacks only when debugging."""
     _standard_streams()
-    debug = "--debug" in sys.argv[1:] or _env_debug()
-    before = os.environ.get("VL3_DEBUG")
-    if debug:
-        os.environ["VL3_DEBUG"] = "1"  # the library's quiet-by-default parts (Hub retries, decoder logs) read it
+    before = os.environ.get("VL3_DEBUG")  # --debug sets it while parsing (`_debug_flag`)
     try:
         with _Terminations() as terminations:
             code = app(prog_name="vl3", standalone_mode=False)
         if code == 130 and terminations.received:  # Typer's status for a KeyboardInterrupt (here: `Terminated`)
             code = _interrupted(Terminated(terminations.received))
     except Vl3Error as e:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
+        _traceback()
         print(f"Error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.TyperException as e:  # the command line itself is wrong (unknown option, bad value)
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `vl3`: the help is out already; exit 2 as Typer does
+            sys.exit(e.exit_code)
         ctx = getattr(e, "ctx", None)
         print(f"Error: {e.format_message()} (see '{ctx.command_path if ctx else 'vl3'} --help')", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -274,10 +281,7 @@ def main() -> None:
         sys.stderr.close()
         sys.exit(1)
     except OSError as e:  # e.g. --out on a full disk, or /dev/full
-        if debug:
-            import traceback
-
-            traceback.print_exc()
+        _traceback()
         print(f"Error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except MemoryError:  # a low `ulimit -v`: importing torch, or loading the model
@@ -288,18 +292,12 @@ def main() -> None:
 
         if not (memory := out_of_memory(e)):
             raise
-        if debug:
-            import traceback
-
-            traceback.print_exc()
+        _traceback()
         print(f"Error: {memory}: try fewer frames, a smaller --batch-size, --quantize, or another --device",
               file=sys.stderr)  # fmt: skip
         sys.exit(1)
     except ImportError as e:  # a broken install, or too little memory to map a library
-        if debug:
-            import traceback
-
-            traceback.print_exc()
+        _traceback()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"Error: cannot load a library ({e.name or 'import'}: {first}): too little memory (`ulimit -v`) or a broken install",
               file=sys.stderr)  # fmt: skip
@@ -310,6 +308,14 @@ def main() -> None:
         else:
             os.environ["VL3_DEBUG"] = before
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _traceback() -> None:
+    """The traceback of the error being handled, when debugging (`--debug` or VL3_DEBUG)."""
+    if _env_debug():
+        import traceback
+
+        traceback.print_exc()
 
 
 def run() -> None:

@@ -62,6 +62,7 @@ def batch(
     """Caption or question many files into a JSONL (or Parquet) file, resumably."""
     from .. import batch as b
     from ..api import checked_question
+    from ..inputs import Entry, expand_inputs, in_shard, parse_exts, parse_shard, read_manifest
     from ..outfile import Target, check_writable, create_empty, exclusive, opened
 
     params = _params(locals())
@@ -94,17 +95,17 @@ def batch(
         _require("stdout")
     if "-" in (files_from, manifest):
         _require("stdin")
-    shard_kn = b.parse_shard(shard)
+    shard_kn = parse_shard(shard)
     if prompt is not None and not prompt.strip():
         raise UsageError(f"--prompt: {EMPTY_QUESTION}")
     checked_question(prompt, "--prompt")  # a byte that is not UTF-8: no tokenizer takes it (--system: Options)
     if manifest is not None:
-        entries = b.read_manifest(manifest, prompt)
+        entries = read_manifest(manifest, prompt)
     else:
         unreadable: dict[str, str] = {}  # folders inside INPUTS that cannot be read: error records
-        entries = [b.Entry((p,), prompt) for p in b.expand_inputs(inputs or [], files_from, b.parse_exts(ext), unreadable=unreadable)]
-        entries += [b.Entry((d,), prompt, error=f"cannot read the folder {d}: {why}") for d, why in sorted(unreadable.items())]
-    entries = [e for e in entries if b.in_shard(e.shard_key, shard_kn)]
+        entries = [Entry((p,), prompt) for p in expand_inputs(inputs or [], files_from, parse_exts(ext), unreadable=unreadable)]
+        entries += [Entry((d,), prompt, error=f"cannot read the folder {d}: {why}") for d, why in sorted(unreadable.items())]
+    entries = [e for e in entries if in_shard(e.shard_key, shard_kn)]
     base = {"system": request.system, "model": model_label(params["model"], params["revision"]), "quantize": params["quantize"]}
     # (key, entry) pairs, not a dict: two entries with one key (read_manifest makes a repeated line an
     # error entry of its own name) would otherwise lose one of them without a trace
@@ -144,7 +145,7 @@ def _run_batch(todo: list[tuple], options, params: dict, target, mode: str, summ
 
 @contextmanager
 def _engine(params: dict, options):
-    """What answers a batch: `results(todo, stop)` -> Results (one per (batch.Entry, segments to skip) pair, or one
+    """What answers a batch: `results(todo, stop)` -> Results (one per (inputs.Entry, segments to skip) pair, or one
     per segment when segmenting), from the model loaded in this
     process (`--engine local`) or from actors on a Ray cluster (`--engine ray`, distributed.py)."""
     if params["ray_settings"] is not None:

@@ -161,19 +161,20 @@ def _check_subtitled(media: list[str], fmt: str) -> None:
 
 def _split_media(args: list[str], questions: list[str]) -> tuple[list[str], list[str]]:
     """`vl3 ask` arguments -> (media, questions): existing files and URLs are media, the rest questions
-    (then those given with -q). A word that looks like a media file name but is missing is an error."""
+    (then those given with -q). A folder is a word ("why"); a FIFO or a device is media, refused as
+    one (not a regular file). A word that looks like a media file name but is no file is an error."""
     import os
 
-    from ..batch import DEFAULT_EXTS
     from ..errors import MediaError
     from ..fetch import is_url
+    from ..inputs import DEFAULT_EXTS
 
     media, asked = [], []
     for arg in args:
-        if is_url(arg) or os.path.exists(arg):
+        if is_url(arg) or (os.path.exists(arg) and not os.path.isdir(arg)):
             media.append(arg)
         elif not any(c.isspace() for c in arg) and arg.rpartition(".")[2].lower() in DEFAULT_EXTS:
-            raise MediaError(f"{arg}: no such file")
+            raise MediaError(f"{arg}: {'not a regular file' if os.path.isdir(arg) else 'no such file'}")
         else:
             asked.append(arg)
     return media, asked + questions
