@@ -302,3 +302,13 @@ def test_quantized_engine_widens_only_its_vision_tower(bf16_checkpoint, monkeypa
     assert engine.float32_products == "vision"
     assert any(isinstance(m, WideLinear) for m in engine.model.vision.modules())
     assert not any(isinstance(m, PackedLinear) for m in engine.model.modules())
+
+
+def test_converted_language_weights_keep_the_packed_kernel(hf_checkpoint, monkeypatch):
+    """Weights stored in float32 and run in bf16 are converted copies, with no rows in the file to
+    read again: the language model keeps its packed products, and the engine says so."""
+    needs_native_bf16()
+    monkeypatch.setenv(products.ENV, "on")
+    engine = Engine.load(hf_checkpoint, device="cpu", dtype="bfloat16")
+    assert engine.float32_products == "vision"
+    assert all(m.plain is None for m in engine.model.modules() if isinstance(m, PackedLinear))

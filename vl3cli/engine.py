@@ -198,7 +198,9 @@ class Engine:
         if float32_faster(dev, vision_dt):  # the tower's bf16 products of many rows, in float32
             widen(model.vision)
             widen(model.projector)
-            products = "vision and language" if wide else "vision"
+            # the language model's only where its weights are stored as they run (views of the file)
+            language = any(getattr(m, "plain", None) is not None for m in model.language.modules())
+            products = "vision and language" if language else "vision"
         model.language.init_rope(dev, dt)
         model.eval().requires_grad_(False)  # inference only: no autograd graph, whoever calls
         chunk = MPS_PREFILL_CHUNK if dev.type == "mps" else None
