@@ -183,8 +183,8 @@ def test_leaving_the_engine_ends_a_run_the_caller_stopped_reading(cluster, ckpt,
     import inspect
 
     from vl3cli.batch import StopSignal
-    from vl3cli.inputs import Entry
     from vl3cli.distributed import RayEngine, RaySettings
+    from vl3cli.inputs import Entry
     from vl3cli.options import Options
 
     engine = RayEngine.start(str(ckpt), None, "cpu", "auto", None, Options(max_new_tokens=N), RaySettings())

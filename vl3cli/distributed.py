@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .batch import StopSignal
-from .inputs import Entry
 from .errors import UsageError, Vl3Error
 from .fetch import is_url
+from .inputs import Entry
 from .options import Options
 from .output import Result, error_message, to_json
 

@@ -35,7 +35,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -279,8 +279,8 @@ class Scheduler:
         self._logits, self._tokens, self._seen, self._seeds, self._steps, self._host_tokens = (
             grown(t) for t in (self._logits, self._tokens, self._seen, self._seeds, self._steps, self._host_tokens))
         params = RowParams.allocate(batch, self._logits.device)
-        for name in ("temperature", "top_k", "top_p", "penalty"):
-            getattr(params, name)[:n] = getattr(self._row_params, name)
+        for f in fields(params):
+            getattr(params, f.name)[:n] = getattr(self._row_params, f.name)
         self._row_params = params
 
     # -- compaction --------------------------------------------------------------------------

@@ -653,10 +653,10 @@ def check_context(prompt_tokens: int, visual_tokens: int, max_new_tokens: int, c
     if visual_tokens and cap >= max(frames, default=1):
         advice = (f"pass --max-visual-tokens {cap} (frames are made smaller; fewer frames would make each "
                   "one larger), or a shorter --start/--end clip, or lower --max-new-tokens")  # fmt: skip
-    elif visual_tokens and room > 0 and text_tokens() < context:  # no cap leaves a token per frame
-        advice = "lower --max-new-tokens or --max-frames"
     elif text_tokens() >= context:
         advice = "shorten the text"
+    elif visual_tokens and room > 0:  # but no cap leaves a token per frame
+        advice = "lower --max-new-tokens or --max-frames"
     elif not_visual >= context:  # the frames' times fill the context: fewer frames have fewer
         advice = "use fewer frames (lower --max-frames or --fps) or a shorter --start/--end clip"
     else:
