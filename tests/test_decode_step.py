@@ -15,9 +15,9 @@ from test_engine import chat, image_case
 from vl3cli.engine import Engine
 
 STEPS = 64
-# The static step attends over all T slots of the cache with SDPA (as prefill does), where the
-# reference multiplies q.k over exactly the max(lengths) + 1 slots in use: the same sums in another
-# order, so the logits differ in the last bits (measured: below 2e-6 on logits of std ~3).
+# The static step attends with SDPA (as prefill does), where the reference multiplies q.k itself:
+# the same sums in another order, so the logits differ in the last bits (measured: below 2e-6 on
+# logits of std ~3).
 TOL = 2e-5
 
 
@@ -135,6 +135,43 @@ def test_decode_step_is_one_graph_over_20_growing_steps(engine):
             assert torch.equal(logits, eager)
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+def test_a_step_attends_over_the_slots_in_use_not_the_whole_cache(engine, monkeypatch):
+    """`Engine.decode` hands attention the first max(active lengths) + 1 slots of a 512-slot cache
+    (a free row holding more is left out), with the logits of a step over all 512 within float32
+    rounding (the masked slots add exact zeros; SDPA splits the sums by the keys' count)."""
+    cases = prompts(engine)
+    seen: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, **kwargs):
+        if q.shape[2] > 1 and kwargs.get("attn_mask") is not None and kwargs["attn_mask"].shape[2] == 1:
+            seen.append(k.shape[2])  # a decode step's call: (B, kv, G, d) queries, one mask row per row
+        return sdpa(q, k, v, **kwargs)
+
+    with torch.inference_mode():
+        cache = engine.new_cache(4, 512)
+        logits = torch.zeros(4, engine.config.text.vocab_size)
+        for row, (ids, f) in enumerate(cases):
+            logits[row] = engine.prefill(cache, row, ids, f)
+        cache.set_row(3, 400, active=False)  # a free row whose stale length is beyond the others
+        full_cache = engine.new_cache(4, 512)
+        full_cache.k.copy_(cache.k), full_cache.v.copy_(cache.v)
+        for row in range(4):
+            full_cache.set_row(row, int(cache.host_lengths[row]), bool(cache.host_active[row]))
+        full = logits.clone()
+        longest = max(len(ids) for ids, _ in cases)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        for step in range(5):
+            tokens = logits.argmax(-1)
+            seen.clear()
+            engine.decode(cache, tokens, logits)
+            assert seen == [longest + step + 1] * len(engine.model.language.layers)
+            engine.step(full_cache, tokens, full)  # no span: all 512 slots, masked
+            full_cache.advance()
+            assert (logits[:3] - full[:3]).abs().max().item() <= TOL
+            assert torch.equal(logits[:3].argmax(-1), full[:3].argmax(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

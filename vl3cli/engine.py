@@ -314,12 +314,13 @@ class Engine:
         self.prefill(cache, 0, input_ids, features)
         return Prefix(list(input_ids), cache.k[:, 0], cache.v[:, 0])
 
-    def step(self, cache: KVCache, tokens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def step(self, cache: KVCache, tokens: torch.Tensor, out: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """The pure decode step: tokens (B,) enter every row of `cache`; logits (B, V) written into `out`.
 
-        Fixed shapes, no host reads: traceable as one graph, capturable. Lengths do not move here.
+        No host reads; without `span` (the slots attended over, see `Qwen2Model.decode_step`) of
+        fixed shapes: traceable as one graph, capturable. Lengths do not move here.
         """
-        return out.copy_(self.model.logits(self.model.language.decode_step(tokens, cache)))
+        return out.copy_(self.model.logits(self.model.language.decode_step(tokens, cache, span)))
 
     def forget_graphs(self, cache: KVCache) -> None:
         """`cache` is being dropped: free the decode graphs captured on its buffers."""
@@ -336,7 +337,7 @@ class Engine:
         if self.graphs is not None:
             self.graphs.run(self, cache, tokens, out)
         else:
-            self.step(cache, tokens, out)
+            self.step(cache, tokens, out, cache.span())
         cache.advance()
         return out
 
