@@ -329,7 +329,8 @@ class Engine:
 
     def decode(self, cache: KVCache, tokens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """One step for every row of `cache` (free rows compute unused values); logits (B, V) float32."""
-        if cache.host_lengths[cache.host_active].max(initial=0) >= cache.max_len:
+        longest = int(cache.host_lengths[cache.host_active].max(initial=0))  # the host's mirror: no device read
+        if longest >= cache.max_len:
             raise Vl3Error(f"the KV cache of {cache.max_len} positions is full")
         tokens = tokens.to(self.device, non_blocking=True)
         if out is None:
@@ -337,7 +338,7 @@ class Engine:
         if self.graphs is not None:
             self.graphs.run(self, cache, tokens, out)
         else:
-            self.step(cache, tokens, out, cache.span())
+            self.step(cache, tokens, out, longest + 1)  # attention over the slots in use
         cache.advance()
         return out
 

@@ -412,12 +412,13 @@ def load_into(
 
     Floating-point weights become `dtype`, those of the vision tower and projector `vision_dtype`
     (default: `dtype`). With `pack` (bf16 on a CPU that computes in it natively) the language
-    model's linears and the head become `quantize.PackedLinear`s: each weight is reordered for
+    model's linears and the head become `products.PackedLinear`s: each weight is reordered for
     oneDNN straight from the mapping (a block of rows at a time, see `PackedLinear`) or, when fused
     or converted, from a staging buffer, one weight at a time; with `wide` too, those stored in
-    `dtype` keep their mapped rows for products of many rows (see `products.wide_product`). Raises WeightsError naming every missing,
-    unexpected or wrongly shaped key, any tensor stored twice (in two files, or under both spellings
-    of a prefix) and any weight that is not floating-point, before reading any. `files`: the
+    `dtype` keep their mapped rows for products of many rows (see `products.wide_product`).
+    Raises WeightsError naming every missing, unexpected or wrongly shaped key, any tensor stored
+    twice (in two files, or under both spellings of a prefix) and any weight that is not
+    floating-point, before reading any. `files`: the
     checkpoint's files already opened with `open_files` (their headers read once), which the
     caller closes; without them, the files are opened and closed here.
     Returns where the parameters used as views of the mapped files lie (`MappedPages`).

@@ -92,11 +92,6 @@ class KVCache:
         self.k[layer][self.row_index, :, slots] = k[:, :, 0]
         self.v[layer][self.row_index, :, slots] = v[:, :, 0]
 
-    def span(self) -> int:
-        """Slots a decode step must attend over: the longest active row's, its new token's included
-        (from the host's mirror: no device read)."""
-        return min(int(self.host_lengths[self.host_active].max(initial=0)) + 1, self.max_len)
-
     def mask(self, span: int | None = None) -> torch.Tensor:
         """(B, 1, 1, S) additive over the first S = `span` slots (all T when None), in the cache's
         dtype: 0 where slot j is visible to row b's new token (j <= lengths[b]), -inf elsewhere.
@@ -159,7 +154,7 @@ class Pass:
     Prefill (`start` is an int): one cache row, a chunk of L tokens at slots start..start+L-1;
     `mask` (1, 1, L, start+L) says which slots each query sees, None = causal over a fresh row.
     Decode (`start` is None): every row of `cache`, one token each at slot lengths[b];
-    `mask` (B, 1, 1, T), additive, from `KVCache.mask`.
+    `mask` (B, 1, 1, S), additive, from `KVCache.mask`: the step attends over the first S slots.
     """
 
     cos: torch.Tensor  # (B, 1, L, d)
@@ -169,7 +164,6 @@ class Pass:
     row: int = 0
     start: int | None = None
     slots: torch.Tensor | None = None  # decode: (B,) where each row's new key goes
-    span: int | None = None  # decode: the first `span` slots are attended over (None: all T)
 
 
 class Attention(nn.Module):
@@ -195,8 +189,9 @@ class Attention(nn.Module):
             p.cache.append(layer, k, v, p.slots)
             # The query heads that share a KV head form one block of G queries: no KV repeat, and
             # SDPA's own kernel (fp32 softmax, scale inside) as in prefill.
+            span = p.mask.shape[-1]  # the slots in use, or all T
             out = F.scaled_dot_product_attention(
-                q.reshape(b, kv, h // kv, hd), p.cache.k[layer, :, :, : p.span], p.cache.v[layer, :, :, : p.span],
+                q.reshape(b, kv, h // kv, hd), p.cache.k[layer, :, :, :span], p.cache.v[layer, :, :, :span],
                 attn_mask=p.mask,
             )  # (B, kv, G, d)
         elif p.mask is None:
@@ -303,15 +298,15 @@ class Qwen2Model(nn.Module):
         """One token (B,) for every row of `cache`, entering at slot lengths[b]; hidden states (B, D).
 
         Pure tensor code (no host reads); the caller then calls `cache.advance()`. With `span`
-        (`cache.span()`), attention reads only the slots in use, not all T: the same values (the
-        others are masked), and a step's attention costs what the rows hold, not what the cache
-        could (2B geometry, 2-core Xeon: 26 against 88 us a layer for 290 of 1300 slots). Without
-        it every shape is fixed, as a captured graph needs.
+        (the longest active row's length + 1), attention reads only the slots in use, not all T:
+        the same values (the others are masked), and a step's attention costs what the rows hold,
+        not what the cache could (2B geometry, 2-core Xeon: 26 against 88 us a layer for 290 of
+        1300 slots). Without it every shape is fixed, as a captured graph needs.
         """
         x = self.embed_tokens(tokens)[:, None]  # (B, 1, D)
         positions = cache.lengths.clamp(max=self.rope_cos.shape[0] - 1)
         cos, sin = self.rope_cos[positions][:, None, None], self.rope_sin[positions][:, None, None]  # (B, 1, 1, d)
-        p = Pass(cos, sin, cache, cache.mask(span), slots=cache.slots(), span=span)
+        p = Pass(cos, sin, cache, cache.mask(span), slots=cache.slots())
         for i, layer in enumerate(self.layers):
             x = layer(x, p, i)
         return self.norm(x[:, 0])
